@@ -1,0 +1,144 @@
+"""Token-budget batches from length buckets, and collation into padded tensors.
+
+A batch is a set of row indices whose padded size, `len(batch) * (longest side + 1)`, fits `max_tokens`.
+Training batches are drawn from shuffled chunks that are sorted by length before cutting, so a batch holds
+pairs of similar length (little padding) while the order still changes every epoch. The whole plan is a
+pure function of (lengths, max_tokens, seed, epoch): a resumed run rebuilds the same list and skips the
+batches it already trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # fixed special ids (UNK is 1), shared with the tokenizer
+
+
+def make_batches(
+    src_lens: np.ndarray,
+    tgt_lens: np.ndarray,
+    max_tokens: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    chunk_batches: int = 100,
+) -> list[np.ndarray]:
+    """Split row indices into batches of at most `max_tokens` padded tokens.
+
+    src_lens, tgt_lens: (N,) piece counts without BOS/EOS; one token is added to each for EOS (source)
+    and BOS/EOS (target). Returns int64 index arrays that together hold every index exactly once.
+    shuffle=False: one global length sort (evaluation); shuffle=True: random chunks of about
+    `chunk_batches` batches, each sorted then cut, and the batches shuffled, all from rng([seed, epoch]).
+    """
+    src_lens = np.asarray(src_lens, dtype=np.int64)
+    tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+    if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1:
+        raise ValueError(f"src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} must be 1-d and the same length")
+    widths = np.maximum(src_lens, tgt_lens) + 1  # (N,) the padded width a pair forces on its batch
+    too_wide = np.flatnonzero(widths > max_tokens)
+    if too_wide.size:
+        i = int(too_wide[0])
+        raise ValueError(
+            f"pair {i} has {src_lens[i]} source / {tgt_lens[i]} target pieces, so {widths[i]} tokens with EOS,"
+            f" more than max_tokens={max_tokens}; raise train.max_tokens or lower data.max_len"
+        )
+    if len(widths) == 0:
+        return []
+    if not shuffle:
+        return _cut(_sort_by_length(np.arange(len(widths)), src_lens, tgt_lens), widths, max_tokens)
+
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(widths))
+    # A chunk holds about `chunk_batches` batches: big enough to find pairs of similar length,
+    # small enough that long and short pairs are still mixed across the epoch.
+    chunk_size = max(1, int(chunk_batches * max_tokens / widths.mean()))
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk_size):
+        chunk = _sort_by_length(order[start : start + chunk_size], src_lens, tgt_lens)
+        batches.extend(_cut(chunk, widths, max_tokens))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _sort_by_length(indices: np.ndarray, src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
+    """`indices` sorted by (tgt_len, src_len); stable, so ties keep their order and results are deterministic."""
+    return indices[np.lexsort((src_lens[indices], tgt_lens[indices]))]
+
+
+def _cut(indices: np.ndarray, widths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut `indices`, in order, into the longest runs whose count * max width fits `max_tokens`."""
+    bounds = []
+    count, widest = 0, 0
+    for position, width in enumerate(widths[indices].tolist()):  # plain ints: a fast Python loop
+        if (count + 1) * max(widest, width) > max_tokens:
+            bounds.append(position)
+            count, widest = 0, 0
+        count, widest = count + 1, max(widest, width)
+    return np.split(indices, bounds)
+
+
+def padding_fraction(batches: list[np.ndarray], src_lens: np.ndarray, tgt_lens: np.ndarray) -> tuple[float, float]:
+    """(source, target) fraction of padded positions that are padding, over `batches` (with EOS/BOS counted)."""
+    src_lens = np.asarray(src_lens, dtype=np.int64) + 1
+    tgt_lens = np.asarray(tgt_lens, dtype=np.int64) + 1
+    real = np.zeros(2)
+    padded = np.zeros(2)
+    for batch in batches:
+        for side, lens in enumerate((src_lens[batch], tgt_lens[batch])):
+            real[side] += lens.sum()
+            padded[side] += len(batch) * lens.max()
+    fractions = 1.0 - real / np.maximum(padded, 1)
+    return float(fractions[0]), float(fractions[1])
+
+
+@dataclass
+class Batch:
+    """One training/evaluation batch; all tensors int64 and right-padded with PAD_ID."""
+
+    src: torch.Tensor  # (B, S) source ids + EOS
+    tgt_in: torch.Tensor  # (B, T) BOS + target ids: the decoder input
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS: what the decoder predicts
+    n_src_tokens: int  # non-pad positions in src
+    n_tgt_tokens: int  # non-pad positions in tgt_out (the tokens the loss averages over)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), self.n_src_tokens, self.n_tgt_tokens)
+
+    @property
+    def padded_tgt_tokens(self) -> int:
+        """B * T: target positions including padding (what the compute cost scales with)."""
+        return self.tgt_out.numel()
+
+
+def collate(rows: dict[str, list]) -> Batch:
+    """Pad `rows` (e.g. `ds[indices]`, columns `src_ids` and `tgt_ids`: lists of piece ids) into a Batch."""
+    src_ids, tgt_ids = rows["src_ids"], rows["tgt_ids"]
+    if not src_ids or len(src_ids) != len(tgt_ids):
+        raise ValueError(
+            f"collate needs a non-empty batch with as many targets as sources, got {len(src_ids)}/{len(tgt_ids)}"
+        )
+    src_lens = np.fromiter((len(x) for x in src_ids), dtype=np.int64, count=len(src_ids))
+    tgt_lens = np.fromiter((len(x) for x in tgt_ids), dtype=np.int64, count=len(tgt_ids))
+    n_rows = len(src_ids)
+    src = np.full((n_rows, int(src_lens.max()) + 1), PAD_ID, dtype=np.int64)  # (B, S)
+    tgt_in = np.full((n_rows, int(tgt_lens.max()) + 1), PAD_ID, dtype=np.int64)  # (B, T)
+    tgt_out = np.full_like(tgt_in, PAD_ID)  # (B, T)
+    tgt_in[:, 0] = BOS_ID
+    for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)):  # one numpy copy per row, not per token
+        src[i, : len(s)] = s
+        tgt_in[i, 1 : len(t) + 1] = t
+        tgt_out[i, : len(t)] = t
+    rows_i = np.arange(n_rows)
+    src[rows_i, src_lens] = EOS_ID
+    tgt_out[rows_i, tgt_lens] = EOS_ID
+    return Batch(
+        src=torch.from_numpy(src),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        n_src_tokens=int(src_lens.sum()) + n_rows,
+        n_tgt_tokens=int(tgt_lens.sum()) + n_rows,
+    )

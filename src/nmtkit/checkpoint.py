@@ -1,0 +1,139 @@
+"""Checkpoint files: atomic saves, keep-N rotation, and safe loading.
+
+A checkpoint is one `torch.save` dict of tensors and plain Python values, loaded with
+`weights_only=True`, so a file made by someone else can't run code on load. It carries the config
+and the tokenizer models, so it is enough on its own to translate.
+
+Layout in a run directory:
+    checkpoints/step-000500.pt ...   the last `keep` saves
+    checkpoints/last.pt               hard link to the newest save
+    checkpoints/best.pt               hard link to the save with the lowest validation loss
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint can't be found, read, trusted, or used with this config."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous checkpoint is untouched") from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def _link_atomic(target: Path, link: Path) -> None:
+    """Point `link` at `target` (a hard link, so no second copy is written), replacing it atomically."""
+    tmp = link.with_name(f".{link.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:  # file systems without hard links get a copy
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is_best: bool, keep: int) -> Path:
+    """Save `state` as step-N.pt, update last.pt (and best.pt), and delete saves beyond the newest `keep`."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": FORMAT_VERSION, **state}
+    path = directory / f"step-{step:06d}.pt"
+    _write_atomic(state, path)
+    _link_atomic(path, directory / "last.pt")
+    if is_best:
+        _link_atomic(path, directory / "best.pt")
+    _rotate(directory, keep)
+    _fsync_dir(directory)
+    return path
+
+
+def _rotate(directory: Path, keep: int) -> None:
+    """Delete old step files. last.pt and best.pt are separate links, so they survive."""
+    steps = sorted(p for p in directory.iterdir() if _STEP_FILE.search(p.name))
+    for old in steps[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A .pt file as is, or a run directory -> its best.pt (or last.pt) checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        directory = checkpoint_dir(path) if checkpoint_dir(path).is_dir() else path
+        order = ["best.pt", "last.pt"] if prefer == "best" else ["last.pt", "best.pt"]
+        for name in order:
+            if (directory / name).is_file():
+                return directory / name
+        raise CheckpointError(f"no checkpoint in {path}: expected {directory}/best.pt or last.pt; has training saved one yet?")
+    raise CheckpointError(f"checkpoint not found: {path} (give a run directory or a .pt file)")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load safely (weights_only=True) and check the format version."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values ({first}). "
+            "nmtkit loads checkpoints with weights_only=True so that a file can't run code; "
+            "only load it unsafely if you trust whoever made it"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"could not read checkpoint {path}: {e}; the file may be truncated or not a checkpoint") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not an nmtkit checkpoint (no format_version)")
+    version = state["format_version"]
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this nmtkit reads ({FORMAT_VERSION}); upgrade nmtkit"
+        )
+    missing = [k for k in ("config", "tokenizer", "model") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    return state

@@ -1,0 +1,318 @@
+"""The typed configuration schema: every default lives here, in its field.
+
+A YAML file and `--set section.key=value` overrides only change these dataclasses. Problems are
+collected (unknown keys with a did-you-mean, wrong types, bad choices, out-of-range values) and
+raised together as one `ConfigError`, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; `problems` lists them as 'path: message' strings."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} config problem(s){where}:\n{lines}")
+
+
+def _check(**limits: Any) -> dict[str, Any]:
+    """Field metadata: numeric limits checked by `validate` (min, max, gt)."""
+    return limits
+
+
+@dataclass
+class DataConfig:
+    src_lang: str = "en"
+    tgt_lang: str = "zh"
+    # Local files (.jsonl/.json in the HF translation schema, .tsv/.csv with a column per
+    # language, or a line-aligned pair written as "path/train.{lang}"), or split names
+    # when `hub_name` is set.
+    train: str = "data/tatoeba-en-zh/train.jsonl"
+    valid: str = "data/tatoeba-en-zh/valid.jsonl"
+    test: str = "data/tatoeba-en-zh/test.jsonl"
+    hub_name: str = ""
+    hub_config: str = ""
+    max_len: int = field(default=128, metadata=_check(min=1))
+    max_len_ratio: float = field(default=4.0, metadata=_check(min=1.0))
+    cache_dir: str = ""  # "" = <run_dir>/cache
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["unigram", "bpe"] = "unigram"
+    joint: bool = True
+    vocab_size: int = field(default=8000, metadata=_check(min=16))
+    src_vocab_size: int = field(default=0, metadata=_check(min=0))  # separate only; 0 = vocab_size
+    character_coverage: float = field(default=0.9995, metadata=_check(gt=0.0, max=1.0))
+    max_sentences: int = field(default=0, metadata=_check(min=0))  # 0 = every training sentence
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = field(default=512, metadata=_check(min=8))
+    n_heads: int = field(default=8, metadata=_check(min=1))
+    d_ff: int = field(default=2048, metadata=_check(min=1))
+    n_enc_layers: int = field(default=6, metadata=_check(min=1))
+    n_dec_layers: int = field(default=6, metadata=_check(min=1))
+    dropout: float = field(default=0.1, metadata=_check(min=0.0, max=0.99))
+    norm: Literal["pre", "post"] = "pre"
+    activation: Literal["relu", "gelu"] = "relu"
+    tie_embeddings: bool = True
+    max_positions: int = field(default=1024, metadata=_check(min=8))
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "checkpoints/run"
+    seed: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    threads: int = field(default=0, metadata=_check(min=0))  # CPU threads; 0 = torch default
+    max_tokens: int = field(default=4096, metadata=_check(min=16))
+    accum_steps: int = field(default=1, metadata=_check(min=1))
+    lr: float = field(default=5e-4, metadata=_check(gt=0.0, max=10.0))
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"
+    warmup_steps: int = field(default=4000, metadata=_check(min=0))
+    min_lr: float = field(default=0.0, metadata=_check(min=0.0))
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = field(default=1e-9, metadata=_check(gt=0.0))
+    weight_decay: float = field(default=0.0, metadata=_check(min=0.0))
+    label_smoothing: float = field(default=0.1, metadata=_check(min=0.0, max=0.99))
+    clip_norm: float = field(default=1.0, metadata=_check(min=0.0))  # 0 = no clipping
+    max_steps: int = field(default=0, metadata=_check(min=0))  # 0 = no step limit
+    max_epochs: int = field(default=0, metadata=_check(min=0))  # 0 = no epoch limit
+    max_minutes: float = field(default=0.0, metadata=_check(min=0.0))  # 0 = no time limit
+    patience: int = field(default=0, metadata=_check(min=0))  # evals without improvement; 0 = off
+    eval_every: int = field(default=500, metadata=_check(min=1))
+    save_every: int = field(default=500, metadata=_check(min=1))
+    log_every: int = field(default=100, metadata=_check(min=1))
+    keep_checkpoints: int = field(default=3, metadata=_check(min=1))
+    progress_bar: bool = True
+
+
+@dataclass
+class DecodeConfig:
+    batch_size: int = field(default=64, metadata=_check(min=1))
+    max_len_a: float = field(default=1.5, metadata=_check(min=0.0))  # max new tokens = a * src_len + b
+    max_len_b: int = field(default=10, metadata=_check(min=1))
+    top_k: int = field(default=5, metadata=_check(min=1))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of " + ", ".join(_describe_type(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to the field type `tp`, or raise ValueError naming path and value."""
+    bad = ValueError(f"{path}: got {value!r}, expected {_describe_type(tp)}")
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise AssertionError(f"unsupported config type {tp} at {path}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_limits(f: dataclasses.Field, value: Any, path: str) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    lim = f.metadata
+    if "min" in lim and value < lim["min"]:
+        return f"{path}: got {value!r}, must be >= {lim['min']}"
+    if "gt" in lim and value <= lim["gt"]:
+        return f"{path}: got {value!r}, must be > {lim['gt']}"
+    if "max" in lim and value > lim["max"]:
+        return f"{path}: got {value!r}, must be <= {lim['max']}"
+    return None
+
+
+def _unknown_key(key: Any, valid: list[str], path: str) -> str:
+    name = f"{path}.{key}" if path else str(key)
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{name}: unknown key{hint}; valid keys: {', '.join(valid)}"
+
+
+def _apply_section(obj: Any, values: Any, path: str, problems: list[str]) -> None:
+    if not isinstance(values, dict):
+        problems.append(f"{path}: expected a mapping of keys, got {values!r}")
+        return
+    types = _field_types(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(_unknown_key(key, list(fields), path))
+            continue
+        try:
+            setattr(obj, key, _coerce(value, types[key], f"{path}.{key}"))
+        except ValueError as e:
+            problems.append(str(e))
+
+
+def _apply(cfg: Config, tree: Any, problems: list[str]) -> None:
+    if tree is None:
+        return
+    if not isinstance(tree, dict):
+        problems.append(f"top level: expected a mapping with sections {_section_names()}, got {type(tree).__name__}")
+        return
+    for section, values in tree.items():
+        if section not in _section_names():
+            problems.append(_unknown_key(section, _section_names(), ""))
+            continue
+        if values is not None:
+            _apply_section(getattr(cfg, section), values, section, problems)
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    """Range checks from field metadata, then the rules that relate two fields."""
+    for section in _section_names():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            msg = _check_limits(f, getattr(obj, f.name), f"{section}.{f.name}")
+            if msg:
+                problems.append(msg)
+    m = cfg.model
+    if m.n_heads >= 1 and m.d_model % m.n_heads:
+        problems.append(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    elif m.n_heads >= 1 and (m.d_model // m.n_heads) % 2:
+        problems.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even")
+    if cfg.train.schedule == "cosine" and cfg.train.max_steps == 0:
+        problems.append("train.schedule: 'cosine' decays to train.min_lr at train.max_steps; set train.max_steps > 0")
+    if cfg.data.src_lang == cfg.data.tgt_lang:
+        problems.append(f"data.tgt_lang: {cfg.data.tgt_lang!r} equals data.src_lang; use two different language keys")
+    if cfg.train.max_tokens < cfg.data.max_len + 2:
+        problems.append(
+            f"train.max_tokens: {cfg.train.max_tokens} is smaller than data.max_len + 2 = {cfg.data.max_len + 2};"
+            " the longest kept sentence would not fit in a batch"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4), the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _tree_from_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        if len(keys) != 2:
+            problems.append(f"--set {text!r}: expected exactly section.key, e.g. train.lr=3e-4")
+            continue
+        section = tree.setdefault(keys[0], {})
+        if isinstance(section, dict):
+            section[keys[1]] = value
+    return tree
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"], str(path))
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"invalid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"not UTF-8 text (byte {e.start}): {e.reason}"], str(path)) from None
+
+
+def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str = "") -> Config:
+    """Build a validated Config from a YAML-like tree plus `section.key=value` overrides."""
+    cfg = Config()
+    problems: list[str] = []
+    _apply(cfg, tree, problems)
+    _apply(cfg, _tree_from_overrides(overrides or [], problems), problems)
+    _validate(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    tree = read_yaml(path) if path is not None else None
+    return config_from_tree(tree, overrides, str(path or ""))
+
+
+def dump_config(cfg: Config) -> str:
+    tree = cfg.to_dict()
+    tree["train"]["betas"] = list(cfg.train.betas)
+    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)

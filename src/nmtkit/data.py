@@ -1,0 +1,414 @@
+"""Parallel text through Hugging Face `datasets`: load a split, tokenise it into a cached Arrow table, filter.
+
+`load_split` reads .jsonl/.json (HF translation schema or flat records), .tsv/.csv (a column per language),
+a line-aligned text pair `path/train.{lang}`, or a hub dataset, and returns a Dataset with two string
+columns, `src` and `tgt`. `encode_split` adds piece ids and lengths with a `map` cached on disk under a
+fingerprint of (data, tokenizer), so a second run does not re-encode, and counts (and, for training,
+removes) empty, too long and badly length-ratioed pairs.
+
+Errors: the normal path lets `datasets`/Arrow do the work. Only when loading fails, or the loaded columns
+show a problem (a null, a missing column, invalid UTF-8), do we scan the file once in Python to point at the
+offending line, so large files stay fast and bad ones still get a precise `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from nmtkit.config import DataConfig
+
+SPLITS = ("train", "valid", "test")
+_JSON_SUFFIXES = (".jsonl", ".json")
+_TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
+# Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
+_ENCODE_VERSION = "v1"
+
+
+class DataError(ValueError):
+    """A problem with the data a config points at; the message names the file, line, key or value, and the fix."""
+
+
+class Tokenizer(Protocol):
+    """What `encode_split` needs: piece ids without BOS/EOS, and a hash that identifies the model."""
+
+    fingerprint: str
+
+    def encode_src(self, texts: list[str]) -> list[list[int]]: ...
+
+    def encode_tgt(self, texts: list[str]) -> list[list[int]]: ...
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_split(cfg: DataConfig, split: str, cache_dir: str | Path) -> datasets.Dataset:
+    """Load `cfg.<split>` as a Dataset with exactly two string columns, `src` and `tgt`.
+
+    `cache_dir` is the `datasets` cache: the Arrow tables (and later the encoded ones) live there.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    source, key = getattr(cfg, split), f"data.{split}"
+    if cfg.hub_name:
+        return _load_hub(cfg, source, key, str(cache_dir))
+    if "{lang}" in source:
+        return _load_text_pair(cfg, source, key, str(cache_dir))
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in _JSON_SUFFIXES and suffix not in _TABLE_SEPARATORS:
+        raise DataError(
+            f"{key}: {source!r} has an unsupported file type {suffix or '(none)'!r}; use .jsonl/.json, .tsv/.csv,"
+            " a line-aligned text pair written as 'path/train.{lang}', or set data.hub_name"
+        )
+    _require_file(path, key)
+    if suffix in _JSON_SUFFIXES:
+        return _load_json(cfg, path, str(cache_dir))
+    return _load_table(cfg, path, _TABLE_SEPARATORS[suffix], str(cache_dir))
+
+
+def _require_file(path: Path, key: str) -> None:
+    if not path.is_file():
+        raise DataError(
+            f"{key}: file not found: {path} (relative paths start at {Path.cwd()});"
+            f" fix the path in the config or pass --set {key}=PATH"
+        )
+
+
+def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> tuple[datasets.Dataset | None, str]:
+    """Run a packaged `datasets` builder on one file: (dataset, "") or (None, why it failed)."""
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
+    except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
+        cause = e.__cause__ or e
+        return None, f"{type(cause).__name__}: {cause}"
+    assert isinstance(ds, datasets.Dataset)
+    return ds, ""
+
+
+def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
+    # on_mixed_types=None: a record without a key becomes a null we can detect, not a JSON-string column.
+    ds, why = _load_builder("json", path, cache_dir, on_mixed_types=None)
+    pair = _to_pair(ds, cfg) if ds is not None else None
+    why = why or _column_problem(pair, cfg)
+    if why:
+        _scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
+        raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
+    assert pair is not None
+    return pair
+
+
+def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datasets.Dataset:
+    header = _read_header(path, sep)
+    _check_header(path, header, cfg)
+    # Every column as a string and no NA guessing: "NA", "null" and "" are text here, not missing values.
+    # TSV is read without quote handling (QUOTE_NONE) because MT data has stray quotes; CSV keeps RFC 4180.
+    options: dict[str, Any] = {
+        "sep": sep,
+        "features": datasets.Features({name: datasets.Value("string") for name in header}),
+        "na_filter": False,
+        "quoting": csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+    }
+    ds, why = _load_builder("csv", path, cache_dir, **options)
+    if ds is None:
+        _scan_table(path, sep, header)
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise DataError(f"{path}: could not be read as a {kind} file: {why}")
+    pair = _to_pair(ds, cfg)
+    assert pair is not None, "the header check guarantees both columns"
+    return pair
+
+
+def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str) -> datasets.Dataset:
+    langs = (cfg.src_lang, cfg.tgt_lang)
+    paths = [Path(pattern.replace("{lang}", lang)) for lang in langs]
+    sides = []
+    for path, lang in zip(paths, langs, strict=True):
+        _require_file(path, f"{key} ({pattern!r} with {{lang}}={lang!r})")
+        ds, why = _load_builder("text", path, cache_dir)
+        if ds is None:
+            for _ in _read_lines(path):  # raises on the first line that is not UTF-8
+                pass
+            raise DataError(f"{path}: could not be read as a text file: {why}")
+        sides.append(ds)
+    if len(sides[0]) != len(sides[1]):
+        raise DataError(
+            f"{key}: the line-aligned files differ in length: {paths[0]} has {len(sides[0]):,} lines,"
+            f" {paths[1]} has {len(sides[1]):,}; each line must be the translation of the same line in the other file"
+        )
+    src, tgt = (ds.rename_column("text", name) for ds, name in zip(sides, ("src", "tgt"), strict=True))
+    return datasets.concatenate_datasets([src, tgt], axis=1)
+
+
+def _load_hub(cfg: DataConfig, split_name: str, key: str, cache_dir: str) -> datasets.Dataset:
+    where = f"hub dataset {cfg.hub_name!r} (config {cfg.hub_config or 'default'!r}, split {split_name!r} from {key})"
+    try:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split_name, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - network, name and split errors all get the same advice
+        raise DataError(
+            f"could not load {where}: {type(e).__name__}: {e}. Check data.hub_name, data.hub_config and {key}"
+            f" on https://huggingface.co/datasets/{cfg.hub_name}, and the network (offline, the dataset must"
+            f" already be in {cache_dir})"
+        ) from e
+    assert isinstance(ds, datasets.Dataset)
+    pair = _to_pair(ds, cfg)
+    why = _column_problem(pair, cfg) if pair is not None else f"columns are {', '.join(ds.column_names)}"
+    if why:
+        raise DataError(f"{where}: expected the translation schema with {_langs(cfg)}: {why}")
+    assert pair is not None
+    return pair
+
+
+# ----------------------------------------------------------------------------- columns
+
+
+def _langs(cfg: DataConfig) -> str:
+    return f"keys {cfg.src_lang!r} (data.src_lang) and {cfg.tgt_lang!r} (data.tgt_lang)"
+
+
+def _to_pair(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset | None:
+    """Select the two language columns as `src`/`tgt` (cheap Arrow ops); None when one is absent."""
+    langs = [cfg.src_lang, cfg.tgt_lang]
+    nested = ds.features.get("translation")
+    if isinstance(nested, datasets.Translation):
+        nested = dict.fromkeys(nested.languages)
+    if isinstance(nested, dict):  # the HF translation schema: one struct column
+        if not all(lang in nested for lang in langs):
+            return None
+        ds = ds.select_columns(["translation"]).flatten()
+        names = [f"translation.{lang}" for lang in langs]
+    elif all(lang in ds.column_names for lang in langs):  # flat records / table columns
+        names = langs
+    else:
+        return None
+    return ds.select_columns(names).rename_columns(dict(zip(names, ["src", "tgt"], strict=True)))
+
+
+def _column_problem(pair: datasets.Dataset | None, cfg: DataConfig) -> str:
+    """Why the `src`/`tgt` columns are unusable ("" if they are fine), checked in Arrow without Python loops."""
+    if pair is None:
+        return f"no {_langs(cfg)} in the records"
+    for name, lang in (("src", cfg.src_lang), ("tgt", cfg.tgt_lang)):
+        column = pair.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            return f"values of {lang!r} are {column.type}, not strings"
+        if column.null_count:
+            return f"{column.null_count} records have no value for {lang!r}"
+        try:
+            column.validate(full=True)  # the JSON reader does not check UTF-8; a full validation does
+        except pa.ArrowInvalid:
+            return f"values of {lang!r} are not valid UTF-8"
+    return ""
+
+
+# ----------------------------------------------------------------------------- line scans for precise errors
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line; raises DataError at the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {number}: invalid UTF-8 at byte {e.start} of the line ({e.reason});"
+                    " re-encode the file as UTF-8, e.g. `iconv -f GB18030 -t UTF-8`"
+                ) from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("line N" or "record N", parsed record) for a JSON Lines file or a JSON array; DataError on bad syntax."""
+    with open(path, "rb") as f:
+        is_array = f.read(64).lstrip().startswith(b"[")
+    if not is_array:
+        for number, text in _read_lines(path):
+            if text.strip():
+                try:
+                    yield f"line {number}", json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno});"
+                        " each line must be one JSON object"
+                    ) from None
+        return
+    raw = path.read_bytes()
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for number, record in enumerate(records, start=1):
+        yield f"record {number}", record
+
+
+def _scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
+    """Raise DataError at the first record without a string for each language.
+
+    `nested`: True = under "translation", False = flat, None = whichever that record uses.
+    """
+    for where, record in _json_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+        is_nested = nested if nested is not None else "translation" in record
+        values = record.get("translation") if is_nested else record
+        prefix = "translation." if is_nested else ""
+        if not isinstance(values, dict):
+            raise DataError(
+                f"{path}, {where}: no 'translation' object (keys present: {', '.join(record) or 'none'});"
+                ' use {"translation": {...}} on every line or flat records on every line'
+            )
+        for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
+            value = values.get(lang)
+            if value is None:
+                present = ", ".join(f"{prefix}{k}" for k in values) or "none"
+                raise DataError(
+                    f"{path}, {where}: missing key '{prefix}{lang}' (keys present: {present});"
+                    f" add it, drop the record, or change {key}"
+                )
+            if not isinstance(value, str):
+                raise DataError(f"{path}, {where}: '{prefix}{lang}' is {value!r}, expected a string")
+
+
+def _read_header(path: Path, sep: str) -> list[str]:
+    for _, text in _read_lines(path):
+        return next(csv.reader([text], delimiter=sep))
+    raise DataError(f"{path}: the file is empty; it needs a header row naming a column per language")
+
+
+def _check_header(path: Path, header: list[str], cfg: DataConfig) -> None:
+    for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
+        if lang not in header:
+            raise DataError(
+                f"{path}, line 1: the header has no column {lang!r} (columns: {', '.join(header)});"
+                f" name the columns {cfg.src_lang!r} and {cfg.tgt_lang!r}, or change {key}"
+            )
+
+
+def _scan_table(path: Path, sep: str, header: list[str]) -> None:
+    """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
+    for _ in _read_lines(path):
+        pass
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    stray = "tab" if sep == "\t" else "separator or quote"
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
+                    f" check for a stray {stray} in the text"
+                )
+
+
+# ----------------------------------------------------------------------------- encoding and filters
+
+
+@dataclass
+class FilterReport:
+    """What the length filters found in one split. Counts are pairs; each pair counts under its first reason."""
+
+    split: str
+    total: int
+    kept: int  # pairs in the returned dataset (= total when the filters were only counted)
+    empty: int  # a side is empty after strip
+    too_long: int  # src or tgt has more than data.max_len pieces
+    bad_ratio: int  # longer side / shorter side > data.max_len_ratio
+    is_applied: bool = True  # False: counted but not removed (valid/test)
+
+    def summary(self) -> str:
+        reasons = f"empty {self.empty:,}, too long {self.too_long:,}, length ratio {self.bad_ratio:,}"
+        if not self.is_applied:
+            return f"{self.split}: {self.total:,} pairs, not filtered (would drop: {reasons})"
+        return f"{self.split}: kept {self.kept:,} of {self.total:,} pairs ({reasons})"
+
+
+def encode_split(
+    ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, split: str, apply_filters: bool = True
+) -> tuple[datasets.Dataset, FilterReport]:
+    """Add `src_ids`/`tgt_ids` (int32 lists, no BOS/EOS) and `src_len`/`tgt_len` (int32), then filter.
+
+    The encoded table is cached on disk next to `ds` under a fingerprint of (ds, tokenizer), so the same data
+    and tokenizer are encoded once. Filtered pairs are always counted; they are removed only if `apply_filters`.
+    """
+    fingerprint = _hash(ds._fingerprint, tokenizer.fingerprint, _ENCODE_VERSION)
+    features = ds.features.copy()
+    for side in ("src", "tgt"):
+        features[f"{side}_ids"] = datasets.List(datasets.Value("int32"))
+        features[f"{side}_len"] = datasets.Value("int32")
+    encoded = ds.map(
+        _encode_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer},
+        features=features,
+        new_fingerprint=fingerprint,
+        load_from_cache_file=True,
+        num_proc=None,
+        desc=f"encoding {split}",
+    )
+    lens = encoded.with_format("numpy", columns=["src_len", "tgt_len"])[:]  # two int32 arrays, not the corpus
+    empty, too_long, bad_ratio = _filter_reasons(lens["src_len"], lens["tgt_len"], cfg.max_len, cfg.max_len_ratio)
+    n_drop = int(empty.sum() + too_long.sum() + bad_ratio.sum())
+    if apply_filters and n_drop:
+        encoded = encoded.filter(
+            _keep_batch,
+            batched=True,
+            input_columns=["src_len", "tgt_len"],
+            fn_kwargs={"max_len": cfg.max_len, "max_ratio": cfg.max_len_ratio},
+            new_fingerprint=_hash(fingerprint, "filter", str(cfg.max_len), repr(cfg.max_len_ratio)),
+            load_from_cache_file=True,
+            desc=f"filtering {split}",
+        )
+    report = FilterReport(
+        split=split,
+        total=len(lens["src_len"]),
+        kept=len(encoded),
+        empty=int(empty.sum()),
+        too_long=int(too_long.sum()),
+        bad_ratio=int(bad_ratio.sum()),
+        is_applied=apply_filters,
+    )
+    return encoded, report
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for side, encode in (("src", tokenizer.encode_src), ("tgt", tokenizer.encode_tgt)):
+        texts = batch[side]
+        # A whitespace-only side gets no pieces, so "empty" means the same thing for every tokenizer.
+        ids = [piece_ids if text.strip() else [] for text, piece_ids in zip(texts, encode(texts), strict=True)]
+        out[f"{side}_ids"] = ids
+        out[f"{side}_len"] = [len(x) for x in ids]
+    return out
+
+
+def _filter_reasons(
+    src_len: np.ndarray, tgt_len: np.ndarray, max_len: int, max_ratio: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks (N,), disjoint: a pair is flagged for its first reason in the order empty, too long, ratio."""
+    src_len, tgt_len = np.asarray(src_len, dtype=np.int64), np.asarray(tgt_len, dtype=np.int64)
+    shorter, longer = np.minimum(src_len, tgt_len), np.maximum(src_len, tgt_len)
+    empty = shorter == 0
+    too_long = ~empty & (longer > max_len)
+    bad_ratio = ~empty & ~too_long & (longer / np.maximum(shorter, 1) > max_ratio)
+    return empty, too_long, bad_ratio
+
+
+def _keep_batch(src_len: list[int], tgt_len: list[int], max_len: int, max_ratio: float) -> list[bool]:
+    empty, too_long, bad_ratio = _filter_reasons(np.asarray(src_len), np.asarray(tgt_len), max_len, max_ratio)
+    return (~(empty | too_long | bad_ratio)).tolist()

@@ -1,0 +1,115 @@
+"""Greedy decoding with a KV cache, and teacher-forced scoring of a reference.
+
+Both return tensors; `translator.py` turns them into per-token records. Statistics are gathered on
+the device into preallocated buffers, so the loop never waits on the host except for the cheap
+"all finished?" check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import Transformer, padding_mask
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class GreedyOutput:
+    tokens: Tensor  # (B, N) generated ids; EOS included, PAD after it
+    lengths: Tensor  # (B,) tokens up to and including EOS (or N when EOS never came)
+    probs: Tensor | None = None  # (B, N) softmax probability of each chosen token
+    entropy: Tensor | None = None  # (B, N) nats
+    top_ids: Tensor | None = None  # (B, N, k)
+    top_probs: Tensor | None = None  # (B, N, k)
+
+
+def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
+    """(B, S) source -> (B,) output budget a * len + b, capped by the model's positions."""
+    src_len = (src != PAD_ID).sum(dim=1)
+    return (src_len.float() * a + b).long().clamp(min=1, max=limit)
+
+
+def next_token_stats(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """logits (B, V) -> argmax ids, their probs, entropy (nats), top-k ids and probs, all in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(dim=-1)
+    top_probs, top_ids = p.topk(top_k, dim=-1)
+    return top_ids[:, 0], top_probs[:, 0], entropy, top_ids, top_probs
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Transformer, src: Tensor, max_len: Tensor | int, *, top_k: int = 0, stop_at_eos: bool = True
+) -> GreedyOutput:
+    """Greedy decoding of src (B, S).
+
+    max_len: per-sentence output budget (B,) or one int; a sentence that reaches its budget without
+    EOS ends there. top_k > 0 records probabilities, entropy and the top-k alternatives per step.
+    stop_at_eos=False always runs the full budget (benchmarks need a fixed amount of work).
+    """
+    B = src.size(0)
+    limits = torch.as_tensor(max_len, device=src.device).expand(B)
+    n_steps = int(limits.max())
+    src_mask = padding_mask(src)
+    memory = model.encode(src, src_mask)
+    cache = model.start_cache(memory, n_steps)
+
+    out = torch.full((B, n_steps), PAD_ID, dtype=torch.long, device=src.device)
+    is_done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    record = top_k > 0
+    if record:
+        probs = torch.zeros(B, n_steps, device=src.device)
+        entropy = torch.zeros(B, n_steps, device=src.device)
+        top_ids = torch.zeros(B, n_steps, top_k, dtype=torch.long, device=src.device)
+        top_probs = torch.zeros(B, n_steps, top_k, device=src.device)
+    token = torch.full((B, 1), BOS_ID, dtype=torch.long, device=src.device)
+
+    for t in range(n_steps):
+        logits = model.project(model.decode_step(token, src_mask, cache))  # (B, V)
+        if record:
+            nxt, probs[:, t], entropy[:, t], top_ids[:, t], top_probs[:, t] = next_token_stats(logits, top_k)
+        else:
+            nxt = logits.argmax(dim=-1)
+        if stop_at_eos:
+            nxt = torch.where(t + 1 >= limits, EOS_ID, nxt)  # the budget ends a sentence with EOS
+            nxt = nxt.masked_fill(is_done, PAD_ID)
+            is_done |= nxt == EOS_ID
+        out[:, t] = nxt
+        token = nxt[:, None]
+        # The host check costs a sync, so look every 4 steps; extra steps only write PAD.
+        if stop_at_eos and t % 4 == 3 and bool(is_done.all()):
+            out = out[:, : t + 1]
+            break
+
+    n = out.size(1)
+    is_eos = out == EOS_ID
+    lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, torch.full_like(limits, n))
+    if not record:
+        return GreedyOutput(out, lengths)
+    return GreedyOutput(out, lengths, probs[:, :n], entropy[:, :n], top_ids[:, :n], top_probs[:, :n])
+
+
+@dataclass
+class ReferenceScores:
+    probs: Tensor  # (B, T) probability of each reference token
+    losses: Tensor  # (B, T) −ln prob, 0 at padding
+    is_greedy: Tensor  # (B, T) bool, the argmax equals the reference token
+    mask: Tensor  # (B, T) bool, real (non-pad) reference tokens
+    logits: Tensor  # (B, T, V) the raw logits, for callers that want more
+
+
+@torch.no_grad()
+def score_reference(model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> ReferenceScores:
+    """Teacher forcing: the model reads BOS + reference and is scored on reference + EOS."""
+    logits = model(src, tgt_in).float()  # (B, T, V)
+    logp = F.log_softmax(logits, dim=-1)
+    target_logp = logp.gather(-1, tgt_out[..., None])[..., 0]  # (B, T)
+    mask = tgt_out != PAD_ID
+    losses = (-target_logp).masked_fill(~mask, 0.0)
+    is_greedy = logits.argmax(dim=-1) == tgt_out
+    return ReferenceScores(target_logp.exp(), losses, is_greedy & mask, mask, logits)

@@ -1,0 +1,88 @@
+"""Device and precision: chosen in one place, and logged with the reason for the choice."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceError(RuntimeError):
+    """The requested device or precision is not available here."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul units (AVX-512 BF16 or AMX), via oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision as one context: matmuls in bf16/fp16, reductions and the loss in fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @property
+    def use_grad_scaler(self) -> bool:
+        return self.precision == "fp16"
+
+
+def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Resolve `auto` for device and precision, or fail clearly when a request can't be met."""
+    reasons = []
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+            reasons.append(f"device auto -> cuda ({torch.cuda.get_device_name(0)})")
+        else:
+            dev = torch.device("cpu")
+            reasons.append("device auto -> cpu (no CUDA device visible to torch)")
+    elif device == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "train.device is 'cuda' but torch sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                "use device: cpu or device: auto"
+            )
+        dev = torch.device("cuda")
+        reasons.append("device cuda (asked for)")
+    else:
+        dev = torch.device("cpu")
+        reasons.append("device cpu (asked for)")
+
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            reasons.append(f"precision auto -> {precision} (CUDA{' with' if precision == 'bf16' else ' without'} bf16)")
+        elif cpu_has_fast_bf16():
+            precision = "bf16"
+            reasons.append("precision auto -> bf16 (this CPU has native bf16 matmuls: AVX-512 BF16/AMX)")
+        else:
+            precision = "fp32"
+            reasons.append("precision auto -> fp32 (this CPU has no native bf16 matmuls)")
+    else:
+        if precision == "fp16" and dev.type == "cpu":
+            raise DeviceError("train.precision fp16 is for CUDA; on CPU use bf16 (where supported) or fp32")
+        if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("train.precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+        reasons.append(f"precision {precision} (asked for)")
+    return Runtime(dev, precision, "; ".join(reasons))

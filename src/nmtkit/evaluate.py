@@ -1,0 +1,164 @@
+"""Held-out evaluation: teacher-forced cross-entropy, perplexity and token accuracy, plus BLEU/chrF
+of greedy translations through sacrebleu.
+
+The loss here is the plain cross-entropy (no label smoothing), averaged over non-pad target tokens
+(EOS included), so it is comparable across runs whatever their smoothing was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import sacrebleu
+import torch
+import torch.nn.functional as F
+
+from .batching import collate, make_batches
+from .checkpoint import resolve_checkpoint
+from .data import encode_split, load_split
+from .device import Runtime
+from .model import Transformer
+from .tokenizer import PAD_ID
+from .translator import Translator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossMetrics:
+    loss: float  # mean cross-entropy per target token, nats, no label smoothing
+    perplexity: float
+    token_accuracy: float
+    sentences: int
+    tokens: int
+
+
+@torch.no_grad()
+def teacher_forced_metrics(model: Transformer, ds: datasets.Dataset, max_tokens: int, runtime: Runtime) -> LossMetrics:
+    """Loss, perplexity and accuracy of `model` on an encoded split (columns src_ids, tgt_ids, src_len, tgt_len)."""
+    was_training = model.training
+    model.eval()
+    lens = ds.with_format("numpy")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    n_tokens = 0
+    for index in make_batches(lens["src_len"], lens["tgt_len"], max_tokens, shuffle=False):
+        batch = collate(ds[index]).to(runtime.device)
+        with runtime.autocast():
+            logits = model(batch.src, batch.tgt_in)
+        flat_logits, flat_tgt = logits.float().flatten(0, 1), batch.tgt_out.flatten()
+        loss_sum += F.cross_entropy(flat_logits, flat_tgt, ignore_index=PAD_ID, reduction="sum").double()
+        correct += ((flat_logits.argmax(-1) == flat_tgt) & (flat_tgt != PAD_ID)).sum()
+        n_tokens += batch.n_tgt_tokens
+    model.train(was_training)
+    loss = loss_sum.item() / max(1, n_tokens)
+    return LossMetrics(loss, math.exp(min(loss, 700.0)), correct.item() / max(1, n_tokens), len(ds), n_tokens)
+
+
+@dataclass
+class QualityMetrics:
+    bleu: float
+    chrf: float
+    sacrebleu_signature: str
+    chrf_signature: str
+
+
+def bleu_tokenizer(tgt_lang: str) -> str:
+    """sacrebleu's tokenizer for the target language: zh/ja/ko need their own, others use 13a."""
+    lang = tgt_lang.lower().split("-")[0].split("_")[0]
+    return {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}.get(lang, "13a")
+
+
+def quality_metrics(hypotheses: list[str], references: list[str], tgt_lang: str) -> QualityMetrics:
+    bleu = sacrebleu.metrics.BLEU(tokenize=bleu_tokenizer(tgt_lang))
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(hypotheses, [references])
+    c = chrf.corpus_score(hypotheses, [references])
+    return QualityMetrics(b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature()))
+
+
+def metrics_dict(loss: LossMetrics, quality: QualityMetrics | None) -> dict:
+    out = asdict(loss)
+    if quality is not None:
+        out.update(asdict(quality))
+    return out
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    split: str = "test",
+    data_file: str | None = None,
+    limit: int = 0,
+    with_bleu: bool = True,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 0,
+) -> dict:
+    """Everything `nmtkit evaluate` reports, as one dict (the `--json` output)."""
+    t0 = time.time()
+    translator = Translator.from_checkpoint(checkpoint, device, precision)
+    cfg = translator.cfg
+    if batch_size:
+        cfg.decode.batch_size = batch_size
+    data_cfg = dataclasses.replace(cfg.data, **{split: data_file}) if data_file else cfg.data
+    cache_dir = cfg.data.cache_dir or Path(resolve_checkpoint(checkpoint)).parent.parent / "cache"
+    raw = load_split(data_cfg, split, cache_dir)
+    if limit:
+        raw = raw.select(range(min(limit, len(raw))))
+    ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
+    # Nothing is filtered, except pairs longer than the model's positions, which it can't read.
+    limit_len = cfg.model.max_positions - 1
+    too_long = ds.filter(lambda r: r["src_len"] > limit_len or r["tgt_len"] > limit_len)
+    if len(too_long):
+        log.warning("%d pairs longer than model.max_positions left out", len(too_long))
+        ds = ds.filter(lambda r: r["src_len"] <= limit_len and r["tgt_len"] <= limit_len)
+    loss = teacher_forced_metrics(translator.model, ds, cfg.train.max_tokens, translator.runtime)
+    quality = None
+    if with_bleu:
+        hypotheses = translate_all(translator, ds["src"])
+        quality = quality_metrics(hypotheses, ds["tgt"], cfg.data.tgt_lang)
+    out = metrics_dict(loss, quality)
+    out.update(
+        checkpoint=str(resolve_checkpoint(checkpoint)),
+        data=getattr(data_cfg, split),
+        split=split,
+        label_smoothing_in_loss=False,
+        filtered_out=len(too_long),
+        seconds=round(time.time() - t0, 2),
+    )
+    return out
+
+
+def translate_all(translator: Translator, texts: list[str]) -> list[str]:
+    """Greedy translations in input order, decoded in length-sorted batches to keep padding low."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = [""] * len(texts)
+    size = translator.cfg.decode.batch_size
+    for start in range(0, len(order), size):
+        idx = order[start : start + size]
+        result = translator.translate_ids(translator.encode_source([texts[i] for i in idx]))
+        for row, i in enumerate(idx):
+            out[i] = translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist())
+    return out
+
+
+def format_metrics(m: dict) -> str:
+    rows = [
+        ("data", f"{m['data']} ({m['split']})"),
+        ("sentences", f"{m['sentences']:,}"),
+        ("target tokens", f"{m['tokens']:,} (EOS included)"),
+        ("loss", f"{m['loss']:.4f} nats/token (plain cross-entropy, no label smoothing)"),
+        ("perplexity", f"{m['perplexity']:.2f}"),
+        ("token accuracy", f"{100 * m['token_accuracy']:.2f}%"),
+    ]
+    if "bleu" in m:
+        rows += [("BLEU", f"{m['bleu']:.2f}"), ("chrF", f"{m['chrf']:.2f}"), ("signature", m["sacrebleu_signature"]), ("chrF signature", m["chrf_signature"])]
+    rows.append(("time", f"{m['seconds']:.1f}s"))
+    return "\n".join(f"{k:>15}  {v}" for k, v in rows)

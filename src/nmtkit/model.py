@@ -1,0 +1,249 @@
+"""The Transformer encoder-decoder, in plain PyTorch.
+
+Tensor legend used in every shape comment:
+    B batch, S source length, T target length, H heads, Dh head dim, D model dim, F FFN dim, V vocab.
+
+Masks follow one convention, built in `padding_mask` below: a bool tensor where True means
+"this key may be attended to". The decoder's causal mask is SDPA's `is_causal`, so no (T, T)
+matrix is ever materialised. Padding on the target side needs no mask of its own: pads come after
+the real tokens, so the causal mask already hides them from every real query, and the loss
+ignores the pad queries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .tokenizer import PAD_ID
+
+
+def padding_mask(tokens: Tensor) -> Tensor:
+    """(B, S) token ids -> (B, 1, 1, S) bool, True where the key is a real token."""
+    return (tokens != PAD_ID)[:, None, None, :]
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """(n_positions, D) fixed sine/cosine position encodings."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table
+
+
+def _split_heads(x: Tensor, n_heads: int) -> Tensor:
+    B, L, D = x.shape
+    return x.view(B, L, n_heads, D // n_heads).transpose(1, 2)  # (B, H, L, Dh)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    B, H, L, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, H, L, Dh)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        return self.out(_merge_heads(y))
+
+    def step(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """One decoding position: x (B, 1, D); appends its key/value to the cache."""
+        q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
+        keys, values = cache.append(layer, k, v)  # (B, H, t+1, Dh): every earlier position and this one
+        y = F.scaled_dot_product_attention(q, keys, values)
+        return self.out(_merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention; keys and values come from the encoder memory."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, D) -> keys and values, each (B, H, S, Dh). Computed once per sentence when decoding."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return _split_heads(k, self.n_heads), _split_heads(v, self.n_heads)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor) -> Tensor:
+        q = _split_heads(self.q(x), self.n_heads)  # (B, H, T, Dh)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=src_mask, dropout_p=p)
+        return self.out(_merge_heads(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.drop(self.act(self.up(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.is_pre_norm = cfg.norm == "pre"
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        if self.is_pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), mask=src_mask))
+            return x + self.drop(self.ffn(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, mask=src_mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.is_pre_norm = cfg.norm == "pre"
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm3 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
+        """Full causal pass when `cache` is None; otherwise one position, x (B, 1, D)."""
+
+        def self_attn(h: Tensor) -> Tensor:
+            return self.self_attn(h, is_causal=True) if cache is None else self.self_attn.step(h, cache, layer)
+
+        if self.is_pre_norm:
+            x = x + self.drop(self_attn(self.norm1(x)))
+            x = x + self.drop(self.cross_attn(self.norm2(x), memory_kv, src_mask))
+            return x + self.drop(self.ffn(self.norm3(x)))
+        x = self.norm1(x + self.drop(self_attn(x)))
+        x = self.norm2(x + self.drop(self.cross_attn(x, memory_kv, src_mask)))
+        return self.norm3(x + self.drop(self.ffn(x)))
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer.
+
+    With a joint vocabulary and `tie_embeddings`, the source embedding, target embedding and
+    output projection are one matrix; with separate vocabularies only the target embedding and
+    the output projection are tied.
+    """
+
+    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, is_joint_vocab: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        share_src = cfg.tie_embeddings and is_joint_vocab and src_vocab_size == tgt_vocab_size
+        self.src_embed = self.tgt_embed if share_src else nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        # pre-norm stacks end with a LayerNorm; post-norm layers already end normalised
+        self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # N(0, D^-1/2) so that embeddings scaled by sqrt(D) have unit variance, matching the positions
+        for emb in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(emb.weight, std=self.cfg.d_model**-0.5)
+            nn.init.zeros_(emb.weight[PAD_ID])
+
+    def _embed(self, table: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
+        """(B, L) ids -> (B, L, D) scaled embeddings plus positions offset..offset+L-1."""
+        L = tokens.size(1)
+        if offset + L > self.cfg.max_positions:
+            raise ValueError(
+                f"sequence of {offset + L} tokens exceeds model.max_positions={self.cfg.max_positions}; "
+                "shorten the input or train with a larger model.max_positions"
+            )
+        x = table(tokens) * self.embed_scale + self.positions[offset : offset + L]
+        return self.embed_drop(x)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """src (B, S), src_mask (B, 1, 1, S) -> memory (B, S, D)."""
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        return self.enc_norm(x)
+
+    def decode(self, memory: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced decoder pass: tgt_in (B, T) -> hidden states (B, T, D)."""
+        x = self._embed(self.tgt_embed, tgt_in)
+        for layer in self.decoder:
+            x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
+        return self.dec_norm(x)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """(..., D) -> (..., V) logits over the target vocabulary."""
+        weight = self.tgt_embed.weight if self.output is None else self.output.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """(B, S), (B, T) -> logits (B, T, V)."""
+        src_mask = padding_mask(src)
+        return self.project(self.decode(self.encode(src, src_mask), src_mask, tgt_in))
+
+    # -- incremental decoding ---------------------------------------------------------------
+
+    def start_cache(self, memory: Tensor, max_len: int) -> KVCache:
+        """A cache for up to `max_len` decoder positions, with every layer's cross-attention
+        keys and values computed from `memory` once."""
+        B = memory.size(0)
+        H = self.cfg.n_heads
+        cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device)
+        cache.memory_kv = [layer.cross_attn.memory_kv(memory) for layer in self.decoder]
+        return cache
+
+    def decode_step(self, tokens: Tensor, src_mask: Tensor, cache: KVCache) -> Tensor:
+        """tokens (B, 1): the latest token of each sentence -> hidden state (B, D) at that position.
+
+        Work per call is constant in the prefix length apart from attention over the cached keys.
+        """
+        x = self._embed(self.tgt_embed, tokens, offset=cache.length)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, cache.memory_kv[i], src_mask, cache=cache, layer=i)
+        cache.advance()
+        return self.dec_norm(x[:, 0])

@@ -1,0 +1,298 @@
+"""Training: setup, then one loop that reads top to bottom, then cleanup.
+
+One optimizer step consumes `accum_steps` batches; the loss is summed over their target tokens and
+divided by the step's total token count, so accumulation trains like one larger batch. Batches
+come from `make_batches(seed, epoch)`, which is deterministic, so resuming is "skip the first k
+batches of this epoch" plus restoring the RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .batching import collate, make_batches, padding_fraction
+from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import encode_split, load_split
+from .device import Runtime, choose_runtime
+from .evaluate import teacher_forced_metrics
+from .model import Transformer
+from .runinfo import write_run_info
+from .schedule import lr_at
+from .tokenizer import PAD_ID, Tokenizer, train_tokenizer
+from .translator import build_model, check_model_matches, tokenizer_from_state
+
+log = logging.getLogger(__name__)
+
+# Config sections that must match for a resume; train.* (lr, max_steps, ...) may change.
+RESUME_MUST_MATCH = ("data", "tokenizer", "model")
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already consumed
+    tokens_seen: int = 0  # non-pad target tokens trained on
+    best_valid_loss: float = math.inf
+    evals_without_improvement: int = 0
+    elapsed_s: float = 0.0  # training wall time over all sessions
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState
+    stop_reason: str
+    valid_loss: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    states["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -> Tokenizer:
+    """Reuse the run directory's tokenizer when present, otherwise train one from the training split."""
+    directory = run_dir / "tokenizer"
+    if Tokenizer.exists(directory):
+        log.info("tokenizer: reusing %s", directory)
+        return Tokenizer.load(directory)
+    t0 = time.time()
+    src_texts = (row["src"] for row in train_raw)
+    tgt_texts = (row["tgt"] for row in train_raw)
+    tok = train_tokenizer(cfg.tokenizer, src_texts, tgt_texts)
+    tok.save(directory)
+    kind = "joint" if tok.is_joint else "separate"
+    log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
+    return tok
+
+
+def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
+    now = current.to_dict()
+    diffs = []
+    for section in RESUME_MUST_MATCH:
+        for key, value in now[section].items():
+            old = saved.get(section, {}).get(key)
+            if isinstance(value, tuple):
+                value = list(value)
+            if isinstance(old, tuple):
+                old = list(old)
+            if old != value:
+                diffs.append(f"{section}.{key}: checkpoint {old!r}, config {value!r}")
+    return diffs
+
+
+def make_optimizer(model: nn.Module, cfg: Config, runtime: Runtime) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not biases, norms or embeddings' padding)."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = runtime.device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=fused)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log or eval event, for machines and plots."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
+    """Train (or resume) the run in `cfg.train.run_dir` until a stop condition is met."""
+    # ---------------------------------------------------------------- setup
+    tc = cfg.train
+    run_dir = Path(tc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runtime = choose_runtime(tc.device, tc.precision)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    log.info("run %s: %s, %d CPU threads", run_dir, runtime.reason, torch.get_num_threads())
+    write_run_info(run_dir, cfg, argv, runtime.reason)
+    seed_everything(tc.seed)
+
+    cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
+    train_raw = load_split(cfg.data, "train", cache_dir)
+    valid_raw = load_split(cfg.data, "valid", cache_dir)
+    tokenizer = prepare_tokenizer(cfg, run_dir, train_raw)
+    train_ds, report = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
+    log.info("data: %s", report.summary())
+    valid_ds, vreport = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=True)
+    log.info("data: %s", vreport.summary())
+    if len(train_ds) == 0:
+        raise ValueError(f"data.train ({cfg.data.train}): no pairs left after filtering; see the counts above")
+    lengths = train_ds.with_format("numpy", columns=["src_len", "tgt_len"])
+    src_lens, tgt_lens = lengths["src_len"], lengths["tgt_len"]
+
+    model = build_model(cfg, tokenizer).to(runtime.device)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
+    optimizer = make_optimizer(model, cfg, runtime)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=tc.label_smoothing, reduction="sum")
+    state = TrainState()
+
+    last = checkpoint_dir(run_dir) / "last.pt"
+    if last.is_file():
+        saved = load_checkpoint(last)
+        diffs = config_differences(saved["config"], cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{run_dir} holds a run with a different config; refusing to resume. Differences:\n  " + "\n  ".join(diffs)
+                + "\nUse a new train.run_dir, or restore these settings."
+            )
+        if tokenizer_from_state(saved).fingerprint != tokenizer.fingerprint:
+            raise CheckpointError(f"{last}: its tokenizer differs from {run_dir / 'tokenizer'}; refusing to resume")
+        check_model_matches(model, saved["model"], str(last))
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["train_state"])
+        restore_rng_states(saved["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "config": cfg.to_dict(),
+            "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "train_state": asdict(state),
+            "rng": rng_states(),
+            "step": state.step,
+        }
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    vocab = tokenizer.tgt_vocab_size
+    stop_reason = ""
+    valid_loss = state.best_valid_loss
+    t_start = time.time() - state.elapsed_s
+    window_loss = torch.zeros((), device=runtime.device)  # summed on the device; read once per log line
+    window_tokens, window_t0 = 0, time.time()
+    bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=not tc.progress_bar, unit="step", dynamic_ncols=True)
+
+    def should_stop() -> str:
+        if tc.max_steps and state.step >= tc.max_steps:
+            return f"reached train.max_steps={tc.max_steps}"
+        if tc.max_epochs and state.epoch >= tc.max_epochs:
+            return f"reached train.max_epochs={tc.max_epochs}"
+        if tc.max_minutes and (time.time() - t_start) >= tc.max_minutes * 60:
+            return f"reached train.max_minutes={tc.max_minutes}"
+        if tc.patience and state.evals_without_improvement >= tc.patience:
+            return f"no validation improvement in {tc.patience} evaluations (train.patience)"
+        return ""
+
+    def validate() -> bool:
+        """Validation loss; returns True when it is the best so far."""
+        nonlocal valid_loss
+        m = teacher_forced_metrics(model, valid_ds, tc.max_tokens, runtime)
+        valid_loss = m.loss
+        is_best = m.loss < state.best_valid_loss
+        if is_best:
+            state.best_valid_loss, state.evals_without_improvement = m.loss, 0
+        else:
+            state.evals_without_improvement += 1
+        log.info("step %d | valid loss %.4f | ppl %.2f | acc %.3f%s", state.step, m.loss, m.perplexity, m.token_accuracy, " | best" if is_best else "")
+        metrics.write(step=state.step, epoch=state.epoch, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
+        return is_best
+
+    # ---------------------------------------------------------------- the loop
+    model.train()
+    stop_reason = should_stop()
+    if stop_reason:
+        log.info("nothing to do: %s (raise it with --set to continue)", stop_reason)
+    while not stop_reason:
+        batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch)
+        if state.batch_in_epoch == 0:
+            src_pad, tgt_pad = padding_fraction(batches, src_lens, tgt_lens)
+            log.info("epoch %d: %d batches, padding %.1f%% source / %.1f%% target", state.epoch + 1, len(batches), 100 * src_pad, 100 * tgt_pad)
+        for start in range(state.batch_in_epoch, len(batches), tc.accum_steps):
+            group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in batches[start : start + tc.accum_steps]]
+            n_tokens = sum(b.n_tgt_tokens for b in group)
+            for batch in group:
+                with runtime.autocast():
+                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+                loss = loss_fn(logits.float().view(-1, vocab), batch.tgt_out.view(-1))  # summed over tokens
+                scaler.scale(loss / n_tokens).backward()
+                window_loss += loss.detach()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else math.inf)
+            lr = lr_at(state.step + 1, tc)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.batch_in_epoch = start + len(group)
+            if state.batch_in_epoch >= len(batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            state.tokens_seen += n_tokens
+            window_tokens += n_tokens
+            state.elapsed_s = time.time() - t_start
+            bar.update(1)
+
+            if state.step % tc.log_every == 0:
+                now = time.time()
+                train_loss = window_loss.item() / max(1, window_tokens)
+                tok_s = window_tokens / max(1e-9, now - window_t0)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s / 1e3:.1f}k")
+                log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s)
+                metrics.write(step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2))
+                window_loss.zero_()
+                window_tokens, window_t0 = 0, now
+
+            stop_reason = should_stop()
+            is_best = validate() if (state.step % tc.eval_every == 0 or stop_reason) else False
+            stop_reason = stop_reason or should_stop()  # patience is decided by the evaluation
+            if state.step % tc.save_every == 0 or is_best or stop_reason:
+                save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
+            if stop_reason or state.batch_in_epoch == 0:
+                break
+
+    # ---------------------------------------------------------------- cleanup
+    bar.close()
+    log.info("stopped: %s; step %d, best valid loss %.4f, %.0fs", stop_reason, state.step, state.best_valid_loss, state.elapsed_s)
+    return TrainResult(run_dir, state, stop_reason, valid_loss)

@@ -1,0 +1,188 @@
+"""`Translator`: a trained model and its tokenizer, loaded from a run directory or checkpoint.
+
+It is the public Python API: translate sentences with a per-token record, score a reference with
+teacher forcing, or step through the model by hand (encoder memory, next-token logits).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .config import Config, ConfigError, config_from_tree
+from .decode import GreedyOutput, ReferenceScores, greedy_decode, max_new_tokens, score_reference
+from .device import Runtime, choose_runtime
+from .model import Transformer, padding_mask
+from .records import Alternative, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config, tokenizer: Tokenizer) -> Transformer:
+    return Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.is_joint)
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    tok = state["tokenizer"]
+    return Tokenizer(tok["src"], tok.get("tgt"))
+
+
+def check_model_matches(model: Transformer, weights: dict[str, Tensor], where: str) -> None:
+    """Compare shapes before loading so a mismatch says what differs (vocab size, d_model, ...)."""
+    own = model.state_dict()
+    problems = []
+    for name, tensor in weights.items():
+        if name in own and own[name].shape != tensor.shape:
+            problems.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing:
+        problems.append(f"missing in checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"not in this model: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if problems:
+        raise CheckpointError(f"{where} does not match its config/tokenizer:\n  " + "\n  ".join(problems))
+
+
+class Translator:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: Config, runtime: Runtime) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.runtime = runtime
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "fp32") -> Translator:
+        """Load from a run directory (its best checkpoint) or a checkpoint file."""
+        runtime = choose_runtime(device, precision)
+        file = resolve_checkpoint(path)
+        state = load_checkpoint(file)
+        try:
+            cfg = config_from_tree(state["config"], source=str(file))
+            tokenizer = tokenizer_from_state(state)
+        except (ConfigError, TokenizerError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        model = build_model(cfg, tokenizer)
+        check_model_matches(model, state["model"], str(file))
+        model.load_state_dict(state["model"])
+        log.info("loaded %s (step %s); %s", file, state.get("step", "?"), runtime.reason)
+        return cls(model.to(runtime.device), tokenizer, cfg, runtime)
+
+    # -- the pieces, for stepping through by hand -----------------------------------------
+
+    def encode_source(self, texts: list[str]) -> Tensor:
+        """Texts -> (B, S) source ids with EOS, right-padded. Inputs longer than the model's
+        positions are truncated, with a warning."""
+        limit = self.cfg.model.max_positions - 1
+        rows = []
+        for text, ids in zip(texts, self.tokenizer.encode_src([_clean(t) for t in texts])):
+            if len(ids) > limit:
+                log.warning("source truncated from %d to %d pieces (model.max_positions): %.40s...", len(ids), limit, text)
+                ids = ids[:limit]
+            rows.append(torch.tensor(ids + [EOS_ID], dtype=torch.long))
+        return pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(self.runtime.device)
+
+    def encode_target(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Reference texts -> tgt_in (BOS + ids) and tgt_out (ids + EOS), each (B, T)."""
+        limit = self.cfg.model.max_positions - 1
+        ids = [i[:limit] for i in self.tokenizer.encode_tgt([_clean(t) for t in texts])]
+        tgt_in = pad_sequence([torch.tensor([BOS_ID] + i) for i in ids], batch_first=True, padding_value=PAD_ID)
+        tgt_out = pad_sequence([torch.tensor(i + [EOS_ID]) for i in ids], batch_first=True, padding_value=PAD_ID)
+        return tgt_in.to(self.runtime.device), tgt_out.to(self.runtime.device)
+
+    @torch.no_grad()
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S) ids -> encoder memory (B, S, D) and the source padding mask (B, 1, 1, S)."""
+        src_mask = padding_mask(src)
+        with self.runtime.autocast():
+            return self.model.encode(src, src_mask), src_mask
+
+    @torch.no_grad()
+    def logits(self, memory: Tensor, src_mask: Tensor, prefix: Tensor) -> Tensor:
+        """Next-token logits (B, T, V) for every position of prefix (B, T), which starts with BOS."""
+        with self.runtime.autocast():
+            return self.model.project(self.model.decode(memory, src_mask, prefix)).float()
+
+    # -- whole sentences ----------------------------------------------------------------------
+
+    def translate(self, texts: list[str], references: list[str] | None = None, top_k: int | None = None) -> list[Translation]:
+        """Greedy translations with per-token records, in input order, batched by `decode.batch_size`."""
+        if references is not None and len(references) != len(texts):
+            raise ValueError(f"{len(texts)} sources but {len(references)} references")
+        k = min(top_k or self.cfg.decode.top_k, self.tokenizer.tgt_vocab_size)
+        out: list[Translation] = []
+        size = self.cfg.decode.batch_size
+        for i in range(0, len(texts), size):
+            refs = references[i : i + size] if references is not None else None
+            out.extend(self._translate_batch(texts[i : i + size], refs, k))
+        return out
+
+    def translate_ids(self, src: Tensor, top_k: int = 0) -> GreedyOutput:
+        """Greedy decoding of (B, S) source ids under the configured length budget."""
+        d = self.cfg.decode
+        budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
+        with self.runtime.autocast():
+            return greedy_decode(self.model, src, budget, top_k=top_k)
+
+    def _translate_batch(self, texts: list[str], references: list[str] | None, k: int) -> list[Translation]:
+        src = self.encode_source(texts)
+        out = self.translate_ids(src, top_k=k)
+        scores = None
+        if references is not None:
+            tgt_in, tgt_out = self.encode_target(references)
+            with self.runtime.autocast():
+                scores = score_reference(self.model, src, tgt_in, tgt_out)
+        results = []
+        for b, text in enumerate(texts):
+            steps = self._token_steps(out, b)
+            total, mean = total_and_mean([s.loss for s in steps])
+            ids = out.tokens[b, : int(out.lengths[b])].tolist()
+            ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
+            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref))
+        return results
+
+    def _token_steps(self, out: GreedyOutput, b: int) -> list[TokenStep]:
+        assert out.probs is not None and out.entropy is not None and out.top_ids is not None and out.top_probs is not None
+        n = int(out.lengths[b])
+        ids, probs, ents = out.tokens[b, :n].tolist(), out.probs[b, :n].tolist(), out.entropy[b, :n].tolist()
+        top_ids, top_probs = out.top_ids[b, :n].tolist(), out.top_probs[b, :n].tolist()
+        piece = self.tokenizer.tgt_piece
+        return [
+            TokenStep(
+                position=t,
+                piece=piece(ids[t]),
+                id=ids[t],
+                prob=probs[t],
+                loss=_nll(probs[t]),
+                entropy=ents[t],
+                top_k=[Alternative(piece(i), i, p) for i, p in zip(top_ids[t], top_probs[t])],
+            )
+            for t in range(n)
+        ]
+
+    def _reference_score(self, text: str, scores: ReferenceScores, b: int) -> ReferenceScore:
+        n = int(scores.mask[b].sum())
+        ids = self.tokenizer.encode_tgt([_clean(text)])[0][: n - 1] + [EOS_ID]
+        probs, losses, greedy = scores.probs[b, :n].tolist(), scores.losses[b, :n].tolist(), scores.is_greedy[b, :n].tolist()
+        tokens = [
+            ReferenceToken(t, self.tokenizer.tgt_piece(ids[t]), ids[t], probs[t], losses[t], bool(greedy[t])) for t in range(n)
+        ]
+        total, mean = total_and_mean(losses)
+        return ReferenceScore(text, tokens, total, mean)
+
+
+def _nll(p: float) -> float:
+    """−ln p, finite even when p underflows to 0 in fp32."""
+    return -math.log(max(p, 1e-45))
+
+
+def _clean(text: str) -> str:
+    """Control characters other than whitespace carry no meaning for translation; drop them."""
+    return "".join(ch for ch in text if ch.isprintable() or ch.isspace())

@@ -1,0 +1,126 @@
+"""Token-budget batching: budget, coverage, determinism for resume, bucketing benefit, and collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nmtkit.batching import BOS_ID, EOS_ID, PAD_ID, Batch, collate, make_batches, padding_fraction
+
+MAX_TOKENS = 512
+
+
+@pytest.fixture(scope="module")
+def lens() -> tuple[np.ndarray, np.ndarray]:
+    """3,000 pairs with a skewed length distribution and targets roughly as long as their sources."""
+    rng = np.random.default_rng(0)
+    src = np.clip(rng.lognormal(2.3, 0.6, 3000).astype(np.int64), 1, 120)
+    tgt = np.clip((src * rng.uniform(0.6, 1.4, 3000)).astype(np.int64), 1, 120)
+    return src, tgt
+
+
+def padded_size(batch: np.ndarray, src: np.ndarray, tgt: np.ndarray) -> int:
+    return len(batch) * int(max(src[batch].max(), tgt[batch].max()) + 1)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_respect_the_token_budget(lens, shuffle: bool) -> None:
+    src, tgt = lens
+    batches = make_batches(src, tgt, MAX_TOKENS, shuffle=shuffle)
+    assert all(padded_size(b, src, tgt) <= MAX_TOKENS for b in batches)
+    # Greedy cutting fills batches: on average well over half the budget.
+    assert np.mean([padded_size(b, src, tgt) for b in batches]) > 0.75 * MAX_TOKENS
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_index_appears_exactly_once(lens, shuffle: bool) -> None:
+    src, tgt = lens
+    batches = make_batches(src, tgt, MAX_TOKENS, shuffle=shuffle, seed=3, epoch=5)
+    assert all(b.dtype == np.int64 for b in batches)
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(src)))
+
+
+def test_shuffled_batches_are_deterministic_for_seed_and_epoch(lens) -> None:
+    src, tgt = lens
+    first = make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=7, epoch=2)
+    again = make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=7, epoch=2)
+    assert len(first) == len(again) and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_different_epochs_and_seeds_give_different_orders(lens) -> None:
+    src, tgt = lens
+    base = np.concatenate(make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=7, epoch=2))
+    next_epoch = np.concatenate(make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=7, epoch=3))
+    other_seed = np.concatenate(make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=8, epoch=2))
+    assert not np.array_equal(base, next_epoch)
+    assert not np.array_equal(base, other_seed)
+
+
+def test_unshuffled_batches_are_length_sorted_and_repeatable(lens) -> None:
+    src, tgt = lens
+    batches = make_batches(src, tgt, MAX_TOKENS, shuffle=False)
+    order = np.concatenate(batches)
+    assert np.all(np.diff(tgt[order]) >= 0)
+    assert np.array_equal(order, np.concatenate(make_batches(src, tgt, MAX_TOKENS, shuffle=False)))
+
+
+def test_bucketing_pads_less_than_random_batches(lens) -> None:
+    src, tgt = lens
+    bucketed = make_batches(src, tgt, MAX_TOKENS, shuffle=True, seed=1)
+    # Same data, batches of the same average size drawn in random order.
+    average = int(np.mean([len(b) for b in bucketed]))
+    random_order = np.random.default_rng(1).permutation(len(src))
+    random_batches = np.array_split(random_order, len(src) // average)
+    bucketed_src, bucketed_tgt = padding_fraction(bucketed, src, tgt)
+    random_src, random_tgt = padding_fraction(random_batches, src, tgt)
+    assert bucketed_tgt < 0.5 * random_tgt
+    assert bucketed_src < random_src
+
+
+def test_padding_fraction_is_zero_for_equal_lengths() -> None:
+    lens = np.full(10, 5)
+    assert padding_fraction([np.arange(5), np.arange(5, 10)], lens, lens) == (0.0, 0.0)
+    # One row of 1 piece (2 with EOS) next to one of 3 (4 with EOS): 2 of 8 positions are padding.
+    assert padding_fraction([np.array([0, 1])], np.array([1, 3]), np.array([3, 3]))[0] == pytest.approx(0.25)
+
+
+def test_pair_longer_than_the_budget_raises_with_index_and_length() -> None:
+    src = np.array([3, 4, 40, 2])
+    tgt = np.array([3, 4, 5, 2])
+    with pytest.raises(ValueError, match=r"pair 2 has 40 source / 5 target pieces, so 41 tokens.*max_tokens=32"):
+        make_batches(src, tgt, 32, shuffle=True)
+
+
+def test_no_pairs_gives_no_batches() -> None:
+    assert make_batches(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 64, shuffle=True) == []
+
+
+def test_collate_adds_eos_and_bos_and_right_pads() -> None:
+    batch = collate({"src_ids": [[10, 11, 12], [20]], "tgt_ids": [[30], [40, 41]], "src": ["x", "y"]})
+    assert batch.src.tolist() == [[10, 11, 12, EOS_ID], [20, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 30, PAD_ID], [BOS_ID, 40, 41]]
+    assert batch.tgt_out.tolist() == [[30, EOS_ID, PAD_ID], [40, 41, EOS_ID]]
+    assert batch.src.dtype == batch.tgt_in.dtype == batch.tgt_out.dtype == torch.int64
+    assert (batch.n_src_tokens, batch.n_tgt_tokens, batch.padded_tgt_tokens) == (6, 5, 6)
+
+
+def test_collate_counts_match_non_pad_positions_and_accept_numpy_rows() -> None:
+    rng = np.random.default_rng(0)
+    src_ids = [rng.integers(4, 100, n, dtype=np.int32) for n in (5, 1, 9, 3)]
+    tgt_ids = [rng.integers(4, 100, n, dtype=np.int32) for n in (2, 7, 4, 0)]
+    batch = collate({"src_ids": src_ids, "tgt_ids": tgt_ids})
+    assert batch.src.shape == (4, 10) and batch.tgt_in.shape == batch.tgt_out.shape == (4, 8)
+    assert batch.n_src_tokens == int((batch.src != PAD_ID).sum())
+    assert batch.n_tgt_tokens == int((batch.tgt_out != PAD_ID).sum()) == int((batch.tgt_in != PAD_ID).sum())
+    # Teacher forcing: the decoder input is the output shifted right by one, behind BOS.
+    for row, ids in enumerate(tgt_ids):
+        assert batch.tgt_in[row, 1 : len(ids) + 1].tolist() == batch.tgt_out[row, : len(ids)].tolist() == ids.tolist()
+
+
+def test_batch_to_moves_every_tensor_and_keeps_counts() -> None:
+    batch = collate({"src_ids": [[5, 6]], "tgt_ids": [[7]]})
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch)
+    assert torch.equal(moved.src, batch.src) and torch.equal(moved.tgt_out, batch.tgt_out)
+    assert (moved.n_src_tokens, moved.n_tgt_tokens) == (3, 2)

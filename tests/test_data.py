@@ -1,0 +1,288 @@
+"""Loading parallel text in every supported format, precise DataErrors, cached encoding and counted filters."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nmtkit.config import DataConfig
+from nmtkit.data import DataError, FilterReport, encode_split, load_split
+
+BUNDLED = Path(__file__).parents[1] / "data" / "tatoeba-en-zh"
+
+
+class CharTokenizer:
+    """One piece per non-space character; counts encode calls so tests can see cache hits."""
+
+    def __init__(self, fingerprint: str = "char-tokenizer-1") -> None:
+        self.fingerprint = fingerprint
+        self.calls = 0
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        self.calls += 1
+        return [[4 + ord(c) % 1000 for c in text if not c.isspace()] for text in texts]
+
+    encode_src = _encode
+    encode_tgt = _encode
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def pairs(records: list[tuple[str, str]]) -> list[dict]:
+    return [{"translation": {"en": en, "zh": zh}, "attribution": f"#{i}"} for i, (en, zh) in enumerate(records)]
+
+
+def cfg_for(path: Path | str, **overrides) -> DataConfig:
+    return DataConfig(train=str(path), **overrides)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_jsonl_translation_schema_gives_src_and_tgt_columns(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("Hello.", "你好。"), ("Thanks.", "谢谢。")]))
+    ds = load_split(cfg_for(path), "train", cache)
+    assert ds.column_names == ["src", "tgt"]
+    assert ds[:] == {"src": ["Hello.", "Thanks."], "tgt": ["你好。", "谢谢。"]}
+
+
+def test_language_keys_come_from_the_config(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("Hello.", "你好。")]))
+    ds = load_split(cfg_for(path, src_lang="zh", tgt_lang="en"), "train", cache)
+    assert ds[0] == {"src": "你好。", "tgt": "Hello."}
+
+
+def test_flat_json_records_load_from_jsonl_and_json_array(tmp_path: Path, cache: Path) -> None:
+    records = [{"en": "a b", "zh": "甲乙", "id": 1}, {"en": "c", "zh": "丙", "id": 2}]
+    jsonl = write_jsonl(tmp_path / "flat.jsonl", records)
+    array = tmp_path / "flat.json"
+    array.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    for path in (jsonl, array):
+        ds = load_split(cfg_for(path), "train", cache)
+        assert ds[:] == {"src": ["a b", "c"], "tgt": ["甲乙", "丙"]}
+
+
+def test_tsv_keeps_text_that_looks_like_missing_values_or_quotes(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_text('zh\ten\tnote\n不适用\tNA\t1\n"引号"\t"quoted" text\t2\n空\tnull\t3\n', encoding="utf-8")
+    ds = load_split(cfg_for(path), "train", cache)
+    assert ds[:] == {"src": ["NA", '"quoted" text', "null"], "tgt": ["不适用", '"引号"', "空"]}
+
+
+def test_csv_reads_quoted_fields_with_commas(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text('en,zh\n"Yes, sir.",是，先生。\n42,四十二\n', encoding="utf-8")
+    ds = load_split(cfg_for(path), "train", cache)
+    assert ds[:] == {"src": ["Yes, sir.", "42"], "tgt": ["是，先生。", "四十二"]}
+
+
+def test_text_pair_pattern_loads_line_aligned_files(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "train.zh").write_text("一\n二\n三\n", encoding="utf-8")
+    ds = load_split(cfg_for(tmp_path / "train.{lang}"), "train", cache)
+    assert ds.column_names == ["src", "tgt"]
+    assert ds[:] == {"src": ["one", "two", "three"], "tgt": ["一", "二", "三"]}
+
+
+def test_each_split_reads_its_own_config_key(tmp_path: Path, cache: Path) -> None:
+    write_jsonl(tmp_path / "valid.jsonl", pairs([("v", "验")]))
+    cfg = DataConfig(train="missing.jsonl", valid=str(tmp_path / "valid.jsonl"), test="missing.jsonl")
+    assert load_split(cfg, "valid", cache)["src"][:] == ["v"]
+
+
+def test_bundled_tatoeba_valid_split_loads(cache: Path) -> None:
+    cfg = DataConfig(valid=str(BUNDLED / "valid.jsonl"))
+    ds = load_split(cfg, "valid", cache)
+    assert len(ds) == 788
+    assert ds.column_names == ["src", "tgt"]
+    assert all(isinstance(x, str) and x for x in ds[:5]["tgt"])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_file_names_path_and_config_key(tmp_path: Path, cache: Path) -> None:
+    cfg = DataConfig(valid=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match=r"data\.valid: file not found: .*nope\.jsonl"):
+        load_split(cfg, "valid", cache)
+
+
+def test_missing_side_of_a_text_pair_names_the_file(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("one\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\.train .*file not found: .*train\.zh"):
+        load_split(cfg_for(tmp_path / "train.{lang}"), "train", cache)
+
+
+def test_unsupported_extension_lists_the_formats(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.xml").write_text("<x/>")
+    with pytest.raises(DataError, match=r"data\.train: .*unsupported file type '\.xml'.*\.jsonl"):
+        load_split(cfg_for(tmp_path / "train.xml"), "train", cache)
+
+
+def test_text_pair_with_different_line_counts_names_both_files_and_counts(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "train.zh").write_text("一\n二\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(tmp_path / "train.{lang}"), "train", cache)
+    assert "train.en has 3 lines" in str(e.value) and "train.zh has 2" in str(e.value)
+
+
+def test_missing_language_key_names_file_and_line(tmp_path: Path, cache: Path) -> None:
+    records = pairs([("a", "甲"), ("b", "乙")]) + [{"translation": {"en": "c", "de": "c"}}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path), "train", cache)
+    message = str(e.value)
+    assert "train.jsonl, line 3" in message
+    assert "missing key 'translation.zh'" in message and "translation.en, translation.de" in message
+
+
+def test_null_value_in_flat_record_counts_as_missing(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"en": "a", "zh": "甲"}, {"en": None, "zh": "乙"}])
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: missing key 'en' \(keys present: en, zh\)"):
+        load_split(cfg_for(path), "train", cache)
+
+
+def test_language_absent_from_every_record_names_the_first_line(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"en": "a", "fr": "b"}])
+    with pytest.raises(DataError, match=r"line 1: missing key 'zh' \(keys present: en, fr\).*data\.tgt_lang"):
+        load_split(cfg_for(path), "train", cache)
+
+
+def test_unparseable_json_line_names_file_and_line(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("a", "甲"), ("b", "乙")]))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"translation": {"en": "c", "zh": "丙"\n')
+    with pytest.raises(DataError, match=r"train\.jsonl, line 3: not valid JSON"):
+        load_split(cfg_for(path), "train", cache)
+
+
+@pytest.mark.parametrize(
+    "files, config_path, where",
+    [
+        ({"train.jsonl": b'{"en": "a", "zh": "b"}\n\n{"en": "\xff", "zh": "b"}\n'}, "train.jsonl", "train.jsonl"),
+        ({"train.tsv": b"en\tzh\na\tb\n\xff\tb\n"}, "train.tsv", "train.tsv"),
+        ({"train.en": b"a\nb\nc\n", "train.zh": b"a\nb\n\xe4\xb8\n"}, "train.{lang}", "train.zh"),  # cut-off character
+    ],
+)
+def test_invalid_utf8_names_file_and_line(
+    tmp_path: Path, cache: Path, files: dict[str, bytes], config_path: str, where: str
+) -> None:
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"{re.escape(where)}, line 3: invalid UTF-8"):
+        load_split(cfg_for(tmp_path / config_path), "train", cache)
+
+
+def test_tsv_header_without_language_column_names_the_columns(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_text("en\tfr\na\tb\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.tsv, line 1: the header has no column 'zh' \(columns: en, fr\)"):
+        load_split(cfg_for(path), "train", cache)
+
+
+def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_text("en\tzh\na\tb\nc\td\te\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.tsv, line 3: 3 fields, the header has 2"):
+        load_split(cfg_for(path), "train", cache)
+
+
+# ----------------------------------------------------------------------------- encoding and filters
+
+
+def test_encode_adds_int32_ids_and_lengths(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("ab c", "甲乙")]))
+    ds, report = encode_split(load_split(cfg_for(path), "train", cache), CharTokenizer(), DataConfig(), "train")
+    assert ds.features["src_ids"].feature.dtype == "int32" and ds.features["src_len"].dtype == "int32"
+    row = ds[0]
+    assert row["src"] == "ab c" and row["tgt"] == "甲乙"  # the reference text stays for evaluation
+    assert (row["src_len"], row["tgt_len"]) == (3, 2)
+    assert row["src_ids"] == [4 + ord("a"), 4 + ord("b"), 4 + ord("c")]
+    assert report == FilterReport("train", total=1, kept=1, empty=0, too_long=0, bad_ratio=0)
+
+
+# max_len=10, max_len_ratio=2.0; the char tokenizer makes one piece per non-space character.
+FILTER_CASES = [
+    ("abc", "甲乙丙", "keep"),
+    ("abcd", "甲乙", "keep"),  # ratio exactly 2.0 is allowed
+    ("a" * 10, "甲" * 10, "keep"),  # exactly max_len is allowed
+    ("a b", "甲乙丙", "keep"),
+    ("   ", "甲", "empty"),  # whitespace only
+    ("a", "", "empty"),
+    ("", "甲" * 20, "empty"),  # empty wins over too long
+    ("a" * 11, "甲" * 11, "too_long"),
+    ("a" * 12, "甲", "too_long"),  # too long wins over ratio
+    ("abcdef", "甲乙", "bad_ratio"),
+]
+
+
+def test_filters_count_each_reason_once_and_remove_only_when_applied(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([(s, t) for s, t, _ in FILTER_CASES]))
+    cfg = cfg_for(path, max_len=10, max_len_ratio=2.0)
+    ds = load_split(cfg, "train", cache)
+    kept_src = [s for s, _, reason in FILTER_CASES if reason == "keep"]
+
+    filtered, report = encode_split(ds, CharTokenizer(), cfg, "train", apply_filters=True)
+    assert (report.total, report.kept, report.empty, report.too_long, report.bad_ratio) == (10, 4, 3, 2, 1)
+    assert filtered["src"][:] == kept_src
+
+    unfiltered, counted = encode_split(ds, CharTokenizer(), cfg, "valid", apply_filters=False)
+    assert len(unfiltered) == 10 and counted.kept == 10
+    assert (counted.empty, counted.too_long, counted.bad_ratio) == (3, 2, 1)
+
+
+def test_filter_report_summary_is_one_readable_line() -> None:
+    report = FilterReport("train", total=26759, kept=26700, empty=0, too_long=12, bad_ratio=47)
+    assert report.summary() == "train: kept 26,700 of 26,759 pairs (empty 0, too long 12, length ratio 47)"
+    counted = FilterReport("valid", total=788, kept=788, empty=1, too_long=0, bad_ratio=2, is_applied=False)
+    assert "\n" not in counted.summary() and "not filtered" in counted.summary()
+
+
+def test_second_encode_of_same_data_and_tokenizer_is_a_cache_hit(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("a" * 30, "甲"), ("ab", "甲乙"), ("abc", "甲乙丙")]))
+    cfg = cfg_for(path, max_len=10)
+    first_tok = CharTokenizer()
+    first, _ = encode_split(load_split(cfg, "train", cache), first_tok, cfg, "train")
+    assert first_tok.calls > 0
+
+    second_tok = CharTokenizer()  # a new object with the same fingerprint, as after a restart
+    second, report = encode_split(load_split(cfg, "train", cache), second_tok, cfg, "train")
+    assert second_tok.calls == 0
+    assert second.cache_files == first.cache_files
+    assert second[:] == first[:] and report.kept == 2
+
+    other_tok = CharTokenizer(fingerprint="char-tokenizer-2")  # a different model must re-encode
+    encode_split(load_split(cfg, "train", cache), other_tok, cfg, "train")
+    assert other_tok.calls > 0
+
+
+def test_text_pair_encoding_is_cached_too(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "train.zh").write_text("一\n二\n", encoding="utf-8")
+    cfg = cfg_for(tmp_path / "train.{lang}")
+    encode_split(load_split(cfg, "train", cache), CharTokenizer(), cfg, "train")
+    tokenizer = CharTokenizer()
+    encode_split(load_split(cfg, "train", cache), tokenizer, cfg, "train")
+    assert tokenizer.calls == 0
+
+
+def test_edited_data_file_is_loaded_and_encoded_again(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("ab", "甲")]))
+    cfg = cfg_for(path)
+    encode_split(load_split(cfg, "train", cache), CharTokenizer(), cfg, "train")
+    write_jsonl(path, pairs([("abcd", "甲")]))
+    tokenizer = CharTokenizer()
+    encoded, _ = encode_split(load_split(cfg, "train", cache), tokenizer, cfg, "train")
+    assert tokenizer.calls > 0 and encoded["src_len"][:] == [4]
