@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ class TokenizerConfig:
     vocab_size: int = field(default=8000, metadata=_check(min=16))
     src_vocab_size: int = field(default=0, metadata=_check(min=0))  # separate only; 0 = vocab_size
     character_coverage: float = field(default=0.9995, metadata=_check(gt=0.0, max=1.0))
+    # "identity" keeps text as is (full-width Chinese punctuation survives the round trip, so
+    # outputs match references); "nmt_nfkc" is SentencePiece's own default.
+    normalization: Literal["identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf"] = "identity"
     max_sentences: int = field(default=0, metadata=_check(min=0))  # 0 = every training sentence
 
 
@@ -69,6 +73,8 @@ class ModelConfig:
     n_enc_layers: int = field(default=6, metadata=_check(min=1))
     n_dec_layers: int = field(default=6, metadata=_check(min=1))
     dropout: float = field(default=0.1, metadata=_check(min=0.0, max=0.99))
+    # on the attention weights; 0 keeps SDPA on its fused kernels (a mask per head costs time on CPU)
+    attention_dropout: float = field(default=0.0, metadata=_check(min=0.0, max=0.99))
     norm: Literal["pre", "post"] = "pre"
     activation: Literal["relu", "gelu"] = "relu"
     tie_embeddings: bool = True
@@ -146,7 +152,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -251,16 +257,41 @@ def _validate(cfg: Config, problems: list[str]) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string; read it as the float it means (YAML 1.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds plain values only
+
+
+def _field_type(keys: list[str]) -> Any:
+    """The schema type at section.key, or None when the path is not in the schema."""
+    if len(keys) != 2 or keys[0] not in _section_names():
+        return None
+    return _field_types(type(getattr(Config(), keys[0]))).get(keys[1])
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4), the value parsed as YAML."""
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4): the value parsed as YAML, or kept as text for string fields."""
     if "=" not in text:
         raise ConfigError([f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4"])
     key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if _field_type(keys) is str:  # typed by the schema: data.src_lang=no is the string 'no', not false
+        return keys, raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return keys, value
 
 
 def _tree_from_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]:
@@ -285,7 +316,7 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"], str(path))
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return _safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

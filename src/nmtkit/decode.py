@@ -33,13 +33,14 @@ def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (src_len.float() * a + b).long().clamp(min=1, max=limit)
 
 
-def next_token_stats(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """logits (B, V) -> argmax ids, their probs, entropy (nats), top-k ids and probs, all in fp32."""
+def token_stats(logits: Tensor, chosen: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits (B, V), chosen ids (B,) -> probability of the chosen token, entropy (nats), and the
+    top-k ids and probabilities, all computed in fp32."""
     logp = F.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     entropy = -(p * logp).sum(dim=-1)
     top_probs, top_ids = p.topk(top_k, dim=-1)
-    return top_ids[:, 0], top_probs[:, 0], entropy, top_ids, top_probs
+    return p.gather(1, chosen[:, None])[:, 0], entropy, top_ids, top_probs
 
 
 @torch.no_grad()
@@ -71,14 +72,13 @@ def greedy_decode(
 
     for t in range(n_steps):
         logits = model.project(model.decode_step(token, src_mask, cache))  # (B, V)
-        if record:
-            nxt, probs[:, t], entropy[:, t], top_ids[:, t], top_probs[:, t] = next_token_stats(logits, top_k)
-        else:
-            nxt = logits.argmax(dim=-1)
+        nxt = logits.argmax(dim=-1)
         if stop_at_eos:
             nxt = torch.where(t + 1 >= limits, EOS_ID, nxt)  # the budget ends a sentence with EOS
             nxt = nxt.masked_fill(is_done, PAD_ID)
             is_done |= nxt == EOS_ID
+        if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
+            probs[:, t], entropy[:, t], top_ids[:, t], top_probs[:, t] = token_stats(logits, nxt, top_k)
         out[:, t] = nxt
         token = nxt[:, None]
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.

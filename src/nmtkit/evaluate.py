@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import sacrebleu
 import torch
 import torch.nn.functional as F
 
 from .batching import collate, make_batches
 from .checkpoint import resolve_checkpoint
-from .data import encode_split, load_split
+from .data import encode_split, length_arrays, load_split
 from .device import Runtime
 from .model import Transformer
 from .tokenizer import PAD_ID
@@ -44,11 +45,10 @@ def teacher_forced_metrics(model: Transformer, ds: datasets.Dataset, max_tokens:
     """Loss, perplexity and accuracy of `model` on an encoded split (columns src_ids, tgt_ids, src_len, tgt_len)."""
     was_training = model.training
     model.eval()
-    lens = ds.with_format("numpy")
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     n_tokens = 0
-    for index in make_batches(lens["src_len"], lens["tgt_len"], max_tokens, shuffle=False):
+    for index in make_batches(*length_arrays(ds), max_tokens, shuffle=False):
         batch = collate(ds[index]).to(runtime.device)
         with runtime.autocast():
             logits = model(batch.src, batch.tgt_in)
@@ -115,10 +115,12 @@ def evaluate_checkpoint(
     ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
     # Nothing is filtered, except pairs longer than the model's positions, which it can't read.
     limit_len = cfg.model.max_positions - 1
-    too_long = ds.filter(lambda r: r["src_len"] > limit_len or r["tgt_len"] > limit_len)
-    if len(too_long):
-        log.warning("%d pairs longer than model.max_positions left out", len(too_long))
-        ds = ds.filter(lambda r: r["src_len"] <= limit_len and r["tgt_len"] <= limit_len)
+    src_lens, tgt_lens = length_arrays(ds)
+    fits = (src_lens <= limit_len) & (tgt_lens <= limit_len)
+    n_too_long = int((~fits).sum())
+    if n_too_long:
+        log.warning("%d pairs longer than model.max_positions=%d left out", n_too_long, cfg.model.max_positions)
+        ds = ds.select(np.flatnonzero(fits))
     loss = teacher_forced_metrics(translator.model, ds, cfg.train.max_tokens, translator.runtime)
     quality = None
     if with_bleu:
@@ -130,7 +132,7 @@ def evaluate_checkpoint(
         data=getattr(data_cfg, split),
         split=split,
         label_smoothing_in_loss=False,
-        filtered_out=len(too_long),
+        filtered_out=n_too_long,
         seconds=round(time.time() - t0, 2),
     )
     return out

@@ -117,12 +117,26 @@ class Tokenizer:
 
 def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
     model = io.BytesIO()
+    try:
+        _run_trainer(sentences, cfg, vocab_size, model)
+    except RuntimeError as e:
+        detail = str(e).split("]", 1)[-1].strip()
+        raise TokenizerError(
+            f"SentencePiece training failed: {detail} (tokenizer.vocab_size={vocab_size}, "
+            f"tokenizer.character_coverage={cfg.character_coverage}); raise tokenizer.vocab_size or lower "
+            "tokenizer.character_coverage"
+        ) from None
+    return model.getvalue()
+
+
+def _run_trainer(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int, model: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_nonempty(sentences),
         model_writer=model,
         model_type=cfg.type,
         vocab_size=vocab_size,
         character_coverage=cfg.character_coverage,
+        normalization_rule_name=cfg.normalization,
         input_sentence_size=cfg.max_sentences,
         shuffle_input_sentence=cfg.max_sentences > 0,
         pad_id=PAD_ID,
@@ -133,7 +147,6 @@ def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) 
         minloglevel=2,
         num_threads=2,
     )
-    return model.getvalue()
 
 
 def _nonempty(sentences: Iterable[str]) -> Iterator[str]:

@@ -17,8 +17,8 @@ def tokenizer_command(cfg: Config) -> str:
     train_raw = load_split(cfg.data, "train", cache_dir)
     tok = prepare_tokenizer(cfg, run_dir, train_raw)
     sample = train_raw.select(range(min(2000, len(train_raw))))
-    src_lens = np.array([len(x) for x in tok.encode_src(sample["src"])])
-    tgt_lens = np.array([len(x) for x in tok.encode_tgt(sample["tgt"])])
+    src_lens = np.array([len(x) for x in tok.encode_src(list(sample["src"]))])
+    tgt_lens = np.array([len(x) for x in tok.encode_tgt(list(sample["tgt"]))])
     first_src, first_tgt = sample[0]["src"], sample[0]["tgt"]
     lines = [
         f"tokenizer: {run_dir / 'tokenizer'} ({'joint' if tok.is_joint else 'separate'} {cfg.tokenizer.type})",

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .batching import collate, make_batches, padding_fraction
+from .batching import Batch, collate, make_batches, padding_fraction
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import encode_split, load_split
+from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime
 from .evaluate import teacher_forced_metrics
 from .model import Transformer
@@ -123,8 +123,8 @@ def make_optimizer(model: nn.Module, cfg: Config, runtime: Runtime) -> torch.opt
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = runtime.device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=fused)
+    # the fused kernel updates every parameter in one pass, on CUDA and on CPU alike
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=True)
 
 
 class MetricsLog:
@@ -138,6 +138,38 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def train_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.CrossEntropyLoss,
+    batches: list[Batch],
+    n_tokens: int,
+    runtime: Runtime,
+    lr: float,
+    clip_norm: float,
+) -> torch.Tensor:
+    """One optimizer step over `batches` (accumulated), with the loss normalised by `n_tokens`.
+
+    Returns the summed (not averaged) loss as a device tensor, so the caller decides when to sync.
+    """
+    total = torch.zeros((), device=runtime.device)
+    for batch in batches:
+        with runtime.autocast():
+            logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+        loss = loss_fn(logits.float().flatten(0, 1), batch.tgt_out.flatten())  # summed over tokens, in fp32
+        scaler.scale(loss / n_tokens).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     """Train (or resume) the run in `cfg.train.run_dir` until a stop condition is met."""
     # ---------------------------------------------------------------- setup
@@ -148,7 +180,6 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     log.info("run %s: %s, %d CPU threads", run_dir, runtime.reason, torch.get_num_threads())
-    write_run_info(run_dir, cfg, argv, runtime.reason)
     seed_everything(tc.seed)
 
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
@@ -160,9 +191,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     valid_ds, vreport = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=True)
     log.info("data: %s", vreport.summary())
     if len(train_ds) == 0:
-        raise ValueError(f"data.train ({cfg.data.train}): no pairs left after filtering; see the counts above")
-    lengths = train_ds.with_format("numpy", columns=["src_len", "tgt_len"])
-    src_lens, tgt_lens = lengths["src_len"], lengths["tgt_len"]
+        raise DataError(f"data.train ({cfg.data.train}): no pairs left after filtering ({report.summary()}); check data.max_len and data.max_len_ratio")
+    src_lens, tgt_lens = length_arrays(train_ds)
 
     model = build_model(cfg, tokenizer).to(runtime.device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -190,6 +220,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         state = TrainState(**saved["train_state"])
         restore_rng_states(saved["rng"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
+    write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -204,7 +235,6 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         }
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    vocab = tokenizer.tgt_vocab_size
     stop_reason = ""
     valid_loss = state.best_valid_loss
     t_start = time.time() - state.elapsed_s
@@ -250,20 +280,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         for start in range(state.batch_in_epoch, len(batches), tc.accum_steps):
             group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in batches[start : start + tc.accum_steps]]
             n_tokens = sum(b.n_tgt_tokens for b in group)
-            for batch in group:
-                with runtime.autocast():
-                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-                loss = loss_fn(logits.float().view(-1, vocab), batch.tgt_out.view(-1))  # summed over tokens
-                scaler.scale(loss / n_tokens).backward()
-                window_loss += loss.detach()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else math.inf)
             lr = lr_at(state.step + 1, tc)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            window_loss += train_step(model, optimizer, scaler, loss_fn, group, n_tokens, runtime, lr, tc.clip_norm)
 
             state.step += 1
             state.batch_in_epoch = start + len(group)

@@ -1,0 +1,430 @@
+"""The command line end to end, in-process through `nmtkit.cli.main` (plus real subprocesses for the
+entry points): a run directory that describes itself, resume, user errors that exit 2 without a
+traceback, and translate/evaluate/tokenizer output that holds together."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_tree
+from nmtkit.checkpoint import load_checkpoint
+from nmtkit.cli import main
+
+SOURCE = "Tell me something about yourself"
+REFERENCE = "告诉我关于你的事情"
+EOS_ID = 3
+TOP_K = 3  # decode.top_k of the tiny config
+
+
+@pytest.fixture(autouse=True)
+def _restore_nmtkit_logger():
+    """`main` points the nmtkit logger at the current stderr; put it back so tests don't leak handlers."""
+    logger = logging.getLogger("nmtkit")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def write_config(path: Path, corpus: dict[str, Path], run_dir: Path, **sections: dict) -> Path:
+    path.write_text(yaml.safe_dump(tiny_tree(corpus, run_dir, **sections), allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """`main(argv)` with stdout and stderr captured, for fixtures that can't use capsys."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("cache"))
+    return dest
+
+
+# ----------------------------------------------------------------------------- nmtkit train
+
+
+@pytest.fixture(scope="module")
+def cli_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One `nmtkit train --config tiny.yaml --set train.max_steps=6`, shared by the train tests (which copy it)."""
+    d = tmp_path_factory.mktemp("cli")
+    config = write_config(d / "tiny.yaml", corpus, d / "run")
+    argv = ["train", "--config", str(config), "--set", "train.max_steps=6"]
+    code, out, err = run_main(argv)
+    return {"code": code, "out": out, "err": err, "argv": argv, "config": config, "run_dir": d / "run"}
+
+
+def test_train_exits_0_and_reports_where_it_stopped(cli_run: dict) -> None:
+    assert cli_run["code"] == 0, cli_run["err"]
+    assert str(cli_run["run_dir"]) in cli_run["out"]
+    assert "step 6" in cli_run["out"] and "train.max_steps=6" in cli_run["out"]
+
+
+def test_train_writes_a_self_describing_run_directory(cli_run: dict) -> None:
+    run_dir = cli_run["run_dir"]
+    for name in (
+        "config.yaml",
+        "run.jsonl",
+        "metrics.jsonl",
+        "train.log",
+        "tokenizer/spm.model",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["train"]["max_steps"] == 6  # the resolved config, overrides applied
+    assert saved["model"]["d_model"] == 32
+
+
+def test_run_info_records_the_command_line_and_versions(cli_run: dict) -> None:
+    (info,) = read_jsonl(cli_run["run_dir"] / "run.jsonl")
+    assert info["command"][1:] == cli_run["argv"]
+    assert {"nmtkit", "torch", "git"} <= set(info["versions"])
+    assert info["versions"]["nmtkit"] and info["versions"]["torch"]
+
+
+def test_metrics_record_training_and_validation(cli_run: dict) -> None:
+    records = read_jsonl(cli_run["run_dir"] / "metrics.jsonl")
+    train_records = [r for r in records if "train_loss" in r]
+    valid_records = [r for r in records if "valid_loss" in r]
+    assert [r["step"] for r in train_records] == [3, 6]  # train.log_every = 3
+    for r in train_records:
+        assert {"step", "train_loss", "lr", "tgt_tokens_per_s", "elapsed_s"} <= set(r)
+        assert r["train_loss"] > 0 and r["lr"] > 0 and r["tgt_tokens_per_s"] > 0 and r["elapsed_s"] >= 0
+    assert [r["step"] for r in valid_records] == [6]
+    assert valid_records[0]["valid_loss"] > 0
+
+
+def test_train_log_has_one_greppable_line_per_log_step(cli_run: dict) -> None:
+    log = (cli_run["run_dir"] / "train.log").read_text(encoding="utf-8")
+    assert re.search(r"step 3 \| loss \d+\.\d+ \| lr \S+ \| tok/s", log), log
+    assert re.search(r"step 6 \| loss \d", log)
+    assert re.search(r"step 6 \| valid loss \d", log)
+
+
+def test_checkpoints_hold_the_step_and_the_config(cli_run: dict) -> None:
+    last = load_checkpoint(cli_run["run_dir"] / "checkpoints" / "last.pt")
+    assert last["step"] == 6
+    assert last["config"]["train"]["max_steps"] == 6
+
+
+def test_rerun_with_more_steps_continues_from_the_last_step(cli_run: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
+    before = read_jsonl(run_dir / "metrics.jsonl")
+    code, out, err = run_main(
+        ["train", "--config", str(cli_run["config"]), "--set", "train.max_steps=9", "--set", f"train.run_dir={run_dir}"]
+    )
+    assert code == 0, err
+    assert "step 9" in out
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert records[: len(before)] == before  # appended, not rewritten
+    new_steps = [r["step"] for r in records[len(before) :]]
+    assert new_steps and min(new_steps) > 6 and max(new_steps) == 9
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 9
+    assert re.search(r"resumed from \S+ at step 6", (run_dir / "train.log").read_text(encoding="utf-8"))
+    assert len(read_jsonl(run_dir / "run.jsonl")) == 2  # one line per start
+
+
+def test_rerun_with_the_same_max_steps_does_nothing(cli_run: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
+    metrics_before = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    code, out, err = run_main(
+        ["train", "--config", str(cli_run["config"]), "--set", "train.max_steps=6", "--set", f"train.run_dir={run_dir}"]
+    )
+    assert code == 0, err
+    assert "step 6" in out
+    assert (run_dir / "metrics.jsonl").read_text(encoding="utf-8") == metrics_before
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_resume_with_a_changed_model_exits_2_naming_the_difference(cli_run: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
+    argv = ["train", "--config", str(cli_run["config"]), "--set", "model.d_ff=128", "--set", f"train.run_dir={run_dir}"]
+    code, out, err = run_main(argv)
+    assert code == 2
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if "model.d_ff" in line)
+    assert "64" in line and "128" in line
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_refused_resume_leaves_the_run_config_untouched(cli_run: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
+    before = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    argv = ["train", "--config", str(cli_run["config"]), "--set", "model.d_ff=128", "--set", f"train.run_dir={run_dir}"]
+    assert run_main(argv)[0] == 2
+    assert (run_dir / "config.yaml").read_text(encoding="utf-8") == before
+
+
+def test_config_errors_exit_2_listing_every_problem_without_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default run_dir is relative: a run started by mistake would show up here
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  lrr: 0.1\n  warmup_steps: -3\nmodel:\n  norm: middle\n", encoding="utf-8")
+    assert main(["train", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert "3 config problem(s)" in captured.err and str(config) in captured.err
+    for expected in ("train.lrr", "did you mean 'lr'", "train.warmup_steps", "model.norm", "'pre'"):
+        assert expected in captured.err
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--set", "train.lr"], "section.key=value"),
+        (["--set", "train.max_stepz=3"], "did you mean 'max_steps'"),
+        (["--config", "no/such/config.yaml"], "config file not found: no/such/config.yaml"),
+    ],
+    ids=["bad-override-syntax", "unknown-override-key", "missing-config-file"],
+)
+def test_bad_command_line_config_exits_2(argv: list[str], expected: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the defaults' run_dir is relative; nothing may be written anyway
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- nmtkit tokenizer
+
+
+def test_tokenizer_command_reports_vocabulary_and_special_ids(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    assert main(["tokenizer", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    sizes = re.search(r"vocabulary: source (\d+), target (\d+)", out)
+    assert sizes and int(sizes[1]) == int(sizes[2]) > 4  # joint
+    assert "pad 0, unk 1, bos 2, eos 3" in out
+    assert (tmp_path / "run" / "tokenizer" / "spm.model").is_file()
+
+
+# ----------------------------------------------------------------------------- nmtkit translate
+
+
+def translate_jsonl(capsys, argv: list[str]) -> list[dict]:
+    assert main(["translate", "--format", "jsonl", *argv]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_translate_show_tokens_prints_the_token_table_and_reference(trained_run: Path, capsys) -> None:
+    code = main(["translate", "--checkpoint", str(trained_run), SOURCE, "--show-tokens", "--reference", REFERENCE])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"source:      {SOURCE}" in out and "translation: " in out
+    header = next(line for line in out.splitlines() if line.strip().startswith("pos"))
+    for column in ("pos", "piece", "prob", "loss", "entropy"):
+        assert column in header
+    assert "total loss" in out and "mean loss" in out
+    assert f"reference:   {REFERENCE}" in out and "greedy" in out
+    assert out.count("total loss") == 2  # the translation's and the reference's
+
+
+def test_translate_prints_only_translations_by_default(trained_run: Path, capsys) -> None:
+    assert main(["translate", "--checkpoint", str(trained_run), SOURCE, "Hello."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any("source:" in line for line in lines)
+
+
+def test_translate_jsonl_has_exactly_the_public_keys(trained_run: Path, capsys) -> None:
+    (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE, "--reference", REFERENCE])
+    assert set(record) == {"source", "translation", "tokens", "total_loss", "mean_loss", "reference"}
+    assert record["source"] == SOURCE and isinstance(record["translation"], str)
+    for token in record["tokens"]:
+        assert set(token) == {"position", "piece", "id", "prob", "loss", "entropy", "top_k"}
+        for alt in token["top_k"]:
+            assert set(alt) == {"piece", "id", "prob"}
+    ref = record["reference"]
+    assert set(ref) == {"text", "tokens", "total_loss", "mean_loss"}
+    for token in ref["tokens"]:
+        assert set(token) == {"position", "piece", "id", "prob", "loss", "greedy_match"}
+
+
+def test_translate_jsonl_without_reference_has_null_reference(trained_run: Path, capsys) -> None:
+    (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE])
+    assert record["reference"] is None
+
+
+def test_translate_token_records_hold_together(trained_run: Path, capsys) -> None:
+    records = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE, "Hello.", "I like cats very much."])
+    for record in records:
+        tokens = record["tokens"]
+        assert tokens, record
+        assert [t["position"] for t in tokens] == list(range(len(tokens)))
+        for t in tokens:
+            assert 0.0 < t["prob"] <= 1.0
+            assert t["loss"] == pytest.approx(-math.log(t["prob"]), rel=1e-5, abs=1e-6)
+            assert t["entropy"] >= -1e-6
+            probs = [a["prob"] for a in t["top_k"]]
+            assert len(probs) == TOP_K and probs == sorted(probs, reverse=True)
+        # Greedy: every chosen token is the most probable one. The last may be an EOS forced by the
+        # length budget (see test_budget_forced_eos_reports_the_probability_of_eos), so it is checked for its id only.
+        for t in tokens[:-1]:
+            assert t["top_k"][0]["id"] == t["id"] and t["top_k"][0]["prob"] == pytest.approx(t["prob"])
+            assert t["id"] != EOS_ID
+        assert tokens[-1]["id"] == EOS_ID and tokens[-1]["piece"] == "</s>"
+        assert record["total_loss"] == pytest.approx(sum(t["loss"] for t in tokens))
+        assert record["mean_loss"] == pytest.approx(record["total_loss"] / len(tokens))
+
+
+def test_translate_reference_scores_hold_together(trained_run: Path, capsys) -> None:
+    (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE, "--reference", REFERENCE])
+    ref = record["reference"]
+    assert ref["text"] == REFERENCE
+    tokens = ref["tokens"]
+    assert [t["position"] for t in tokens] == list(range(len(tokens)))
+    assert tokens[-1]["id"] == EOS_ID
+    for t in tokens:
+        assert 0.0 < t["prob"] <= 1.0
+        assert t["loss"] == pytest.approx(-math.log(t["prob"]), rel=1e-4, abs=1e-5)
+    assert ref["total_loss"] == pytest.approx(sum(t["loss"] for t in tokens))
+    assert ref["mean_loss"] == pytest.approx(ref["total_loss"] / len(tokens))
+    # Both start from BOS alone, so the first reference token is greedy exactly when it is what was generated.
+    assert tokens[0]["greedy_match"] == (tokens[0]["id"] == record["tokens"][0]["id"])
+
+
+def test_budget_forced_eos_reports_the_probability_of_eos(trained_run: Path) -> None:
+    from nmtkit.translator import Translator
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    translator.cfg.decode.max_len_a, translator.cfg.decode.max_len_b = 0.0, 3  # every output ends at 3 tokens
+    for result in translator.translate([SOURCE, "Hello.", "I like cats very much."], top_k=TOP_K):
+        last = result.tokens[-1]
+        assert last.id == EOS_ID
+        listed = {a.id: a.prob for a in last.top_k}
+        if EOS_ID in listed:
+            assert last.prob == pytest.approx(listed[EOS_ID])
+        else:
+            assert last.prob <= min(listed.values())
+
+
+def test_translate_reads_sentences_from_an_input_file(trained_run: Path, tmp_path: Path, capsys) -> None:
+    sentences = [SOURCE, "Hello.", "I like cats very much.", "Where is the station?", "Thank you."]
+    path = tmp_path / "input.txt"
+    path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    batched = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--input", str(path), "--batch-size", "2"])
+    assert [r["source"] for r in batched] == sentences
+    whole = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--input", str(path), "--batch-size", "16"])
+    assert [r["translation"] for r in batched] == [r["translation"] for r in whole]  # batching changes nothing
+
+
+def test_translate_reads_sentences_from_stdin(trained_run: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello.\nThank you.\nWhere is the station?\n"))
+    assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_translate_reads_references_from_a_file(trained_run: Path, tmp_path: Path, capsys) -> None:
+    refs = tmp_path / "refs.txt"
+    refs.write_text(f"{REFERENCE}\n你好。\n", encoding="utf-8")
+    records = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE, "Hello.", "--references", str(refs)])
+    assert [r["reference"]["text"] for r in records] == [REFERENCE, "你好。"]
+
+
+def test_translate_with_mismatched_references_exits_2(trained_run: Path, capsys) -> None:
+    assert main(["translate", "--checkpoint", str(trained_run), SOURCE, "Hello.", "--reference", REFERENCE]) == 2
+    err = capsys.readouterr().err
+    assert "1 references for 2 sentences" in err and "Traceback" not in err
+
+
+def test_translate_with_a_missing_input_file_exits_2(trained_run: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.txt"
+    assert main(["translate", "--checkpoint", str(trained_run), "--input", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- nmtkit evaluate
+
+
+def evaluate_json(capsys, argv: list[str]) -> dict:
+    assert main(["evaluate", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_json_reports_consistent_metrics(trained_run: Path, capsys) -> None:
+    m = evaluate_json(capsys, ["--checkpoint", str(trained_run)])
+    assert {"loss", "perplexity", "token_accuracy", "sentences", "tokens", "bleu", "chrf", "sacrebleu_signature"} <= set(m)
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    assert m["sentences"] == 40  # the test split of the corpus fixture
+    assert m["tokens"] > m["sentences"]  # every target has at least its EOS
+    assert 0.0 <= m["token_accuracy"] <= 1.0
+    assert 0.0 <= m["bleu"] <= 100.0 and 0.0 <= m["chrf"] <= 100.0
+    assert "tok:zh" in m["sacrebleu_signature"]
+
+
+def test_evaluate_prints_a_table_by_default(trained_run: Path, capsys) -> None:
+    assert main(["evaluate", "--checkpoint", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    for label in ("sentences", "loss", "perplexity", "token accuracy", "BLEU", "chrF", "tok:zh"):
+        assert label in out
+    assert re.search(r"sentences\s+40\b", out)
+
+
+def test_evaluate_without_bleu_skips_decoding(trained_run: Path, capsys) -> None:
+    m = evaluate_json(capsys, ["--checkpoint", str(trained_run), "--no-bleu", "--limit", "5"])
+    assert m["sentences"] == 5 and "bleu" not in m and "chrf" not in m
+
+
+def test_evaluate_reads_a_tsv_data_file(trained_run: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "pairs.tsv"
+    data.write_text("en\tzh\nHello.\t你好。\nThank you.\t谢谢。\nI like cats.\t我喜欢猫。\n", encoding="utf-8")
+    m = evaluate_json(capsys, ["--checkpoint", str(trained_run), "--data", str(data)])
+    assert m["sentences"] == 3 and m["data"] == str(data)
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["translate", "Hello."]], ids=["evaluate", "translate"])
+def test_missing_checkpoint_exits_2_naming_the_path(command: list[str], tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-run"
+    assert main([*command, "--checkpoint", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint not found" in err and str(missing) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def test_python_m_nmtkit_help_lists_the_subcommands(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "nmtkit", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "tokenizer", "translate", "evaluate"):
+        assert command in proc.stdout
+
+
+def test_translate_script_runs_as_a_subprocess(tmp_path: Path) -> None:
+    script = ROOT / "scripts" / "translate.py"
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: nmtkit translate" in proc.stdout and "--show-tokens" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "translate", "evaluate"])
+def test_scripts_are_thin_wrappers_over_the_cli(command: str, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{command}.py", "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "scripts" / f"{command}.py"), run_name="__main__")
+    assert info.value.code == 0
+    assert f"usage: nmtkit {command}" in capsys.readouterr().out

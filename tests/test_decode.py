@@ -1,0 +1,110 @@
+"""Greedy decoding and its per-token log: cached decoding equals re-running the full decoder,
+probabilities equal the softmax of a full forward pass, losses equal CrossEntropyLoss, entropy
+equals −Σ p log p."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nmtkit.decode import greedy_decode, max_new_tokens, token_stats, score_reference
+from nmtkit.model import padding_mask
+from nmtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from test_model import make_model, random_ids
+
+
+def uncached_greedy(model, src: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding the slow way: re-run the whole decoder on the prefix at every step."""
+    src_mask = padding_mask(src)
+    memory = model.encode(src, src_mask)
+    prefix = torch.full((src.size(0), 1), BOS_ID)
+    probs = []
+    for _ in range(n_steps):
+        logits = model.project(model.decode(memory, src_mask, prefix))[:, -1]
+        p = logits.softmax(-1)
+        nxt = p.argmax(-1)
+        probs.append(p.gather(1, nxt[:, None])[:, 0])
+        prefix = torch.cat([prefix, nxt[:, None]], dim=1)
+    return prefix[:, 1:], torch.stack(probs, dim=1)
+
+
+def test_cached_greedy_gives_the_same_tokens_and_probabilities_as_rerunning_the_decoder() -> None:
+    model = make_model()
+    src = random_ids(4, 9)
+    src[1, 6:] = PAD_ID
+    with torch.no_grad():
+        fast = greedy_decode(model, src, 12, top_k=3, stop_at_eos=False)
+        slow_tokens, slow_probs = uncached_greedy(model, src, 12)
+    assert torch.equal(fast.tokens, slow_tokens)
+    torch.testing.assert_close(fast.probs, slow_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_probabilities_match_the_softmax_of_a_full_forward_pass() -> None:
+    model = make_model()
+    src = random_ids(2, 6)
+    with torch.no_grad():
+        out = greedy_decode(model, src, 8, top_k=5, stop_at_eos=False)
+        tgt_in = torch.cat([torch.full((2, 1), BOS_ID), out.tokens[:, :-1]], dim=1)
+        probs = model(src, tgt_in).softmax(-1)  # (B, T, V)
+    chosen = probs.gather(-1, out.tokens[..., None])[..., 0]
+    torch.testing.assert_close(out.probs, chosen, atol=1e-5, rtol=1e-5)
+    top_probs, top_ids = probs.topk(5, dim=-1)
+    assert torch.equal(out.top_ids, top_ids)
+    torch.testing.assert_close(out.top_probs, top_probs, atol=1e-5, rtol=1e-5)
+    entropy = -(probs * probs.log()).sum(-1)
+    torch.testing.assert_close(out.entropy, entropy, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_stops_at_eos_and_pads_after_it() -> None:
+    model = make_model()
+    with torch.no_grad():  # make EOS the argmax everywhere after the first step by biasing its embedding row
+        model.tgt_embed.weight[EOS_ID] += 5 * model.dec_norm.weight.sign()
+    out = greedy_decode(model, random_ids(3, 5), 20)
+    for row, n in zip(out.tokens, out.lengths):
+        assert row[n - 1] == EOS_ID
+        assert (row[n:] == PAD_ID).all()
+
+
+def test_every_output_ends_within_its_length_budget() -> None:
+    model = make_model()
+    src = random_ids(3, 10)
+    src[0, 2:] = PAD_ID
+    budget = max_new_tokens(src, a=1.0, b=2, limit=64)
+    assert budget.tolist() == [4, 12, 12]
+    out = greedy_decode(model, src, budget)
+    assert (out.lengths <= budget).all()
+    assert all(row[n - 1] == EOS_ID for row, n in zip(out.tokens, out.lengths))
+
+
+def test_reference_losses_average_to_cross_entropy_loss() -> None:
+    model = make_model()
+    src = random_ids(2, 7)
+    tgt_out = random_ids(2, 6)
+    tgt_out[1, 4:] = PAD_ID
+    tgt_out[0, -1], tgt_out[1, 3] = EOS_ID, EOS_ID
+    tgt_in = torch.cat([torch.full((2, 1), BOS_ID), tgt_out[:, :-1]], dim=1).masked_fill(tgt_out == PAD_ID, PAD_ID)
+    scores = score_reference(model, src, tgt_in, tgt_out)
+    expected = nn.CrossEntropyLoss(ignore_index=PAD_ID)(scores.logits.flatten(0, 1), tgt_out.flatten())
+    mean = scores.losses[scores.mask].mean()
+    torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(scores.probs[scores.mask], (-scores.losses[scores.mask]).exp())
+
+
+def test_cross_entropy_of_a_single_next_token_is_minus_log_p() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.1]])
+    p = logits.softmax(-1)
+    target = torch.tensor([0])
+    assert math.isclose(nn.CrossEntropyLoss()(logits, target).item(), -math.log(p[0, 0].item()), rel_tol=1e-6)
+    sure = torch.tensor([[100.0, 0.0, 0.0, 0.0]])
+    assert nn.CrossEntropyLoss()(sure, target).item() < 1e-6  # p = 1.0 costs nothing
+    wrong = torch.tensor([[-8.0, 8.2, 0.0, 0.0]])  # a wrong guess leaves the right token p ~ 9e-8
+    assert 16.0 < nn.CrossEntropyLoss()(wrong, target).item() < 16.5
+
+
+def test_entropy_matches_the_coin_examples() -> None:
+    for p_heads, bits in [(0.488, 0.9996), (0.177, 0.6735)]:
+        logits = torch.tensor([[math.log(p_heads), math.log(1 - p_heads)]])
+        _, entropy, _, _ = token_stats(logits, torch.tensor([0]), top_k=2)
+        assert abs(entropy.item() / math.log(2) - bits) < 1e-4

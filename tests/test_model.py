@@ -1,0 +1,97 @@
+"""The Transformer's invariants: padding changes nothing real, no position sees the future,
+and incremental decoding with the KV cache equals the full decoder pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmtkit.config import ModelConfig
+from nmtkit.model import Transformer, padding_mask
+from nmtkit.tokenizer import BOS_ID, PAD_ID
+
+V = 50
+
+
+def make_model(norm: str = "pre", tie: bool = True, joint: bool = True) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_enc_layers=2, n_dec_layers=2, dropout=0.0, norm=norm, tie_embeddings=tie, max_positions=64)
+    return Transformer(cfg, V, V if joint else V + 7, joint).eval()
+
+
+def random_ids(*shape: int) -> torch.Tensor:
+    return torch.randint(4, V, shape)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_padding_does_not_change_outputs_of_real_tokens(norm: str) -> None:
+    model = make_model(norm)
+    src, tgt = random_ids(1, 7), random_ids(1, 5)
+    src_padded = torch.cat([src, torch.full((1, 4), PAD_ID)], dim=1)
+    tgt_padded = torch.cat([tgt, torch.full((1, 3), PAD_ID)], dim=1)
+    with torch.no_grad():
+        plain = model(src, tgt)
+        padded = model(src_padded, tgt_padded)
+    torch.testing.assert_close(padded[:, :5], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_in_a_batch_matches_each_sentence_alone() -> None:
+    model = make_model()
+    a, b = random_ids(1, 9), random_ids(1, 4)
+    batch = torch.full((2, 9), PAD_ID)
+    batch[0], batch[1, :4] = a[0], b[0]
+    tgt = random_ids(2, 6)
+    with torch.no_grad():
+        together = model(batch, tgt)
+        alone = model(b, tgt[1:])
+    torch.testing.assert_close(together[1:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_no_position_attends_to_the_future() -> None:
+    model = make_model()
+    src, tgt = random_ids(1, 6), random_ids(1, 8)
+    changed = tgt.clone()
+    changed[0, 5:] = random_ids(3)
+    with torch.no_grad():
+        before, after = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_kv_cached_steps_equal_the_full_decoder_pass(norm: str) -> None:
+    model = make_model(norm)
+    src = random_ids(3, 7)
+    src[2, 4:] = PAD_ID
+    tgt = torch.cat([torch.full((3, 1), BOS_ID), random_ids(3, 9)], dim=1)
+    with torch.no_grad():
+        src_mask = padding_mask(src)
+        memory = model.encode(src, src_mask)
+        full = model.project(model.decode(memory, src_mask, tgt))  # (B, T, V)
+        cache = model.start_cache(memory, max_len=tgt.size(1))
+        steps = [model.project(model.decode_step(tgt[:, t : t + 1], src_mask, cache)) for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_vocabulary_ties_source_target_and_output_embeddings() -> None:
+    model = make_model(tie=True, joint=True)
+    assert model.src_embed is model.tgt_embed and model.output is None
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("embed" in n for n in names) == 1
+
+
+def test_separate_vocabularies_tie_only_target_and_output() -> None:
+    model = make_model(tie=True, joint=False)
+    assert model.src_embed is not model.tgt_embed
+    assert model.project(torch.zeros(1, 32)).shape == (1, V + 7)
+
+
+def test_untied_model_has_its_own_output_layer() -> None:
+    model = make_model(tie=False)
+    assert model.output is not None and model.output.weight is not model.tgt_embed.weight
+
+
+def test_too_long_input_raises_a_clear_error() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="max_positions"):
+        model(random_ids(1, 65), random_ids(1, 3))
