@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from nmtkit.decode import greedy_decode, max_new_tokens, token_stats, score_reference
+from nmtkit.decode import greedy_decode, max_new_tokens, score_reference, token_stats
 from nmtkit.model import padding_mask
 from nmtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from test_model import make_model, random_ids

@@ -73,8 +73,10 @@ class ModelConfig:
     n_enc_layers: int = field(default=6, metadata=_check(min=1))
     n_dec_layers: int = field(default=6, metadata=_check(min=1))
     dropout: float = field(default=0.1, metadata=_check(min=0.0, max=0.99))
-    # on the attention weights; 0 keeps SDPA on its fused kernels (a mask per head costs time on CPU)
+    # on the attention weights and on the FFN's inner activations; both default to 0 (as is common
+    # in NMT toolkits) because their masks are large and cost time, on CPU especially
     attention_dropout: float = field(default=0.0, metadata=_check(min=0.0, max=0.99))
+    activation_dropout: float = field(default=0.0, metadata=_check(min=0.0, max=0.99))
     norm: Literal["pre", "post"] = "pre"
     activation: Literal["relu", "gelu"] = "relu"
     tie_embeddings: bool = True

@@ -50,7 +50,7 @@ def teacher_forced_metrics(model: Transformer, ds: datasets.Dataset, max_tokens:
     n_tokens = 0
     for index in make_batches(*length_arrays(ds), max_tokens, shuffle=False):
         batch = collate(ds[index]).to(runtime.device)
-        with runtime.autocast():
+        with runtime.compute():
             logits = model(batch.src, batch.tgt_in)
         flat_logits, flat_tgt = logits.float().flatten(0, 1), batch.tgt_out.flatten()
         loss_sum += F.cross_entropy(flat_logits, flat_tgt, ignore_index=PAD_ID, reduction="sum").double()

@@ -155,7 +155,7 @@ def train_step(
     """
     total = torch.zeros((), device=runtime.device)
     for batch in batches:
-        with runtime.autocast():
+        with runtime.compute():
             logits = model(batch.src, batch.tgt_in)  # (B, T, V)
         loss = loss_fn(logits.float().flatten(0, 1), batch.tgt_out.flatten())  # summed over tokens, in fp32
         scaler.scale(loss / n_tokens).backward()

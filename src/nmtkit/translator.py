@@ -101,13 +101,13 @@ class Translator:
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S) ids -> encoder memory (B, S, D) and the source padding mask (B, 1, 1, S)."""
         src_mask = padding_mask(src)
-        with self.runtime.autocast():
+        with self.runtime.compute():
             return self.model.encode(src, src_mask), src_mask
 
     @torch.no_grad()
     def logits(self, memory: Tensor, src_mask: Tensor, prefix: Tensor) -> Tensor:
         """Next-token logits (B, T, V) for every position of prefix (B, T), which starts with BOS."""
-        with self.runtime.autocast():
+        with self.runtime.compute():
             return self.model.project(self.model.decode(memory, src_mask, prefix)).float()
 
     # -- whole sentences ----------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Translator:
         """Greedy decoding of (B, S) source ids under the configured length budget."""
         d = self.cfg.decode
         budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
-        with self.runtime.autocast():
+        with self.runtime.compute():
             return greedy_decode(self.model, src, budget, top_k=top_k)
 
     def _translate_batch(self, texts: list[str], references: list[str] | None, k: int) -> list[Translation]:
@@ -137,7 +137,7 @@ class Translator:
         scores = None
         if references is not None:
             tgt_in, tgt_out = self.encode_target(references)
-            with self.runtime.autocast():
+            with self.runtime.compute():
                 scores = score_reference(self.model, src, tgt_in, tgt_out)
         results = []
         for b, text in enumerate(texts):
