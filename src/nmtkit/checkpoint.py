@@ -77,6 +77,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is
     """Save `state` as step-N.pt, update last.pt (and best.pt), and delete saves beyond the newest `keep`."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".*.tmp"):  # left by a save that was killed half-way
+        stale.unlink(missing_ok=True)
     state = {"format_version": FORMAT_VERSION, **state}
     path = directory / f"step-{step:06d}.pt"
     _write_atomic(state, path)

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,11 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .device import DeviceError
+from .run_lock import RunLockedError
 from .tokenizer import TokenizerError
 
 log = logging.getLogger("nmtkit")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -96,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs")
     p.add_argument("--no-bleu", action="store_true", help="skip greedy decoding, BLEU and chrF")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("benchmark", help="time the real training step and greedy decoder on fixed work")
+    _add_config_args(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--eos", action="store_true", help="decoding stops at EOS (default: exactly 48 new tokens)")
+    p.add_argument("--checkpoint", help="decode with these trained weights (useful with --eos)")
+    p.add_argument("--batch-size", type=int, default=64, help="decoding batch size")
+    p.add_argument("--sentences", type=int, default=512, help="test sentences to decode")
+    p.add_argument("--no-train", action="store_true", help="skip the training measurement")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -113,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .train import train
+    from .train import DivergenceError, train
 
     cfg = load_config(args.config, args.overrides)
-    with _log_to_file(Path(cfg.train.run_dir) / "train.log"):
-        result = train(cfg, argv)
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes train.log
+    log_file = _log_to_file(Path(cfg.train.run_dir) / "train.log") if is_main else contextlib.nullcontext()
+    with log_file:
+        try:
+            result = train(cfg, argv)
+        except DivergenceError as e:
+            print(f"nmtkit train: error: {e}", file=sys.stderr)
+            return 1
     print(f"run {result.run_dir}: {result.stop_reason}; step {result.state.step}, best valid loss {result.state.best_valid_loss:.4f}")
     return 0
 
@@ -164,6 +186,20 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .benchmark import BenchmarkSettings, format_benchmark, run_benchmark
+
+    cfg = load_config(args.config, args.overrides)
+    settings = BenchmarkSettings(
+        device=args.device, precision=args.precision, timed_steps=args.steps, repeats=args.repeats,
+        n_sentences=args.sentences, batch_size=args.batch_size, stop_at_eos=args.eos,
+        train=not args.no_train, decode=not args.no_decode,
+    )
+    result = run_benchmark(cfg, settings, args.checkpoint)
+    print(json.dumps(result) if args.json else format_benchmark(result))
+    return 0
+
+
 def _read_lines(path: str, flag: str) -> list[str]:
     if path == "-":
         return [line.rstrip("\n") for line in sys.stdin]
@@ -176,4 +212,10 @@ def _read_lines(path: str, flag: str) -> list[str]:
         raise ConfigError([f"{flag}: {path} is not UTF-8 text (byte {e.start})"]) from None
 
 
-COMMANDS = {"train": cmd_train, "tokenizer": cmd_tokenizer, "translate": cmd_translate, "evaluate": cmd_evaluate}
+COMMANDS = {
+    "train": cmd_train,
+    "tokenizer": cmd_tokenizer,
+    "translate": cmd_translate,
+    "evaluate": cmd_evaluate,
+    "benchmark": cmd_benchmark,
+}

@@ -109,6 +109,10 @@ class TrainConfig:
     save_every: int = field(default=500, metadata=_check(min=1))
     log_every: int = field(default=100, metadata=_check(min=1))
     keep_checkpoints: int = field(default=3, metadata=_check(min=1))
+    # skip an update whose gradient is not finite (costs one host sync per step), and stop after
+    # max_bad_steps such steps in a row; fp16 leaves this to its grad scaler
+    skip_nonfinite: bool = True
+    max_bad_steps: int = field(default=10, metadata=_check(min=1))
     progress_bar: bool = True
 
 

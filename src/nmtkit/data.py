@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import mmap
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ _JSON_SUFFIXES = (".jsonl", ".json")
 _TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
 # Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
 _ENCODE_VERSION = "v1"
+# A line whose first value is `null` (after a BOM or JSON whitespace): see `_has_null_record`.
+_NULL_RECORD = re.compile(rb"(?:\A(?:\xef\xbb\xbf)?|\n)[ \t\r]*null")
 
 
 class DataError(ValueError):
@@ -96,6 +100,8 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
 
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
+    if _has_null_record(path):
+        _scan_json(path, cfg, nested=None)  # raises at the first record that is not an object
     # on_mixed_types=None: a record without a key becomes a null we can detect, not a JSON-string column.
     ds, why = _load_builder("json", path, cache_dir, on_mixed_types=None)
     pair = _to_pair(ds, cfg) if ds is not None else None
@@ -105,6 +111,19 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None
     return pair
+
+
+def _has_null_record(path: Path) -> bool:
+    """True when a line of the file starts with `null`.
+
+    pyarrow's JSON reader (pyarrow 26) crashes the process, a segfault rather than an exception, when a
+    block it parses starts with the value null, and blocks start at line starts. A record must be an
+    object anyway, so such a file skips the reader and goes to the line scan, which names the line.
+    """
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(b"null") >= 0 and _NULL_RECORD.search(data) is not None
 
 
 def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datasets.Dataset:
@@ -283,7 +302,10 @@ def _scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
 
 def _read_header(path: Path, sep: str) -> list[str]:
     for _, text in _read_lines(path):
-        return next(csv.reader([text], delimiter=sep))
+        try:
+            return next(csv.reader([text], delimiter=sep))
+        except csv.Error as e:  # a bare carriage return inside the line, or a field over csv's size limit
+            raise DataError(f"{path}, line 1: could not read the header row ({e}); it must be one line of column names") from None
     raise DataError(f"{path}: the file is empty; it needs a header row naming a column per language")
 
 
@@ -304,12 +326,15 @@ def _scan_table(path: Path, sep: str, header: list[str]) -> None:
     stray = "tab" if sep == "\t" else "separator or quote"
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
-        for row in reader:
-            if row and len(row) != len(header):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
-                    f" check for a stray {stray} in the text"
-                )
+        try:
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
+                        f" check for a stray {stray} in the text"
+                    )
+        except csv.Error as e:  # e.g. a field over csv's size limit
+            raise DataError(f"{path}, line {reader.line_num}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- encoding and filters

@@ -56,6 +56,16 @@ class Runtime:
         return self.precision == "fp16"
 
 
+def for_inference(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """The model in eval mode with its weights in the compute dtype.
+
+    Autocast casts every weight at every op; a decoding loop runs thousands of small ops, so
+    storing bf16/fp16 weights once is much faster there. (Training keeps fp32 master weights.)
+    """
+    model = model.eval().to(runtime.device)
+    return model if runtime.precision == "fp32" else model.to(runtime.dtype)
+
+
 def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve `auto` for device and precision, or fail clearly when a request can't be met."""
     reasons = []

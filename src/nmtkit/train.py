@@ -8,17 +8,16 @@ batches of this epoch" plus restoring the RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -28,10 +27,13 @@ from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_c
 from .config import Config
 from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime
+from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
-from .model import Transformer
+from .rng import restore_rng_states, rng_states, seed_everything
+from .run_lock import RunLock
 from .runinfo import write_run_info
 from .schedule import lr_at
+from .stop_signal import StopSignal
 from .tokenizer import PAD_ID, Tokenizer, train_tokenizer
 from .translator import build_model, check_model_matches, tokenizer_from_state
 
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # Config sections that must match for a resume; train.* (lr, max_steps, ...) may change.
 RESUME_MUST_MATCH = ("data", "tokenizer", "model")
+
+
+class DivergenceError(RuntimeError):
+    """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
 @dataclass
@@ -52,6 +58,8 @@ class TrainState:
     best_valid_loss: float = math.inf
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0  # training wall time over all sessions
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
+    bad_steps_in_a_row: int = 0
 
 
 @dataclass
@@ -60,30 +68,6 @@ class TrainResult:
     state: TrainState
     stop_reason: str
     valid_loss: float
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    np_state = np.random.get_state()
-    states["numpy"] = (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -> Tokenizer:
@@ -139,7 +123,7 @@ class MetricsLog:
 
 
 def train_step(
-    model: Transformer,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loss_fn: nn.CrossEntropyLoss,
@@ -148,40 +132,94 @@ def train_step(
     runtime: Runtime,
     lr: float,
     clip_norm: float,
-) -> torch.Tensor:
-    """One optimizer step over `batches` (accumulated), with the loss normalised by `n_tokens`.
+    *,
+    world_size: int = 1,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over `batches` (accumulated micro-batches).
 
-    Returns the summed (not averaged) loss as a device tensor, so the caller decides when to sync.
+    The summed loss is divided by `n_tokens`, the target tokens of the whole step on all ranks, so
+    accumulation and N ranks train like one batch N times larger (DDP averages gradients over
+    ranks, hence the factor `world_size`). Returns the summed loss as a device tensor (the caller
+    decides when to sync) and whether the step was applied: with `check_finite`, a non-finite
+    gradient norm skips the update (the grad scaler does this itself for fp16).
     """
     total = torch.zeros((), device=runtime.device)
-    for batch in batches:
-        with runtime.compute():
-            logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-        loss = loss_fn(logits.float().flatten(0, 1), batch.tgt_out.flatten())  # summed over tokens, in fp32
-        scaler.scale(loss / n_tokens).backward()
+    for i, batch in enumerate(batches):
+        is_last = i == len(batches) - 1
+        # DDP all-reduces gradients in backward; only the last micro-batch needs to
+        sync = contextlib.nullcontext() if is_last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with runtime.compute():
+                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+            loss = loss_fn(logits.float().flatten(0, 1), batch.tgt_out.flatten())  # summed over tokens, in fp32
+            scaler.scale(loss * (world_size / n_tokens)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    if check_finite and not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return total, False
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, True
+
+
+def _resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainState:
+    """Restore everything from last.pt when the run directory has one; refuse a changed config."""
+    last = checkpoint_dir(run_dir) / "last.pt"
+    if not last.is_file():
+        return TrainState()
+    saved = load_checkpoint(last)
+    diffs = config_differences(saved["config"], cfg)
+    if diffs:
+        raise CheckpointError(
+            f"{run_dir} holds a run with a different config; refusing to resume. Differences:\n  " + "\n  ".join(diffs)
+            + "\nUse a new train.run_dir, or restore these settings."
+        )
+    if tokenizer_from_state(saved).fingerprint != tokenizer.fingerprint:
+        raise CheckpointError(f"{last}: its tokenizer differs from {run_dir / 'tokenizer'}; refusing to resume")
+    check_model_matches(model, saved["model"], str(last))
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    restore_rng_states(saved["rng"])
+    state = TrainState(**saved["train_state"])
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
+    return state
 
 
 def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     """Train (or resume) the run in `cfg.train.run_dir` until a stop condition is met."""
+    runtime = choose_runtime(cfg.train.device, cfg.train.precision)
+    dist = init_distributed(runtime.device.type)
+    if runtime.device.type == "cuda" and dist.is_distributed:
+        runtime.device = torch.device("cuda", dist.local_rank)
+    try:
+        lock = RunLock(cfg.train.run_dir) if dist.is_main else contextlib.nullcontext()
+        with lock, StopSignal() as stop:
+            return _train(cfg, argv, runtime, dist, stop)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, stop: StopSignal) -> TrainResult:
     # ---------------------------------------------------------------- setup
     tc = cfg.train
     run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = choose_runtime(tc.device, tc.precision)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 alone logs
     log.info("run %s: %s, %d CPU threads", run_dir, runtime.reason, torch.get_num_threads())
     seed_everything(tc.seed)
 
+    # Rank 0 trains the tokenizer and writes the Arrow caches; the other ranks wait, then read them.
+    if not dist.is_main:
+        dist.barrier()
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     train_raw = load_split(cfg.data, "train", cache_dir)
     valid_raw = load_split(cfg.data, "valid", cache_dir)
@@ -190,6 +228,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     log.info("data: %s", report.summary())
     valid_ds, vreport = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=True)
     log.info("data: %s", vreport.summary())
+    if dist.is_main:
+        dist.barrier()
     if len(train_ds) == 0:
         raise DataError(f"data.train ({cfg.data.train}): no pairs left after filtering ({report.summary()}); check data.max_len and data.max_len_ratio")
     src_lens, tgt_lens = length_arrays(train_ds)
@@ -200,27 +240,11 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=tc.label_smoothing, reduction="sum")
-    state = TrainState()
-
-    last = checkpoint_dir(run_dir) / "last.pt"
-    if last.is_file():
-        saved = load_checkpoint(last)
-        diffs = config_differences(saved["config"], cfg)
-        if diffs:
-            raise CheckpointError(
-                f"{run_dir} holds a run with a different config; refusing to resume. Differences:\n  " + "\n  ".join(diffs)
-                + "\nUse a new train.run_dir, or restore these settings."
-            )
-        if tokenizer_from_state(saved).fingerprint != tokenizer.fingerprint:
-            raise CheckpointError(f"{last}: its tokenizer differs from {run_dir / 'tokenizer'}; refusing to resume")
-        check_model_matches(model, saved["model"], str(last))
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["train_state"])
-        restore_rng_states(saved["rng"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
-    write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
+    state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler)
+    if dist.is_main:
+        write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
+    # DDP wraps the model for training steps; evaluation and checkpoints use the plain module
+    step_model: nn.Module = nn.parallel.DistributedDataParallel(model) if dist.is_distributed else model
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -235,14 +259,15 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         }
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    stop_reason = ""
     valid_loss = state.best_valid_loss
     t_start = time.time() - state.elapsed_s
     window_loss = torch.zeros((), device=runtime.device)  # summed on the device; read once per log line
     window_tokens, window_t0 = 0, time.time()
-    bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=not tc.progress_bar, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=not (tc.progress_bar and dist.is_main), unit="step", dynamic_ncols=True)
 
     def should_stop() -> str:
+        if stop.requested:
+            return f"interrupted by {stop.requested}; run the same command to resume"
         if tc.max_steps and state.step >= tc.max_steps:
             return f"reached train.max_steps={tc.max_steps}"
         if tc.max_epochs and state.epoch >= tc.max_epochs:
@@ -254,7 +279,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         return ""
 
     def validate() -> bool:
-        """Validation loss; returns True when it is the best so far."""
+        """Validation loss (rank 0); returns True when it is the best so far."""
         nonlocal valid_loss
         m = teacher_forced_metrics(model, valid_ds, tc.max_tokens, runtime)
         valid_loss = m.loss
@@ -268,49 +293,77 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
         return is_best
 
     # ---------------------------------------------------------------- the loop
+    # Every rank builds the same batch list; a step takes accum_steps * world_size consecutive
+    # batches and rank r trains on its own accum_steps of them.
+    per_step = tc.accum_steps * dist.world_size
     model.train()
     stop_reason = should_stop()
     if stop_reason:
         log.info("nothing to do: %s (raise it with --set to continue)", stop_reason)
     while not stop_reason:
         batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch)
+        n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
         if state.batch_in_epoch == 0:
             src_pad, tgt_pad = padding_fraction(batches, src_lens, tgt_lens)
             log.info("epoch %d: %d batches, padding %.1f%% source / %.1f%% target", state.epoch + 1, len(batches), 100 * src_pad, 100 * tgt_pad)
-        for start in range(state.batch_in_epoch, len(batches), tc.accum_steps):
-            group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in batches[start : start + tc.accum_steps]]
-            n_tokens = sum(b.n_tgt_tokens for b in group)
+        for start in range(state.batch_in_epoch, n_usable, per_step):
+            step_batches = batches[start : start + per_step]
+            mine = step_batches[dist.rank * tc.accum_steps : (dist.rank + 1) * tc.accum_steps]
+            n_tokens = int(sum(tgt_lens[b].sum() + len(b) for b in step_batches))  # all ranks, EOS included
+            group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in mine]
             lr = lr_at(state.step + 1, tc)
-            window_loss += train_step(model, optimizer, scaler, loss_fn, group, n_tokens, runtime, lr, tc.clip_norm)
+            loss_sum, is_applied = train_step(
+                step_model, optimizer, scaler, loss_fn, group, n_tokens, runtime, lr, tc.clip_norm,
+                world_size=dist.world_size, check_finite=tc.skip_nonfinite,
+            )
+            if not is_applied:
+                state.skipped_steps += 1
+                state.bad_steps_in_a_row += 1
+                log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)", state.step + 1, state.bad_steps_in_a_row, state.skipped_steps)
+                if state.bad_steps_in_a_row >= tc.max_bad_steps:
+                    raise DivergenceError(
+                        f"training diverged: {state.bad_steps_in_a_row} steps in a row with non-finite gradients "
+                        f"(train.max_bad_steps={tc.max_bad_steps}) at step {state.step}. The last checkpoint, "
+                        f"{checkpoint_dir(run_dir) / 'last.pt'}, is untouched; lower train.lr or raise train.warmup_steps and resume"
+                    )
+            else:
+                state.bad_steps_in_a_row = 0
+                window_loss += loss_sum
 
             state.step += 1
-            state.batch_in_epoch = start + len(group)
-            if state.batch_in_epoch >= len(batches):
+            state.batch_in_epoch = start + len(step_batches)
+            if state.batch_in_epoch >= n_usable:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.tokens_seen += n_tokens
-            window_tokens += n_tokens
+            window_tokens += n_tokens if is_applied else 0
             state.elapsed_s = time.time() - t_start
             bar.update(1)
 
             if state.step % tc.log_every == 0:
                 now = time.time()
-                train_loss = window_loss.item() / max(1, window_tokens)
+                train_loss = dist.sum(window_loss).item() / max(1, window_tokens)
                 tok_s = window_tokens / max(1e-9, now - window_t0)
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s / 1e3:.1f}k")
-                log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s)
-                metrics.write(step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2))
+                skipped = f" | skipped {state.skipped_steps}" if state.skipped_steps else ""
+                log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
+                if dist.is_main:
+                    metrics.write(step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2))
                 window_loss.zero_()
                 window_tokens, window_t0 = 0, now
 
             stop_reason = should_stop()
-            is_best = validate() if (state.step % tc.eval_every == 0 or stop_reason) else False
+            is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason), runtime.device)
+            is_best = validate() if is_due and dist.is_main else False
             stop_reason = stop_reason or should_stop()  # patience is decided by the evaluation
-            if state.step % tc.save_every == 0 or is_best or stop_reason:
+            if dist.any(bool(stop_reason), runtime.device) and not stop_reason:
+                stop_reason = "stopped by rank 0"
+            if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
                 save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:
                 break
 
     # ---------------------------------------------------------------- cleanup
     bar.close()
+    dist.barrier()
     log.info("stopped: %s; step %d, best valid loss %.4f, %.0fs", stop_reason, state.step, state.best_valid_loss, state.elapsed_s)
     return TrainResult(run_dir, state, stop_reason, valid_loss)

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, config_from_tree
 from .decode import GreedyOutput, ReferenceScores, greedy_decode, max_new_tokens, score_reference
-from .device import Runtime, choose_runtime
+from .device import Runtime, choose_runtime, for_inference
 from .model import Transformer, padding_mask
 from .records import Alternative, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError
@@ -73,7 +73,7 @@ class Translator:
         check_model_matches(model, state["model"], str(file))
         model.load_state_dict(state["model"])
         log.info("loaded %s (step %s); %s", file, state.get("step", "?"), runtime.reason)
-        return cls(model.to(runtime.device), tokenizer, cfg, runtime)
+        return cls(for_inference(model, runtime), tokenizer, cfg, runtime)
 
     # -- the pieces, for stepping through by hand -----------------------------------------
 

@@ -1,0 +1,221 @@
+"""`nmtkit benchmark`: the package's real training step and greedy decoder, timed on fixed work.
+
+Training: `train_step` (forward, label-smoothed cross-entropy, backward, clipping, AdamW) on the
+first batches of the config's training split, built by the same `make_batches` as training and
+collated before the clock starts (as the peers' scripts do). Throughput counts non-pad target tokens.
+
+Decoding: the first `n_sentences` test sentences in file order, batches of `batch_size`, exactly
+`new_tokens` new tokens each (EOS ignored) unless `stop_at_eos`; with the per-token log off and on.
+
+FLOP utilisation compares the matmul FLOPs of the timed steps with a matmul peak measured on the
+same device and precision, so "mfu" says how much of the hardware the step uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .batching import Batch, collate, make_batches
+from .config import Config, ModelConfig
+from .data import encode_split, length_arrays, load_split
+from .decode import greedy_decode
+from .device import Runtime, choose_runtime, for_inference
+from .rng import seed_everything
+from .tokenizer import EOS_ID, PAD_ID
+from .train import make_optimizer, prepare_tokenizer, train_step
+from .translator import Translator, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchmarkSettings:
+    device: str = "auto"
+    precision: str = "auto"
+    warmup_steps: int = 5
+    timed_steps: int = 30
+    repeats: int = 3
+    n_sentences: int = 512
+    batch_size: int = 64
+    new_tokens: int = 48
+    stop_at_eos: bool = False
+    decode: bool = True
+    train: bool = True
+
+
+def forward_matmul_flops(cfg: ModelConfig, batch: Batch, vocab: int) -> float:
+    """Matmul FLOPs of one forward pass (2 per multiply-add), attention scores and mixing included."""
+    B, S = batch.src.shape
+    T = batch.tgt_in.size(1)
+    D, F = cfg.d_model, cfg.d_ff
+    enc = cfg.n_enc_layers * (B * S * 2 * (4 * D * D + 2 * D * F) + B * 4 * S * S * D)
+    dec = cfg.n_dec_layers * (
+        B * T * 2 * (6 * D * D + 2 * D * F)  # self q/k/v/out, cross q/out, FFN
+        + B * S * 2 * 2 * D * D  # cross-attention keys and values
+        + B * 4 * T * T * D  # self-attention scores and mixing
+        + B * 4 * T * S * D  # cross-attention scores and mixing
+    )
+    return float(enc + dec + B * T * 2 * D * vocab)
+
+
+def measure_matmul_peak(runtime: Runtime, seconds: float = 1.0) -> float:
+    """FLOP/s of a large-ish matmul in the runtime's precision on its device."""
+    device, dtype = runtime.device, runtime.dtype
+    m, k, n = (2048, 256, 1024) if device.type == "cpu" else (8192, 8192, 8192)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _sync(device)
+        best = max(best, 10 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory(runtime: Runtime) -> dict[str, float]:
+    if runtime.device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: nn.Module, s: BenchmarkSettings) -> dict:
+    optimizer = make_optimizer(model, cfg, runtime)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=cfg.train.label_smoothing, reduction="sum")
+    model.train()
+
+    def run(group: list[Batch]) -> float:
+        _sync(runtime.device)
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=runtime.device)
+        for b in group:
+            loss, _ = train_step(
+                model, optimizer, scaler, loss_fn, [b], b.n_tgt_tokens, runtime, cfg.train.lr, cfg.train.clip_norm,
+                check_finite=cfg.train.skip_nonfinite,
+            )
+            total += loss
+        total.item()  # one sync at the end, as the training loop does per log line
+        return time.perf_counter() - t0
+
+    run(batches[: s.warmup_steps])
+    timed = batches[s.warmup_steps : s.warmup_steps + s.timed_steps]
+    tokens = sum(b.n_tgt_tokens for b in timed)
+    flops = 3 * sum(forward_matmul_flops(cfg.model, b, vocab) for b in timed)  # backward is ~2x forward
+    times = [run(timed) for _ in range(s.repeats)]
+    median = statistics.median(times)
+    return {
+        "train_tgt_tokens_per_s": tokens / median,
+        "train_step_ms": 1000 * median / len(timed),
+        "train_tflops_per_s": flops / median / 1e12,
+        "train_runs_s": [round(t, 3) for t in times],
+        "train_steps": len(timed),
+        "train_tgt_tokens": tokens,
+        "_flops_per_s": flops / median,
+    }
+
+
+def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings) -> dict:
+    model = for_inference(copy.deepcopy(model), runtime)  # as `nmtkit translate` runs it
+
+    def run(top_k: int) -> tuple[float, int]:
+        _sync(runtime.device)
+        t0 = time.perf_counter()
+        n_tokens = 0
+        with runtime.compute():
+            for src in sources:
+                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos)
+                n_tokens += int(out.lengths.sum())
+        _sync(runtime.device)
+        return time.perf_counter() - t0, n_tokens
+
+    run(0)  # warm-up
+    plain = [run(0) for _ in range(s.repeats)]
+    logged = [run(5) for _ in range(s.repeats)]
+    t_plain = statistics.median(t for t, _ in plain)
+    t_logged = statistics.median(t for t, _ in logged)
+    n_sent = sum(src.size(0) for src in sources)
+    return {
+        "decode_sent_per_s": n_sent / t_plain,
+        "decode_tokens_per_s": plain[0][1] / t_plain,
+        "decode_sent_per_s_with_log": n_sent / t_logged,
+        "decode_log_overhead": t_logged / t_plain - 1.0,
+        "decode_sentences": n_sent,
+        "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
+    }
+
+
+def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = None) -> dict:
+    """Everything `nmtkit benchmark` reports, as one dict."""
+    runtime = choose_runtime(s.device, s.precision)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
+    train_raw = load_split(cfg.data, "train", cache_dir)
+    tokenizer = prepare_tokenizer(cfg, run_dir, train_raw)
+    if checkpoint:  # trained weights, so that --eos stops where a real model stops
+        loaded = Translator.from_checkpoint(checkpoint, "cpu", "fp32")
+        model, tokenizer, cfg.model = loaded.model, loaded.tokenizer, loaded.cfg.model
+    else:
+        model = build_model(cfg, tokenizer)
+    model = model.to(runtime.device)
+    result: dict = {"device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(), "runtime": runtime.reason}
+    result["n_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    if s.train:
+        train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
+        index = make_batches(*length_arrays(train_ds), cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
+        needed = s.warmup_steps + s.timed_steps
+        batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
+        result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))
+    if s.decode:
+        test_raw = load_split(cfg.data, "test", cache_dir)
+        texts = list(test_raw.select(range(min(s.n_sentences, len(test_raw))))["src"])
+        ids = tokenizer.encode_src(texts)
+        sources = []
+        for i in range(0, len(ids), s.batch_size):
+            rows = [torch.tensor(x[: cfg.model.max_positions - 1] + [EOS_ID]) for x in ids[i : i + s.batch_size]]
+            sources.append(nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(runtime.device))
+        result.update(benchmark_decoding(model, runtime, sources, s))
+
+    peak = measure_matmul_peak(runtime)
+    result["matmul_peak_tflops"] = peak / 1e12
+    result["mfu"] = result.pop("_flops_per_s", 0.0) / peak if s.train else None
+    result.update(_peak_memory(runtime))
+    return result
+
+
+def format_benchmark(r: dict) -> str:
+    lines = [f"device {r['device']} | precision {r['precision']} | {r['threads']} threads | {r['n_params'] / 1e6:.1f}M parameters"]
+    if "train_tgt_tokens_per_s" in r:
+        lines.append(
+            f"train:  {r['train_tgt_tokens_per_s']:,.0f} target tokens/s ({r['train_step_ms']:.0f} ms/step, median of {len(r['train_runs_s'])} runs of {r['train_steps']} steps)"
+        )
+        lines.append(f"        {r['train_tflops_per_s'] * 1e3:,.0f} GFLOP/s of matmuls = {100 * r['mfu']:.1f}% of the measured peak ({r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s)")
+    if "decode_sent_per_s" in r:
+        lines.append(f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, new tokens: {r['decode_new_tokens']})")
+        lines.append(f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%)")
+    mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"
+    lines.append(mem)
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Several processes through torchrun: one per GPU (or CPU process with gloo), data-parallel.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process and every
+helper here is a no-op, so the training loop reads the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all ranks (in place), or return it as is in a single process."""
+        if self.is_distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when any rank says True: keeps stop decisions identical everywhere."""
+        if not self.is_distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def init_distributed(device_type: str) -> Dist:
+    """Join the process group that torchrun describes (nccl on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group(backend=backend)
+    log.info("distributed: rank %d of %d (local rank %d, %s)", d.rank, d.world_size, d.local_rank, dist.get_backend())
+    return d
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
