@@ -29,6 +29,7 @@ from .config import Config, ModelConfig
 from .data import encode_split, length_arrays, load_split
 from .decode import greedy_decode
 from .device import Runtime, choose_runtime, for_inference
+from .loss import TrainingObjective
 from .rng import seed_everything
 from .tokenizer import EOS_ID, PAD_ID
 from .train import make_optimizer, prepare_tokenizer, train_step
@@ -101,7 +102,7 @@ def _peak_memory(runtime: Runtime) -> dict[str, float]:
 def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: nn.Module, s: BenchmarkSettings) -> dict:
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=cfg.train.label_smoothing, reduction="sum")
+    objective = TrainingObjective(model, cfg.train.label_smoothing, runtime.dtype)
     model.train()
 
     def run(group: list[Batch]) -> float:
@@ -110,7 +111,7 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
         total = torch.zeros((), device=runtime.device)
         for b in group:
             loss, _ = train_step(
-                model, optimizer, scaler, loss_fn, [b], b.n_tgt_tokens, runtime, cfg.train.lr, cfg.train.clip_norm,
+                objective, optimizer, scaler, [b], b.n_tgt_tokens, runtime, cfg.train.lr, cfg.train.clip_norm,
                 check_finite=cfg.train.skip_nonfinite,
             )
             total += loss

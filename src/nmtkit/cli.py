@@ -1,6 +1,6 @@
 """The `nmtkit` command line: each subcommand parses its flags and calls library functions.
 
-User errors (config, data, checkpoint, device) print one clear message and exit 2, without a traceback.
+User errors (config, data, checkpoint, device, plotting) print one clear message and exit 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .device import DeviceError
+from .plot import PlotError
 from .run_lock import RunLockedError
 from .tokenizer import TokenizerError
 
 log = logging.getLogger("nmtkit")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError, PlotError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -69,6 +70,18 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
     p.add_argument("--batch-size", type=int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
 
 
+def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
+    """The subcommands that work on a finished (or running) run directory."""
+    p = sub.add_parser("plot", help="draw a run's training curves (loss by step and by tokens, learning rate) into a PNG")
+    p.add_argument("run_dir", help="the run directory (reads its metrics.jsonl)")
+    p.add_argument("--out", "-o", help="PNG file to write (default RUN_DIR/curves.png)")
+
+    p = sub.add_parser("average", help="average the weights of a run's newest step checkpoints into one checkpoint")
+    p.add_argument("run_dir", help="the run directory (reads RUN_DIR/checkpoints/step-*.pt)")
+    p.add_argument("--last", type=int, default=5, metavar="N", help="how many of the newest step checkpoints to average (default 5)")
+    p.add_argument("--out", "-o", help="checkpoint file to write (default RUN_DIR/checkpoints/averaged.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nmtkit", description="Train and inspect Transformer translation models.")
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -80,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train the SentencePiece tokenizer of a config and report its statistics")
     _add_config_args(p)
 
-    p = sub.add_parser("translate", help="greedy translation, optionally with the per-token log")
+    p = sub.add_parser("translate", help="greedy or beam-search translation, optionally with the per-token log or an HTML view")
     _add_runtime_args(p)
     p.add_argument("text", nargs="*", help="sentences to translate (default: one per line from --input or stdin)")
     p.add_argument("--input", "-i", help="file with one sentence per line ('-' for stdin)")
@@ -90,14 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="alternatives per token (default: decode.top_k of the run)")
     p.add_argument("--bits", action="store_true", help="also show entropy in bits")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--beam", type=int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
+    p.add_argument("--nbest", type=int, default=1, metavar="N", help="also list the N best hypotheses with their scores (N <= --beam)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="ALPHA", help="beam score = sum of ln p / length^ALPHA (default 1.0; 0 = raw sum)")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with tokens coloured by probability")
 
-    p = sub.add_parser("evaluate", help="loss, perplexity, accuracy, BLEU and chrF on a held-out set")
+    p = sub.add_parser("evaluate", help="loss, perplexity, accuracy, calibration, BLEU and chrF on a held-out set")
     _add_runtime_args(p)
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--data", help="evaluate this file instead of a split of the run's config")
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs")
     p.add_argument("--no-bleu", action="store_true", help="skip greedy decoding, BLEU and chrF")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="DIR", help="also draw the reliability diagram into DIR/reliability.png (needs matplotlib)")
+
+    _add_run_dir_commands(sub)
 
     p = sub.add_parser("benchmark", help="time the real training step and greedy decoder on fixed work")
     _add_config_args(p)
@@ -153,6 +173,8 @@ def cmd_tokenizer(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .beam import check_beam_settings
+    from .html_view import write_html
     from .show import format_translation
     from .translator import Translator
 
@@ -163,15 +185,24 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     if references is not None and len(references) != len(texts):
         raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
+    try:
+        check_beam_settings(args.beam, args.nbest, translator.tokenizer.tgt_vocab_size)
+    except ValueError as e:
+        raise ConfigError([f"--beam {args.beam} --nbest {args.nbest}: {e}"]) from None
     if args.batch_size:
         translator.cfg.decode.batch_size = args.batch_size
-    for result in translator.translate(texts, references, top_k=args.top_k or None):
+    results = translator.translate(
+        texts, references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
+    )
+    for result in results:
         if args.format == "jsonl":
             print(json.dumps(result.to_json(), ensure_ascii=False))
-        elif args.show_tokens or references is not None:
+        elif args.show_tokens or references is not None or args.nbest > 1:
             print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens))
         else:
             print(result.translation)
+    if args.html:
+        log.info("wrote %s", write_html(args.html, results))
     return 0
 
 
@@ -180,9 +211,24 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, split=args.split, data_file=args.data, limit=args.limit, with_bleu=not args.no_bleu,
-        device=args.device, precision=args.precision, batch_size=args.batch_size,
+        device=args.device, precision=args.precision, batch_size=args.batch_size, plot_dir=args.plot,
     )
     print(json.dumps(result, ensure_ascii=False, indent=None) if args.json else format_metrics(result))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .plot import plot_training_curves
+
+    print(plot_training_curves(args.run_dir, args.out))
+    return 0
+
+
+def cmd_average(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .average import average_checkpoints
+
+    result = average_checkpoints(args.run_dir, args.last, args.out)
+    print(f"averaged steps {', '.join(map(str, result.steps))} -> {result.path}")
     return 0
 
 
@@ -218,4 +264,6 @@ COMMANDS = {
     "translate": cmd_translate,
     "evaluate": cmd_evaluate,
     "benchmark": cmd_benchmark,
+    "plot": cmd_plot,
+    "average": cmd_average,
 }

@@ -1,5 +1,5 @@
-"""Held-out evaluation: teacher-forced cross-entropy, perplexity and token accuracy, plus BLEU/chrF
-of greedy translations through sacrebleu.
+"""Held-out evaluation: teacher-forced cross-entropy, perplexity, token accuracy and calibration (ECE,
+mean entropy), plus BLEU/chrF of greedy translations through sacrebleu.
 
 The loss here is the plain cross-entropy (no label smoothing), averaged over non-pad target tokens
 (EOS included), so it is comparable across runs whatever their smoothing was.
@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from .batching import collate, make_batches
+from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .data import encode_split, length_arrays, load_split
 from .device import Runtime
 from .model import Transformer
+from .plot import plot_reliability, require_matplotlib
 from .tokenizer import PAD_ID
 from .translator import Translator
 
@@ -41,8 +43,14 @@ class LossMetrics:
 
 
 @torch.no_grad()
-def teacher_forced_metrics(model: Transformer, ds: datasets.Dataset, max_tokens: int, runtime: Runtime) -> LossMetrics:
-    """Loss, perplexity and accuracy of `model` on an encoded split (columns src_ids, tgt_ids, src_len, tgt_len)."""
+def teacher_forced_metrics(
+    model: Transformer, ds: datasets.Dataset, max_tokens: int, runtime: Runtime, calibration: CalibrationAccumulator | None = None
+) -> LossMetrics:
+    """Loss, perplexity and accuracy of `model` on an encoded split (columns src_ids, tgt_ids, src_len, tgt_len).
+
+    `calibration`, when given, also gets every batch's logits, so calibration needs no second pass; it is
+    optional because validation during training has no use for it.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
@@ -55,6 +63,8 @@ def teacher_forced_metrics(model: Transformer, ds: datasets.Dataset, max_tokens:
         flat_logits, flat_tgt = logits.float().flatten(0, 1), batch.tgt_out.flatten()
         loss_sum += F.cross_entropy(flat_logits, flat_tgt, ignore_index=PAD_ID, reduction="sum").double()
         correct += ((flat_logits.argmax(-1) == flat_tgt) & (flat_tgt != PAD_ID)).sum()
+        if calibration is not None:
+            calibration.add_logits(flat_logits, flat_tgt)
         n_tokens += batch.n_tgt_tokens
     model.train(was_training)
     loss = loss_sum.item() / max(1, n_tokens)
@@ -100,9 +110,15 @@ def evaluate_checkpoint(
     device: str = "auto",
     precision: str = "fp32",
     batch_size: int = 0,
+    plot_dir: str | Path | None = None,
 ) -> dict:
-    """Everything `nmtkit evaluate` reports, as one dict (the `--json` output)."""
+    """Everything `nmtkit evaluate` reports, as one dict (the `--json` output).
+
+    plot_dir: also draw the reliability diagram into plot_dir/reliability.png.
+    """
     t0 = time.time()
+    if plot_dir is not None:
+        require_matplotlib()  # fail before the evaluation, not after it
     translator = Translator.from_checkpoint(checkpoint, device, precision)
     cfg = translator.cfg
     if batch_size:
@@ -113,20 +129,18 @@ def evaluate_checkpoint(
     if limit:
         raw = raw.select(range(min(limit, len(raw))))
     ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
-    # Nothing is filtered, except pairs longer than the model's positions, which it can't read.
-    limit_len = cfg.model.max_positions - 1
-    src_lens, tgt_lens = length_arrays(ds)
-    fits = (src_lens <= limit_len) & (tgt_lens <= limit_len)
-    n_too_long = int((~fits).sum())
-    if n_too_long:
-        log.warning("%d pairs longer than model.max_positions=%d left out", n_too_long, cfg.model.max_positions)
-        ds = ds.select(np.flatnonzero(fits))
-    loss = teacher_forced_metrics(translator.model, ds, cfg.train.max_tokens, translator.runtime)
+    ds, n_too_long = _readable_pairs(ds, cfg.model.max_positions)
+    calibration = CalibrationAccumulator(device=translator.runtime.device)
+    loss = teacher_forced_metrics(translator.model, ds, cfg.train.max_tokens, translator.runtime, calibration)
+    calib = calibration.result()
     quality = None
     if with_bleu:
         hypotheses = translate_all(translator, ds["src"])
         quality = quality_metrics(hypotheses, ds["tgt"], cfg.data.tgt_lang)
     out = metrics_dict(loss, quality)
+    out.update(ece=calib.ece, mean_entropy=calib.mean_entropy, calibration_bins=[asdict(b) for b in calib.bins])
+    if plot_dir is not None:
+        out["reliability_plot"] = str(plot_reliability(calib, Path(plot_dir) / "reliability.png"))
     out.update(
         checkpoint=str(resolve_checkpoint(checkpoint)),
         data=getattr(data_cfg, split),
@@ -136,6 +150,18 @@ def evaluate_checkpoint(
         seconds=round(time.time() - t0, 2),
     )
     return out
+
+
+def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.Dataset, int]:
+    """Nothing is filtered, except pairs longer than the model's positions, which it can't read: -> kept pairs, count left out."""
+    limit_len = max_positions - 1
+    src_lens, tgt_lens = length_arrays(ds)
+    fits = (src_lens <= limit_len) & (tgt_lens <= limit_len)
+    n_too_long = int((~fits).sum())
+    if n_too_long:
+        log.warning("%d pairs longer than model.max_positions=%d left out", n_too_long, max_positions)
+        ds = ds.select(np.flatnonzero(fits))
+    return ds, n_too_long
 
 
 def translate_all(translator: Translator, texts: list[str]) -> list[str]:
@@ -160,6 +186,14 @@ def format_metrics(m: dict) -> str:
         ("perplexity", f"{m['perplexity']:.2f}"),
         ("token accuracy", f"{100 * m['token_accuracy']:.2f}%"),
     ]
+    if "ece" in m:
+        n_bins = len(m["calibration_bins"])
+        rows += [
+            ("ECE", f"{m['ece']:.4f} (top-1 probability vs accuracy under teacher forcing, {n_bins} bins)"),
+            ("mean entropy", f"{m['mean_entropy']:.4f} nats/token"),
+        ]
+    if "reliability_plot" in m:
+        rows.append(("reliability", m["reliability_plot"]))
     if "bleu" in m:
         rows += [("BLEU", f"{m['bleu']:.2f}"), ("chrF", f"{m['chrf']:.2f}"), ("signature", m["sacrebleu_signature"]), ("chrF signature", m["chrf_signature"])]
     rows.append(("time", f"{m['seconds']:.1f}s"))

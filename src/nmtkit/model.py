@@ -216,10 +216,14 @@ class Transformer(nn.Module):
             x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
         return self.dec_norm(x)
 
+    @property
+    def output_weight(self) -> Tensor:
+        """(V, D): the output projection, which is the target embedding when tied."""
+        return self.tgt_embed.weight if self.output is None else self.output.weight
+
     def project(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits over the target vocabulary."""
-        weight = self.tgt_embed.weight if self.output is None else self.output.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """(B, S), (B, T) -> logits (B, T, V)."""

@@ -56,16 +56,32 @@ class ReferenceScore:
 
 
 @dataclass
+class Hypothesis:
+    """One of the n best outputs of beam search."""
+
+    translation: str
+    score: float  # summed ln p of the tokens / length**alpha (see beam.py)
+    total_loss: float  # −Σ ln p, EOS included
+    tokens: list[TokenStep]
+
+
+@dataclass
 class Translation:
+    """A translation and its per-token record; with beam search, of the best hypothesis."""
+
     source: str
     translation: str
     tokens: list[TokenStep]
     total_loss: float
     mean_loss: float
     reference: ReferenceScore | None = None
+    nbest: list[Hypothesis] = field(default_factory=list)  # best first; empty unless more than one was asked for
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.nbest:  # the key only appears when asked for, so greedy records keep their exact keys
+            del out["nbest"]
+        return out
 
 
 def total_and_mean(losses: list[float]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ def _piece(piece: str) -> str:
 
 def format_translation(result: Translation, *, show_bits: bool = False, show_tokens: bool = True) -> str:
     lines = [f"source:      {result.source}", f"translation: {result.translation}"]
+    lines += format_nbest(result)
     if show_tokens:
         width = max([display_width(_piece(s.piece)) for s in result.tokens] + [5]) + 2
         head = f"  {'pos':>3}  {pad('piece', width)}{'id':>6}  {'prob':>7}  {'loss':>7}  {'entropy':>7}"
@@ -44,3 +45,13 @@ def format_translation(result: Translation, *, show_bits: bool = False, show_tok
             lines.append(f"  {t.position:>3}  {pad(_piece(t.piece), width)}{t.id:>6}  {t.prob:7.4f}  {t.loss:7.4f}  {mark}")
         lines.append(f"  total loss {ref.total_loss:.4f} | mean loss {ref.mean_loss:.4f} over {len(ref.tokens)} tokens (= CrossEntropyLoss)")
     return "\n".join(lines)
+
+
+def format_nbest(result: Translation) -> list[str]:
+    """The n-best list of a beam search, one line per hypothesis: rank, score, total loss, text. Empty without one."""
+    if not result.nbest:
+        return []
+    lines = ["", f"  {'rank':>4}  {'score':>8}  {'loss':>8}  n-best (score = sum of ln p / length^alpha)"]
+    for rank, h in enumerate(result.nbest, start=1):
+        lines.append(f"  {rank:>4}  {h.score:8.4f}  {h.total_loss:8.4f}  {h.translation}")
+    return lines

@@ -29,12 +29,13 @@ from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime
 from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
+from .loss import TrainingObjective
 from .rng import restore_rng_states, rng_states, seed_everything
 from .run_lock import RunLock
 from .runinfo import write_run_info
 from .schedule import lr_at
 from .stop_signal import StopSignal
-from .tokenizer import PAD_ID, Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer, train_tokenizer
 from .translator import build_model, check_model_matches, tokenizer_from_state
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,9 @@ class MetricsLog:
 
 
 def train_step(
-    model: nn.Module,
+    objective: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    loss_fn: nn.CrossEntropyLoss,
     batches: list[Batch],
     n_tokens: int,
     runtime: Runtime,
@@ -148,15 +148,14 @@ def train_step(
     for i, batch in enumerate(batches):
         is_last = i == len(batches) - 1
         # DDP all-reduces gradients in backward; only the last micro-batch needs to
-        sync = contextlib.nullcontext() if is_last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if is_last or not hasattr(objective, "no_sync") else objective.no_sync()
         with sync:
             with runtime.compute():
-                logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-            loss = loss_fn(logits.float().flatten(0, 1), batch.tgt_out.flatten())  # summed over tokens, in fp32
+                loss = objective(batch.src, batch.tgt_in, batch.tgt_out)  # summed over target tokens, fp32
             scaler.scale(loss * (world_size / n_tokens)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm if clip_norm > 0 else math.inf)
     if check_finite and not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return total, False
@@ -239,12 +238,14 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=tc.label_smoothing, reduction="sum")
     state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler)
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
-    # DDP wraps the model for training steps; evaluation and checkpoints use the plain module
-    step_model: nn.Module = nn.parallel.DistributedDataParallel(model) if dist.is_distributed else model
+    # The training computation (model + fused loss) is one module, which DDP wraps when
+    # distributed; evaluation and checkpoints use the plain model.
+    objective: nn.Module = TrainingObjective(model, tc.label_smoothing, runtime.dtype)
+    if dist.is_distributed:
+        objective = nn.parallel.DistributedDataParallel(objective)
 
     def checkpoint_state() -> dict[str, Any]:
         return {
@@ -313,7 +314,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in mine]
             lr = lr_at(state.step + 1, tc)
             loss_sum, is_applied = train_step(
-                step_model, optimizer, scaler, loss_fn, group, n_tokens, runtime, lr, tc.clip_norm,
+                objective, optimizer, scaler, group, n_tokens, runtime, lr, tc.clip_norm,
                 world_size=dist.world_size, check_finite=tc.skip_nonfinite,
             )
             if not is_applied:

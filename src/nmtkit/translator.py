@@ -14,12 +14,13 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from .beam import BeamOutput, beam_search, check_beam_settings
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, config_from_tree
 from .decode import GreedyOutput, ReferenceScores, greedy_decode, max_new_tokens, score_reference
 from .device import Runtime, choose_runtime, for_inference
 from .model import Transformer, padding_mask
-from .records import Alternative, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
+from .records import Alternative, Hypothesis, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -112,16 +113,30 @@ class Translator:
 
     # -- whole sentences ----------------------------------------------------------------------
 
-    def translate(self, texts: list[str], references: list[str] | None = None, top_k: int | None = None) -> list[Translation]:
-        """Greedy translations with per-token records, in input order, batched by `decode.batch_size`."""
+    def translate(
+        self,
+        texts: list[str],
+        references: list[str] | None = None,
+        top_k: int | None = None,
+        beam_size: int = 1,
+        nbest: int = 1,
+        length_penalty: float = 1.0,
+    ) -> list[Translation]:
+        """Translations with per-token records, in input order, batched by `decode.batch_size`.
+
+        beam_size 1 is greedy decoding. A larger beam runs beam search (beam.py): each Translation holds its best
+        hypothesis, and with nbest > 1 also `nbest`, that many hypotheses best first. length_penalty is beam
+        search's exponent alpha: hypotheses rank by summed ln p / length**alpha.
+        """
         if references is not None and len(references) != len(texts):
             raise ValueError(f"{len(texts)} sources but {len(references)} references")
+        check_beam_settings(beam_size, nbest, self.tokenizer.tgt_vocab_size)
         k = min(top_k or self.cfg.decode.top_k, self.tokenizer.tgt_vocab_size)
         out: list[Translation] = []
         size = self.cfg.decode.batch_size
         for i in range(0, len(texts), size):
             refs = references[i : i + size] if references is not None else None
-            out.extend(self._translate_batch(texts[i : i + size], refs, k))
+            out.extend(self._translate_batch(texts[i : i + size], refs, k, beam_size, nbest, length_penalty))
         return out
 
     def translate_ids(self, src: Tensor, top_k: int = 0) -> GreedyOutput:
@@ -131,9 +146,20 @@ class Translator:
         with self.runtime.compute():
             return greedy_decode(self.model, src, budget, top_k=top_k)
 
-    def _translate_batch(self, texts: list[str], references: list[str] | None, k: int) -> list[Translation]:
+    def beam_search_ids(self, src: Tensor, beam_size: int, nbest: int = 1, top_k: int = 0, length_penalty: float = 1.0) -> BeamOutput:
+        """Beam search of (B, S) source ids under the configured length budget (the same one greedy uses)."""
+        d = self.cfg.decode
+        budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
+        with self.runtime.compute():
+            return beam_search(self.model, src, budget, beam_size=beam_size, nbest=nbest, top_k=top_k, alpha=length_penalty)
+
+    def _translate_batch(
+        self, texts: list[str], references: list[str] | None, k: int, beam_size: int, nbest: int, length_penalty: float
+    ) -> list[Translation]:
         src = self.encode_source(texts)
-        out = self.translate_ids(src, top_k=k)
+        # Greedy stays its own path (no beam bookkeeping); beam search of width 1 gives the same tokens anyway.
+        beam = self.beam_search_ids(src, beam_size, nbest, k, length_penalty) if beam_size > 1 else None
+        out = beam.rank(0) if beam is not None else self.translate_ids(src, top_k=k)
         scores = None
         if references is not None:
             tgt_in, tgt_out = self.encode_target(references)
@@ -145,8 +171,20 @@ class Translator:
             total, mean = total_and_mean([s.loss for s in steps])
             ids = out.tokens[b, : int(out.lengths[b])].tolist()
             ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
-            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref))
+            hypotheses = self._hypotheses(beam, b) if beam is not None and nbest > 1 else []
+            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, hypotheses))
         return results
+
+    def _hypotheses(self, beam: BeamOutput, b: int) -> list[Hypothesis]:
+        """Sentence b's n-best list, best first."""
+        out = []
+        for n, score in enumerate(beam.scores[b].tolist()):
+            if not math.isfinite(score):  # a slot no hypothesis reached (only with a budget of one token)
+                continue
+            steps = self._token_steps(beam.rank(n), b)
+            text = self.tokenizer.decode_tgt([s.id for s in steps])
+            out.append(Hypothesis(text, score, sum(s.loss for s in steps), steps))
+        return out
 
     def _token_steps(self, out: GreedyOutput, b: int) -> list[TokenStep]:
         assert out.probs is not None and out.entropy is not None and out.top_ids is not None and out.top_probs is not None

@@ -1,0 +1,37 @@
+"""The fused, chunked cross-entropy equals nn.CrossEntropyLoss on the projected logits, in value
+and in gradients, with padding ignored and label smoothing applied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nmtkit.loss import projected_cross_entropy
+from nmtkit.tokenizer import PAD_ID
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [3, 1024])
+def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, chunk_rows: int) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(1, 20, (10,))
+    targets[[2, 7]] = PAD_ID
+    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=smoothing, reduction="sum")(hidden @ weight.T, targets)
+    expected_grads = torch.autograd.grad(reference, [hidden, weight])
+    fused = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=smoothing, chunk_rows=chunk_rows)
+    grads = torch.autograd.grad(fused, [hidden, weight])
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_padding_rows_get_no_gradient() -> None:
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(12, 8)
+    targets = torch.tensor([5, PAD_ID, 7, PAD_ID])
+    projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1).backward()
+    assert torch.count_nonzero(hidden.grad[[1, 3]]) == 0
+    assert torch.count_nonzero(hidden.grad[[0, 2]]) > 0

@@ -1,0 +1,59 @@
+"""`nmtkit plot`: a trained run's curves become a valid PNG; a run without metrics, a broken metrics line, or a
+missing matplotlib give one clear message (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from nmtkit.cli import main
+from nmtkit.plot import PlotError, plot_training_curves, read_training_curves
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_writes_curves_png_into_the_run_directory(trained_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "metrics.jsonl", run / "metrics.jsonl")
+    assert main(["plot", str(run)]) == 0
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert capsys.readouterr().out.strip() == str(png)
+
+
+def test_plot_out_writes_where_asked(trained_run: Path, tmp_path: Path) -> None:
+    out = plot_training_curves(trained_run, tmp_path / "figs" / "tiny.png")
+    assert out == tmp_path / "figs" / "tiny.png" and out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_curves_hold_every_train_and_valid_record(trained_run: Path) -> None:
+    curves = read_training_curves(trained_run)
+    assert curves.train_steps == [3, 6, 9, 12] and curves.valid_steps == [6, 12]  # log_every 3, eval_every 6
+    assert len(curves.lr) == len(curves.train_loss) == 4
+    assert curves.train_tokens == sorted(curves.train_tokens) and curves.train_tokens[0] > 0
+
+
+def test_run_without_metrics_exits_2_naming_the_file(tmp_path: Path, capsys) -> None:
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "metrics.jsonl") in err and "not found" in err and "Traceback" not in err
+
+
+def test_broken_metrics_line_is_named_with_its_line_number(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 3, "train_loss": 7.0, "lr": 0.001}\n{"step": 6, "train_lo\n', encoding="utf-8"
+    )
+    with pytest.raises(PlotError, match=r"metrics\.jsonl:2: not valid JSON"):
+        read_training_curves(tmp_path)
+
+
+def test_missing_matplotlib_names_the_install_command(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main(["plot", str(trained_run), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'nmtkit[plot]'" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
