@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import FORMAT_VERSION, CheckpointError, _write_atomic, checkpoint_dir, load_checkpoint
+from .checkpoint import FORMAT_VERSION, CheckpointError, _write_atomic, checkpoint_dir, load_checkpoint, weights_digest
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 # What a resume may not change (train.py refuses to resume otherwise); train and decode settings may differ
@@ -109,6 +109,7 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
         "model": weights,
         "step": newest.get("step", chosen[-1][0]),
         "averaged_steps": [step for step, _ in chosen],
+        "model_sha256": weights_digest(weights),
     }
     path = Path(out) if out is not None else checkpoint_dir(run_dir) / "averaged.pt"
     path.parent.mkdir(parents=True, exist_ok=True)

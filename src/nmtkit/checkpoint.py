@@ -12,6 +12,7 @@ Layout in a run directory:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -79,7 +80,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".*.tmp"):  # left by a save that was killed half-way
         stale.unlink(missing_ok=True)
-    state = {"format_version": FORMAT_VERSION, **state}
+    state = {"format_version": FORMAT_VERSION, **state, "model_sha256": weights_digest(state["model"])}
     path = directory / f"step-{step:06d}.pt"
     _write_atomic(state, path)
     _link_atomic(path, directory / "last.pt")
@@ -126,11 +127,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "nmtkit loads checkpoints with weights_only=True so that a file can't run code; "
             "only load it unsafely if you trust whoever made it"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"could not read checkpoint {path}: {e}; the file may be truncated or not a checkpoint") from None
+    except Exception as e:  # a damaged file fails in many ways inside torch.load
+        raise CheckpointError(
+            f"could not read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}; the file may be damaged, truncated or not a checkpoint"
+        ) from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not an nmtkit checkpoint (no format_version)")
     version = state["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r} is not an integer; the file is not a valid nmtkit checkpoint")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {version}, newer than this nmtkit reads ({FORMAT_VERSION}); upgrade nmtkit"
@@ -138,4 +143,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     missing = [k for k in ("config", "tokenizer", "model") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    if "model_sha256" in state and weights_digest(state["model"]) != state["model_sha256"]:
+        raise CheckpointError(f"{path}: the weights do not match their checksum; the file is damaged. Use another checkpoint")
     return state
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -113,6 +113,8 @@ class TrainConfig:
     # max_bad_steps such steps in a row; fp16 leaves this to its grad scaler
     skip_nonfinite: bool = True
     max_bad_steps: int = field(default=10, metadata=_check(min=1))
+    # a batch that runs out of memory is logged and skipped (single process); false re-raises
+    skip_oom_batches: bool = True
     progress_bar: bool = True
 
 
@@ -297,6 +299,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except (ValueError, RecursionError) as e:  # YAML that parses but can't be built, e.g. a date 2001-02-30
+        raise ConfigError([f"--set {text!r}: the value can't be read ({e})"]) from None
     return keys, value
 
 
@@ -329,6 +333,8 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError([f"invalid YAML{where}: {getattr(e, 'problem', e)}"], str(path)) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text (byte {e.start}): {e.reason}"], str(path)) from None
+    except (ValueError, RecursionError) as e:  # parses, but a value can't be built (a bad date, !!int abc, deep nesting)
+        raise ConfigError([f"a value in this YAML can't be read: {str(e)[:200]}"], str(path)) from None
 
 
 def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str = "") -> Config:

@@ -34,8 +34,8 @@ _JSON_SUFFIXES = (".jsonl", ".json")
 _TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
 # Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
 _ENCODE_VERSION = "v1"
-# A line whose first value is `null` (after a BOM or JSON whitespace): see `_has_null_record`.
-_NULL_RECORD = re.compile(rb"(?:\A(?:\xef\xbb\xbf)?|\n)[ \t\r]*null")
+# A line whose first value is `null` (after JSON whitespace): see `_has_null_record`.
+_NULL_LINE = re.compile(rb"\n[ \t\r]*null")
 
 
 class DataError(ValueError):
@@ -123,7 +123,9 @@ def _has_null_record(path: Path) -> bool:
     if path.stat().st_size == 0:
         return False
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return data.find(b"null") >= 0 and _NULL_RECORD.search(data) is not None
+        if data[:64].removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n").startswith(b"null"):
+            return True
+        return data.find(b"null") >= 0 and _NULL_LINE.search(data) is not None
 
 
 def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datasets.Dataset:

@@ -79,7 +79,7 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     elif device == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
-                "train.device is 'cuda' but torch sees no CUDA device "
+                "device 'cuda' was asked for (train.device or --device) but torch sees no CUDA device "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
                 "use device: cpu or device: auto"
             )
@@ -106,3 +106,12 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             raise DeviceError("train.precision bf16: this GPU has no bf16 support; use fp16 or fp32")
         reasons.append(f"precision {precision} (asked for)")
     return Runtime(dev, precision, "; ".join(reasons))
+
+
+def free_memory(runtime: Runtime) -> str:
+    """Release cached blocks and describe what is free, for out-of-memory messages."""
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(runtime.device)
+        return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free on {runtime.device}"
+    return "CPU memory"

@@ -26,7 +26,7 @@ from .batching import Batch, collate, make_batches, padding_fraction
 from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataError, encode_split, length_arrays, load_split
-from .device import Runtime, choose_runtime
+from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
 from .loss import TrainingObjective
@@ -60,6 +60,7 @@ class TrainState:
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0  # training wall time over all sessions
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
+    oom_skipped: int = 0  # batches skipped because they ran out of memory
     bad_steps_in_a_row: int = 0
 
 
@@ -313,10 +314,26 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             n_tokens = int(sum(tgt_lens[b].sum() + len(b) for b in step_batches))  # all ranks, EOS included
             group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in mine]
             lr = lr_at(state.step + 1, tc)
-            loss_sum, is_applied = train_step(
-                objective, optimizer, scaler, group, n_tokens, runtime, lr, tc.clip_norm,
-                world_size=dist.world_size, check_finite=tc.skip_nonfinite,
-            )
+            try:
+                loss_sum, is_applied = train_step(
+                    objective, optimizer, scaler, group, n_tokens, runtime, lr, tc.clip_norm,
+                    world_size=dist.world_size, check_finite=tc.skip_nonfinite,
+                )
+            except torch.OutOfMemoryError:
+                # One rank skipping alone would hang the others in the next all-reduce, so
+                # distributed runs stop instead (the last checkpoint is intact).
+                if not tc.skip_oom_batches or dist.is_distributed:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                state.oom_skipped += 1
+                shapes = ", ".join(f"{tuple(b.src.shape)}->{tuple(b.tgt_in.shape)}" for b in group)
+                log.warning("out of memory on batch %s (%s); skipped (%d so far). Lower train.max_tokens (now %d) if this repeats",
+                            shapes, free_memory(runtime), state.oom_skipped, tc.max_tokens)
+                del group
+                state.batch_in_epoch = start + len(step_batches)
+                if state.batch_in_epoch >= n_usable:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
             if not is_applied:
                 state.skipped_steps += 1
                 state.bad_steps_in_a_row += 1

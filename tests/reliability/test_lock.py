@@ -1,0 +1,86 @@
+"""Concurrency and paths: one training process per run directory (a lock file naming pid and host), and
+run directories, data files and configs under paths with spaces and non-ASCII characters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from reliability_helpers import (
+    one_torch_thread,  # noqa: F401 (autouse: tiny models train on one thread)
+    run_main,
+    write_config,
+)
+
+from conftest import tiny_config
+from nmtkit.run_lock import RunLockedError
+from nmtkit.train import train
+
+
+def write_lock(run_dir: Path, pid: int, host: str) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "train.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": host}))
+    return lock
+
+
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """The pid of a process that is alive for the whole test."""
+    proc = subprocess.Popen(["sleep", "30"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_lock_of_a_live_process_refuses_training_naming_the_pid(corpus: dict, tmp_path: Path, live_pid: int) -> None:
+    lock = write_lock(tmp_path / "run", live_pid, socket.gethostname())
+    before = lock.read_text()
+    with pytest.raises(RunLockedError, match=rf"in use by a training process \(pid {live_pid}\)"):
+        train(tiny_config(corpus, tmp_path / "run"))
+    assert lock.read_text() == before  # the other run's lock is left alone
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_exits_2_when_the_run_directory_is_locked(corpus: dict, tmp_path: Path, live_pid: int) -> None:
+    write_lock(tmp_path / "run", live_pid, socket.gethostname())
+    code, out, err = run_main(["train", "--config", str(write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run"))])
+    assert code == 2
+    assert f"(pid {live_pid})" in err and "Traceback" not in err
+
+
+def test_lock_of_a_dead_process_is_taken_over(corpus: dict, tmp_path: Path) -> None:
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    lock = write_lock(tmp_path / "run", ended.pid, socket.gethostname())
+    assert train(tiny_config(corpus, tmp_path / "run", train={"max_steps": 2})).state.step == 2
+    assert not lock.exists()  # released at the end
+
+
+def test_lock_from_another_host_refuses_training_naming_the_host(corpus: dict, tmp_path: Path) -> None:
+    write_lock(tmp_path / "run", 12345, "gpu-node-7.example")
+    with pytest.raises(RunLockedError, match=r"locked by pid 12345 on host gpu-node-7\.example; if that run is over, delete"):
+        train(tiny_config(corpus, tmp_path / "run"))
+
+
+def test_train_translate_and_evaluate_work_under_paths_with_spaces_and_non_ascii(corpus: dict, tmp_path: Path) -> None:
+    data = tmp_path / "my data" / "en→zh 语料"
+    data.mkdir(parents=True)
+    spaced = {split: Path(shutil.copy(path, data / f"{split} set.jsonl")) for split, path in corpus.items()}
+    run_dir = tmp_path / "my runs" / "模型 1"
+    config = write_config(tmp_path / "my configs" / "tiny 配置.yaml", spaced, run_dir, train={"max_steps": 2})
+
+    code, out, err = run_main(["train", "--config", str(config)])
+    assert code == 0, err
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    code, out, err = run_main(["translate", "--checkpoint", str(run_dir), "--device", "cpu", "Hello."])
+    assert code == 0, err
+    assert len(out.splitlines()) == 1
+    code, out, err = run_main(["evaluate", "--checkpoint", str(run_dir), "--device", "cpu", "--json", "--no-bleu"])
+    assert code == 0, err
+    assert json.loads(out)["sentences"] == 40

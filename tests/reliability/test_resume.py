@@ -1,0 +1,105 @@
+"""Bit-exact resume on CPU in fp32: a run that stops (cleanly, or killed with SIGKILL) and is resumed ends
+with exactly the weights of a run that never stopped.
+
+Raising train.max_steps on a finished run (tests/test_cli.py::test_rerun_with_more_steps_continues_from_the_last_step)
+and refusing a changed model config (tests/test_train.py::test_resume_with_a_different_model_config_is_refused_with_the_differences,
+tests/test_cli.py::test_resume_with_a_changed_model_exits_2_naming_the_difference) are tested there.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+from reliability_helpers import (
+    max_abs_difference,
+    one_torch_thread,  # noqa: F401 (autouse: tiny models train on one thread)
+    saved_steps,
+    subprocess_env,
+    train_command,
+    wait_for,
+    write_config,
+)
+
+from conftest import tiny_config
+from nmtkit.checkpoint import load_checkpoint
+from nmtkit.train import train
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> value of `key` in metrics.jsonl; a step logged twice (replayed after a kill) keeps its last value."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def optimizer_tensors(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state (step, exp_avg, exp_avg_sq) flattened to name -> tensor."""
+    return {f"{i}.{name}": t for i, s in checkpoint["optimizer"]["state"].items() for name, t in s.items()}
+
+
+# 600 pairs in batches of <= 512 tokens make a 28-batch epoch: stopping at 21 is mid-epoch, and 36 steps
+# cross into the second epoch. Logging every 3 steps keeps the log windows of both runs aligned.
+SCHEDULE = {"log_every": 3, "eval_every": 6, "save_every": 3}
+
+
+def test_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run_bit_for_bit(corpus: dict, tmp_path: Path) -> None:
+    """Same logged losses, weights and optimizer moments: dropout 0.1 makes the restored RNG states count."""
+    model = {"dropout": 0.1}
+    straight = train(tiny_config(corpus, tmp_path / "straight", model=model, train={**SCHEDULE, "max_steps": 36}))
+    half = train(tiny_config(corpus, tmp_path / "resumed", model=model, train={**SCHEDULE, "max_steps": 21}))
+    resumed = train(tiny_config(corpus, tmp_path / "resumed", model=model, train={**SCHEDULE, "max_steps": 36}))
+
+    assert (half.state.epoch, half.state.batch_in_epoch) == (0, 21)  # stopped mid-epoch
+    assert straight.state.epoch == resumed.state.epoch == 1  # and resumed across the epoch boundary
+    assert logged(tmp_path / "resumed", "train_loss") == logged(tmp_path / "straight", "train_loss")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    weight_diff = max_abs_difference(a["model"], b["model"])
+    moment_diff = max_abs_difference(optimizer_tensors(a), optimizer_tensors(b))
+    print(f"in-process resume: max |weight difference| = {weight_diff}, max |AdamW state difference| = {moment_diff}")
+    assert weight_diff == 0.0
+    assert moment_diff == 0.0
+
+
+# max_tokens 128 makes a 98-batch epoch, so a kill anywhere in these 90 steps is mid-epoch; a save
+# every 2 steps gives the kill checkpoints to land between.
+KILLABLE = {"max_tokens": 128, "max_steps": 90, "save_every": 2, "log_every": 2, "eval_every": 30}
+
+
+def test_run_killed_with_sigkill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(corpus: dict, tmp_path: Path) -> None:
+    straight_config = write_config(tmp_path / "straight.yaml", corpus, tmp_path / "straight", train=KILLABLE)
+    killed_config = write_config(tmp_path / "killed.yaml", corpus, tmp_path / "killed", train=KILLABLE)
+    killed_dir = tmp_path / "killed"
+    env = subprocess_env()
+    # The uninterrupted run trains beside the one that is killed: one thread each.
+    with open(tmp_path / "straight.log", "w") as straight_log, open(tmp_path / "killed.log", "w") as killed_log:
+        straight = subprocess.Popen(train_command(straight_config), env=env, stdout=straight_log, stderr=subprocess.STDOUT)
+        victim = subprocess.Popen(train_command(killed_config), env=env, stdout=killed_log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: max(saved_steps(killed_dir), default=0) >= 6 or victim.poll() is not None, 120, "a step >= 6 checkpoint")
+            victim.send_signal(signal.SIGKILL)
+            assert victim.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+            assert straight.wait(timeout=120) == 0, (tmp_path / "straight.log").read_text()
+        finally:
+            for proc in (straight, victim):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+    at_kill = load_checkpoint(killed_dir / "checkpoints" / "last.pt")["train_state"]
+    assert at_kill["epoch"] == 0 and 6 <= at_kill["batch_in_epoch"] < KILLABLE["max_steps"]
+    assert (killed_dir / "train.lock").is_file()  # SIGKILL leaves the lock of a dead process behind
+
+    rerun = subprocess.run(train_command(killed_config), env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from {killed_dir / 'checkpoints' / 'last.pt'} at step {at_kill['step']}" in rerun.stderr
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(killed_dir / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == KILLABLE["max_steps"]
+    weight_diff = max_abs_difference(a["model"], b["model"])
+    print(f"SIGKILL at step {at_kill['step']} and resume: max |weight difference| = {weight_diff}")
+    assert weight_diff == 0.0
+    assert logged(killed_dir, "train_loss") == logged(tmp_path / "straight", "train_loss")
