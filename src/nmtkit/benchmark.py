@@ -145,7 +145,7 @@ def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.T
         with runtime.compute():
             for src in sources:
                 out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos)
-                n_tokens += int(out.lengths.sum())
+                n_tokens += int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel()
         _sync(runtime.device)
         return time.perf_counter() - t0, n_tokens
 
