@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluate this file instead of a split of the run's config")
     p.add_argument("--limit", type=int, default=0, help="only the first N pairs")
     p.add_argument("--no-bleu", action="store_true", help="skip greedy decoding, BLEU and chrF")
+    p.add_argument("--beam", type=int, default=1, help="beam size for the BLEU/chrF translations (default: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are log-probability / length^this")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="also draw the reliability diagram into DIR/reliability.png (needs matplotlib)")
 
@@ -212,6 +214,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     result = evaluate_checkpoint(
         args.checkpoint, split=args.split, data_file=args.data, limit=args.limit, with_bleu=not args.no_bleu,
         device=args.device, precision=args.precision, batch_size=args.batch_size, plot_dir=args.plot,
+        beam_size=args.beam, length_penalty=args.length_penalty,
     )
     print(json.dumps(result, ensure_ascii=False, indent=None) if args.json else format_metrics(result))
     return 0

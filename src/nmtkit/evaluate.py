@@ -111,6 +111,8 @@ def evaluate_checkpoint(
     precision: str = "fp32",
     batch_size: int = 0,
     plot_dir: str | Path | None = None,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
 ) -> dict:
     """Everything `nmtkit evaluate` reports, as one dict (the `--json` output).
 
@@ -135,7 +137,7 @@ def evaluate_checkpoint(
     calib = calibration.result()
     quality = None
     if with_bleu:
-        hypotheses = translate_all(translator, ds["src"])
+        hypotheses = translate_all(translator, list(ds["src"]), beam_size, length_penalty)
         quality = quality_metrics(hypotheses, ds["tgt"], cfg.data.tgt_lang)
     out = metrics_dict(loss, quality)
     out.update(ece=calib.ece, mean_entropy=calib.mean_entropy, calibration_bins=[asdict(b) for b in calib.bins])
@@ -146,6 +148,7 @@ def evaluate_checkpoint(
         data=getattr(data_cfg, split),
         split=split,
         label_smoothing_in_loss=False,
+        decoding="greedy" if beam_size <= 1 else f"beam {beam_size}, length penalty {length_penalty}",
         filtered_out=n_too_long,
         seconds=round(time.time() - t0, 2),
     )
@@ -164,14 +167,18 @@ def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.
     return ds, n_too_long
 
 
-def translate_all(translator: Translator, texts: list[str]) -> list[str]:
-    """Greedy translations in input order, decoded in length-sorted batches to keep padding low."""
+def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
+    """Greedy (or beam) translations in input order, decoded in length-sorted batches to keep padding low."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [""] * len(texts)
     size = translator.cfg.decode.batch_size
     for start in range(0, len(order), size):
         idx = order[start : start + size]
-        result = translator.translate_ids(translator.encode_source([texts[i] for i in idx]))
+        src = translator.encode_source([texts[i] for i in idx])
+        if beam_size > 1:
+            result = translator.beam_search_ids(src, beam_size, length_penalty=length_penalty).rank(0)
+        else:
+            result = translator.translate_ids(src)
         for row, i in enumerate(idx):
             out[i] = translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist())
     return out
@@ -195,6 +202,6 @@ def format_metrics(m: dict) -> str:
     if "reliability_plot" in m:
         rows.append(("reliability", m["reliability_plot"]))
     if "bleu" in m:
-        rows += [("BLEU", f"{m['bleu']:.2f}"), ("chrF", f"{m['chrf']:.2f}"), ("signature", m["sacrebleu_signature"]), ("chrF signature", m["chrf_signature"])]
+        rows += [("decoding", m["decoding"]), ("BLEU", f"{m['bleu']:.2f}"), ("chrF", f"{m['chrf']:.2f}"), ("signature", m["sacrebleu_signature"]), ("chrF signature", m["chrf_signature"])]
     rows.append(("time", f"{m['seconds']:.1f}s"))
     return "\n".join(f"{k:>15}  {v}" for k, v in rows)
