@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import mmap
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +25,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from nmtkit.config import DataConfig
+from .config import DataConfig
+from .data_scan import DataError, check_header, read_header, read_lines, scan_json, scan_table
+
+__all__ = ["DataError", "FilterReport", "encode_split", "length_arrays", "load_split"]
 
 SPLITS = ("train", "valid", "test")
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -36,10 +37,6 @@ _TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
 _ENCODE_VERSION = "v1"
 # A line whose first value is `null` (after JSON whitespace): see `_has_null_record`.
 _NULL_LINE = re.compile(rb"\n[ \t\r]*null")
-
-
-class DataError(ValueError):
-    """A problem with the data a config points at; the message names the file, line, key or value, and the fix."""
 
 
 class Tokenizer(Protocol):
@@ -101,13 +98,13 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
     if _has_null_record(path):
-        _scan_json(path, cfg, nested=None)  # raises at the first record that is not an object
+        scan_json(path, cfg, nested=None)  # raises at the first record that is not an object
     # on_mixed_types=None: a record without a key becomes a null we can detect, not a JSON-string column.
     ds, why = _load_builder("json", path, cache_dir, on_mixed_types=None)
     pair = _to_pair(ds, cfg) if ds is not None else None
     why = why or _column_problem(pair, cfg)
     if why:
-        _scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
+        scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None
     return pair
@@ -129,8 +126,8 @@ def _has_null_record(path: Path) -> bool:
 
 
 def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datasets.Dataset:
-    header = _read_header(path, sep)
-    _check_header(path, header, cfg)
+    header = read_header(path, sep)
+    check_header(path, header, cfg)
     # Every column as a string and no NA guessing: "NA", "null" and "" are text here, not missing values.
     # TSV is read without quote handling (QUOTE_NONE) because MT data has stray quotes; CSV keeps RFC 4180.
     options: dict[str, Any] = {
@@ -141,7 +138,7 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
     }
     ds, why = _load_builder("csv", path, cache_dir, **options)
     if ds is None:
-        _scan_table(path, sep, header)
+        scan_table(path, sep, header)
         kind = "TSV" if sep == "\t" else "CSV"
         raise DataError(f"{path}: could not be read as a {kind} file: {why}")
     pair = _to_pair(ds, cfg)
@@ -157,7 +154,7 @@ def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str) -> 
         _require_file(path, f"{key} ({pattern!r} with {{lang}}={lang!r})")
         ds, why = _load_builder("text", path, cache_dir)
         if ds is None:
-            for _ in _read_lines(path):  # raises on the first line that is not UTF-8
+            for _ in read_lines(path):  # raises on the first line that is not UTF-8
                 pass
             raise DataError(f"{path}: could not be read as a text file: {why}")
         sides.append(ds)
@@ -229,114 +226,6 @@ def _column_problem(pair: datasets.Dataset | None, cfg: DataConfig) -> str:
         except pa.ArrowInvalid:
             return f"values of {lang!r} are not valid UTF-8"
     return ""
-
-
-# ----------------------------------------------------------------------------- line scans for precise errors
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for each line; raises DataError at the first line that is not UTF-8."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}, line {number}: invalid UTF-8 at byte {e.start} of the line ({e.reason});"
-                    " re-encode the file as UTF-8, e.g. `iconv -f GB18030 -t UTF-8`"
-                ) from None
-
-
-def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """("line N" or "record N", parsed record) for a JSON Lines file or a JSON array; DataError on bad syntax."""
-    with open(path, "rb") as f:
-        is_array = f.read(64).lstrip().startswith(b"[")
-    if not is_array:
-        for number, text in _read_lines(path):
-            if text.strip():
-                try:
-                    yield f"line {number}", json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno});"
-                        " each line must be one JSON object"
-                    ) from None
-        return
-    raw = path.read_bytes()
-    try:
-        records = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    for number, record in enumerate(records, start=1):
-        yield f"record {number}", record
-
-
-def _scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
-    """Raise DataError at the first record without a string for each language.
-
-    `nested`: True = under "translation", False = flat, None = whichever that record uses.
-    """
-    for where, record in _json_records(path):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
-        is_nested = nested if nested is not None else "translation" in record
-        values = record.get("translation") if is_nested else record
-        prefix = "translation." if is_nested else ""
-        if not isinstance(values, dict):
-            raise DataError(
-                f"{path}, {where}: no 'translation' object (keys present: {', '.join(record) or 'none'});"
-                ' use {"translation": {...}} on every line or flat records on every line'
-            )
-        for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
-            value = values.get(lang)
-            if value is None:
-                present = ", ".join(f"{prefix}{k}" for k in values) or "none"
-                raise DataError(
-                    f"{path}, {where}: missing key '{prefix}{lang}' (keys present: {present});"
-                    f" add it, drop the record, or change {key}"
-                )
-            if not isinstance(value, str):
-                raise DataError(f"{path}, {where}: '{prefix}{lang}' is {value!r}, expected a string")
-
-
-def _read_header(path: Path, sep: str) -> list[str]:
-    for _, text in _read_lines(path):
-        try:
-            return next(csv.reader([text], delimiter=sep))
-        except csv.Error as e:  # a bare carriage return inside the line, or a field over csv's size limit
-            raise DataError(f"{path}, line 1: could not read the header row ({e}); it must be one line of column names") from None
-    raise DataError(f"{path}: the file is empty; it needs a header row naming a column per language")
-
-
-def _check_header(path: Path, header: list[str], cfg: DataConfig) -> None:
-    for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
-        if lang not in header:
-            raise DataError(
-                f"{path}, line 1: the header has no column {lang!r} (columns: {', '.join(header)});"
-                f" name the columns {cfg.src_lang!r} and {cfg.tgt_lang!r}, or change {key}"
-            )
-
-
-def _scan_table(path: Path, sep: str, header: list[str]) -> None:
-    """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
-    for _ in _read_lines(path):
-        pass
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-    stray = "tab" if sep == "\t" else "separator or quote"
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=sep, quoting=quoting)
-        try:
-            for row in reader:
-                if row and len(row) != len(header):
-                    raise DataError(
-                        f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
-                        f" check for a stray {stray} in the text"
-                    )
-        except csv.Error as e:  # e.g. a field over csv's size limit
-            raise DataError(f"{path}, line {reader.line_num}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- encoding and filters

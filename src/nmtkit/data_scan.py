@@ -1,0 +1,124 @@
+"""Line-by-line scans that find the exact line of a bad data file.
+
+`data.py` lets `datasets`/Arrow load files; only when that fails, or the loaded columns show a problem,
+does it call these to name the offending file and line in a `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+
+
+class DataError(ValueError):
+    """A problem with the data a config points at; the message names the file, line, key or value, and the fix."""
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line; raises DataError at the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {number}: invalid UTF-8 at byte {e.start} of the line ({e.reason});"
+                    " re-encode the file as UTF-8, e.g. `iconv -f GB18030 -t UTF-8`"
+                ) from None
+
+
+def json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """("line N" or "record N", parsed record) for a JSON Lines file or a JSON array; DataError on bad syntax."""
+    with open(path, "rb") as f:
+        is_array = f.read(64).lstrip().startswith(b"[")
+    if not is_array:
+        for number, text in read_lines(path):
+            if text.strip():
+                try:
+                    yield f"line {number}", json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno});"
+                        " each line must be one JSON object"
+                    ) from None
+        return
+    raw = path.read_bytes()
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for number, record in enumerate(records, start=1):
+        yield f"record {number}", record
+
+
+def scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
+    """Raise DataError at the first record without a string for each language.
+
+    `nested`: True = under "translation", False = flat, None = whichever that record uses.
+    """
+    for where, record in json_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, {where}: expected a JSON object, got {type(record).__name__}")
+        is_nested = nested if nested is not None else "translation" in record
+        values = record.get("translation") if is_nested else record
+        prefix = "translation." if is_nested else ""
+        if not isinstance(values, dict):
+            raise DataError(
+                f"{path}, {where}: no 'translation' object (keys present: {', '.join(record) or 'none'});"
+                ' use {"translation": {...}} on every line or flat records on every line'
+            )
+        for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
+            value = values.get(lang)
+            if value is None:
+                present = ", ".join(f"{prefix}{k}" for k in values) or "none"
+                raise DataError(
+                    f"{path}, {where}: missing key '{prefix}{lang}' (keys present: {present});"
+                    f" add it, drop the record, or change {key}"
+                )
+            if not isinstance(value, str):
+                raise DataError(f"{path}, {where}: '{prefix}{lang}' is {value!r}, expected a string")
+
+
+def read_header(path: Path, sep: str) -> list[str]:
+    for _, text in read_lines(path):
+        try:
+            return next(csv.reader([text], delimiter=sep))
+        except csv.Error as e:  # a bare carriage return inside the line, or a field over csv's size limit
+            raise DataError(f"{path}, line 1: could not read the header row ({e}); it must be one line of column names") from None
+    raise DataError(f"{path}: the file is empty; it needs a header row naming a column per language")
+
+
+def check_header(path: Path, header: list[str], cfg: DataConfig) -> None:
+    for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
+        if lang not in header:
+            raise DataError(
+                f"{path}, line 1: the header has no column {lang!r} (columns: {', '.join(header)});"
+                f" name the columns {cfg.src_lang!r} and {cfg.tgt_lang!r}, or change {key}"
+            )
+
+
+def scan_table(path: Path, sep: str, header: list[str]) -> None:
+    """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
+    for _ in read_lines(path):
+        pass
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    stray = "tab" if sep == "\t" else "separator or quote"
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        try:
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
+                        f" check for a stray {stray} in the text"
+                    )
+        except csv.Error as e:  # e.g. a field over csv's size limit
+            raise DataError(f"{path}, line {reader.line_num}: {e}") from None
