@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nmtkit.average import average_checkpoints, newest_checkpoints
-from nmtkit.checkpoint import CheckpointError, _write_atomic, load_checkpoint, weights_digest
+from nmtkit.checkpoint import CheckpointError, load_checkpoint, weights_digest, write_atomic
 from nmtkit.cli import main
 from nmtkit.translator import Translator
 
@@ -82,7 +82,7 @@ def test_checkpoints_of_different_models_are_refused_naming_the_difference(run_c
     state["config"]["model"]["d_ff"] = 128
     state["model"]["decoder.0.ffn.up.weight"] = torch.zeros(128, 32)
     state["model_sha256"] = weights_digest(state["model"])  # a consistent file, just of another model
-    _write_atomic(state, run_copy / "checkpoints" / "step-000018.pt")
+    write_atomic(state, run_copy / "checkpoints" / "step-000018.pt")
     with pytest.raises(CheckpointError) as info:
         average_checkpoints(run_copy, last=2)
     message = str(info.value)

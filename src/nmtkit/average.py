@@ -16,12 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import FORMAT_VERSION, CheckpointError, _write_atomic, checkpoint_dir, load_checkpoint, weights_digest
+from .checkpoint import (
+    FORMAT_VERSION,
+    WEIGHT_SECTIONS,
+    CheckpointError,
+    checkpoint_dir,
+    load_checkpoint,
+    weights_digest,
+    write_atomic,
+)
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
-# What a resume may not change (train.py refuses to resume otherwise); train and decode settings may differ
-# between the saves of one run, e.g. a raised train.max_steps, and don't change what the weights mean.
-_MUST_MATCH = ("data", "tokenizer", "model")
 
 
 @dataclass
@@ -56,7 +61,7 @@ def newest_checkpoints(run_dir: str | Path, last: int) -> list[tuple[int, Path]]
 
 def _differences(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """What keeps two checkpoints' weights from being averaged: config sections, tokenizer, parameter names/shapes."""
-    problems = [f"config section '{s}' differs" for s in _MUST_MATCH if first["config"].get(s) != other["config"].get(s)]
+    problems = [f"config section '{s}' differs" for s in WEIGHT_SECTIONS if first["config"].get(s) != other["config"].get(s)]
     if first["tokenizer"] != other["tokenizer"]:
         problems.append("the tokenizer differs")
     a, b = first["model"], other["model"]
@@ -113,5 +118,5 @@ def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None =
     }
     path = Path(out) if out is not None else checkpoint_dir(run_dir) / "averaged.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state, path)
+    write_atomic(state, path)
     return AveragedCheckpoint(path, [step for step, _ in chosen], files)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+# Config sections that the weights depend on: a resume or an average requires them to match.
+WEIGHT_SECTIONS = ("data", "tokenizer", "model")
 _STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 
 
@@ -46,7 +48,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(state: dict[str, Any], path: Path) -> None:
+def write_atomic(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -82,7 +84,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is
         stale.unlink(missing_ok=True)
     state = {"format_version": FORMAT_VERSION, **state, "model_sha256": weights_digest(state["model"])}
     path = directory / f"step-{step:06d}.pt"
-    _write_atomic(state, path)
+    write_atomic(state, path)
     _link_atomic(path, directory / "last.pt")
     if is_best:
         _link_atomic(path, directory / "best.pt")

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .batching import Batch, collate, make_batches, padding_fraction
-from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime, free_memory
@@ -40,8 +40,6 @@ from .translator import build_model, check_model_matches, tokenizer_from_state
 
 log = logging.getLogger(__name__)
 
-# Config sections that must match for a resume; train.* (lr, max_steps, ...) may change.
-RESUME_MUST_MATCH = ("data", "tokenizer", "model")
 
 
 class DivergenceError(RuntimeError):
@@ -91,7 +89,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
     now = current.to_dict()
     diffs = []
-    for section in RESUME_MUST_MATCH:
+    for section in WEIGHT_SECTIONS:
         for key, value in now[section].items():
             old = saved.get(section, {}).get(key)
             if isinstance(value, tuple):
