@@ -6,10 +6,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from nmtkit import data
 from nmtkit.config import DataConfig
-from nmtkit.data import DataError, FilterReport, encode_split, load_split
+from nmtkit.data import DataError, FilterReport, encode_split, iter_texts, load_split, sample_rows
 
 BUNDLED = Path(__file__).parents[1] / "data" / "tatoeba-en-zh"
 
@@ -207,10 +209,19 @@ def test_encode_adds_int32_ids_and_lengths(tmp_path: Path, cache: Path) -> None:
     ds, report = encode_split(load_split(cfg_for(path), "train", cache), CharTokenizer(), DataConfig(), "train")
     assert ds.features["src_ids"].feature.dtype == "int32" and ds.features["src_len"].dtype == "int32"
     row = ds[0]
-    assert row["src"] == "ab c" and row["tgt"] == "甲乙"  # the reference text stays for evaluation
     assert (row["src_len"], row["tgt_len"]) == (3, 2)
     assert row["src_ids"] == [4 + ord("a"), 4 + ord("b"), 4 + ord("c")]
     assert report == FilterReport("train", total=1, kept=1, empty=0, too_long=0, bad_ratio=0)
+
+
+def test_training_tables_hold_ids_only_and_evaluation_tables_keep_the_reference_text(tmp_path: Path, cache: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("ab c", "甲乙"), ("", "甲")]))
+    raw = load_split(cfg_for(path), "train", cache)
+    train, _ = encode_split(raw, CharTokenizer(), DataConfig(), "train", apply_filters=True)
+    assert sorted(train.column_names) == ["src_ids", "src_len", "tgt_ids", "tgt_len"]
+    evaluation, _ = encode_split(raw, CharTokenizer(), DataConfig(), "test", apply_filters=False)
+    assert evaluation[:]["src"] == ["ab c", ""] and evaluation[:]["tgt"] == ["甲乙", "甲"]
+    assert evaluation[:]["src_len"] == [3, 0]  # each text next to its own ids
 
 
 # max_len=10, max_len_ratio=2.0; the char tokenizer makes one piece per non-space character.
@@ -236,7 +247,7 @@ def test_filters_count_each_reason_once_and_remove_only_when_applied(tmp_path: P
 
     filtered, report = encode_split(ds, CharTokenizer(), cfg, "train", apply_filters=True)
     assert (report.total, report.kept, report.empty, report.too_long, report.bad_ratio) == (10, 4, 3, 2, 1)
-    assert filtered["src"][:] == kept_src
+    assert filtered["src_ids"][:] == CharTokenizer().encode_src(kept_src)
 
     unfiltered, counted = encode_split(ds, CharTokenizer(), cfg, "valid", apply_filters=False)
     assert len(unfiltered) == 10 and counted.kept == 10
@@ -286,3 +297,40 @@ def test_edited_data_file_is_loaded_and_encoded_again(tmp_path: Path, cache: Pat
     tokenizer = CharTokenizer()
     encoded, _ = encode_split(load_split(cfg, "train", cache), tokenizer, cfg, "train")
     assert tokenizer.calls > 0 and encoded["src_len"][:] == [4]
+
+
+# ----------------------------------------------------------------------------- large files
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 64])
+def test_null_line_scan_reads_blocks_and_finds_a_null_line_across_their_boundaries(tmp_path: Path, monkeypatch, block: int) -> None:
+    monkeypatch.setattr(data, "_SCAN_BLOCK", block)  # every split point of "\n \t null" across two reads
+    cases = {
+        b'{"a": 1}\n \t null\n{"a": 2}\n': True,
+        b"\xef\xbb\xbf  null\n": True,  # BOM and indentation before the first record
+        b'{"en": "null and void"}\n{"en": "a"}\n': False,  # "null" in the text, not at a line start
+        b'{"a": 1}\n  x null\n': False,
+        b"": False,
+    }
+    for i, (content, expected) in enumerate(cases.items()):
+        path = tmp_path / f"{i}.jsonl"
+        path.write_bytes(content)
+        assert data._has_null_record(path) is expected, (block, content)
+
+
+def test_sample_rows_draws_exactly_n_rows_the_same_way_for_a_seed() -> None:
+    mask = sample_rows(1000, 100, seed=3)
+    assert mask is not None and mask.dtype == bool and mask.shape == (1000,) and mask.sum() == 100
+    assert np.array_equal(mask, sample_rows(1000, 100, seed=3))
+    assert not np.array_equal(mask, sample_rows(1000, 100, seed=4))
+    assert sample_rows(1000, 1000, seed=3) is None and sample_rows(1000, 0, seed=3) is None  # every row
+
+
+def test_iter_texts_streams_a_column_in_batches_and_keeps_only_the_masked_rows(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(data, "_ROWS_PER_BATCH", 3)  # 10 rows: batches of 3, 3, 3, 1
+    records = [(f"s{i}", f"t{i}") for i in range(10)]
+    ds = load_split(cfg_for(write_jsonl(tmp_path / "train.jsonl", pairs(records))), "train", cache)
+    assert list(iter_texts(ds, "tgt")) == [t for _, t in records]
+    mask = np.zeros(10, dtype=bool)
+    mask[[0, 3, 4, 9]] = True
+    assert list(iter_texts(ds, "src", mask)) == ["s0", "s3", "s4", "s9"]

@@ -2,9 +2,10 @@
 
 `load_split` reads .jsonl/.json (HF translation schema or flat records), .tsv/.csv (a column per language),
 a line-aligned text pair `path/train.{lang}`, or a hub dataset, and returns a Dataset with two string
-columns, `src` and `tgt`. `encode_split` adds piece ids and lengths with a `map` cached on disk under a
+columns, `src` and `tgt`. `encode_split` writes piece ids and lengths with a `map` cached on disk under a
 fingerprint of (data, tokenizer), so a second run does not re-encode, and counts (and, for training,
-removes) empty, too long and badly length-ratioed pairs.
+removes) empty, too long and badly length-ratioed pairs. Every table is memory-mapped, and every pass over
+a whole split reads it a batch at a time, so a corpus of millions of pairs never becomes Python objects.
 
 Errors: the normal path lets `datasets`/Arrow do the work. Only when loading fails, or the loaded columns
 show a problem (a null, a missing column, invalid UTF-8), do we scan the file once in Python to point at the
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import mmap
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,15 +29,17 @@ import pyarrow as pa
 from .config import DataConfig
 from .data_scan import DataError, check_header, read_header, read_lines, scan_json, scan_table
 
-__all__ = ["DataError", "FilterReport", "encode_split", "length_arrays", "load_split"]
+__all__ = ["DataError", "FilterReport", "encode_split", "iter_texts", "length_arrays", "load_split", "sample_rows"]
 
 SPLITS = ("train", "valid", "test")
 _JSON_SUFFIXES = (".jsonl", ".json")
 _TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
 # Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
-_ENCODE_VERSION = "v1"
+_ENCODE_VERSION = "v2"  # v2: ids and lengths only, no copy of the text
 # A line whose first value is `null` (after JSON whitespace): see `_has_null_record`.
 _NULL_LINE = re.compile(rb"\n[ \t\r]*null")
+_SCAN_BLOCK = 1 << 24  # bytes read at a time by `_has_null_record`
+_ROWS_PER_BATCH = 10_000  # rows per Arrow batch when a pass reads a whole split (about 1 MB)
 
 
 class Tokenizer(Protocol):
@@ -116,13 +119,22 @@ def _has_null_record(path: Path) -> bool:
     pyarrow's JSON reader (pyarrow 26) crashes the process, a segfault rather than an exception, when a
     block it parses starts with the value null, and blocks start at line starts. A record must be an
     object anyway, so such a file skips the reader and goes to the line scan, which names the line.
+    The file is read in blocks rather than memory-mapped: every page of a mapping that a scan touches
+    counts in the process's resident memory, which for a 10M-pair file is gigabytes.
     """
-    if path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:64].removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n").startswith(b"null"):
-            return True
-        return data.find(b"null") >= 0 and _NULL_LINE.search(data) is not None
+    carry = b"\n"  # the file starts a line
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xef\xbb\xbf":  # a UTF-8 byte order mark comes before the first line
+            f.seek(0)
+        while block := f.read(_SCAN_BLOCK):
+            data = carry + block
+            if b"null" in data and _NULL_LINE.search(data):
+                return True
+            # A match can straddle two blocks only as a line start, whitespace and the start of "null".
+            start = data.rfind(b"\n")
+            rest = data[start + 1 :].lstrip(b" \t\r")
+            carry = b"\n" + rest if start >= 0 and b"null".startswith(rest) else b""
+    return False
 
 
 def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datasets.Dataset:
@@ -253,21 +265,26 @@ class FilterReport:
 def encode_split(
     ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, split: str, apply_filters: bool = True
 ) -> tuple[datasets.Dataset, FilterReport]:
-    """Add `src_ids`/`tgt_ids` (int32 lists, no BOS/EOS) and `src_len`/`tgt_len` (int32), then filter.
+    """Piece ids `src_ids`/`tgt_ids` (int32 lists, no BOS/EOS) and lengths `src_len`/`tgt_len` (int32).
 
     The encoded table is cached on disk next to `ds` under a fingerprint of (ds, tokenizer), so the same data
-    and tokenizer are encoded once. Filtered pairs are always counted; they are removed only if `apply_filters`.
+    and tokenizer are encoded once. Filtered pairs are always counted. With `apply_filters` (training) they
+    are removed, and the result holds the four encoded columns only; without (evaluation) every pair stays
+    and the result also has `ds`'s `src`/`tgt` text, for references.
     """
     fingerprint = _hash(ds._fingerprint, tokenizer.fingerprint, _ENCODE_VERSION)
-    features = ds.features.copy()
+    features = datasets.Features()
     for side in ("src", "tgt"):
         features[f"{side}_ids"] = datasets.List(datasets.Value("int32"))
         features[f"{side}_len"] = datasets.Value("int32")
+    # The text is not copied into the encoded table: `ds` has it already, and random training reads would
+    # bring its pages into memory too (for 10M pairs the table is 0.9 GB without the text, 1.5 GB with it).
     encoded = ds.map(
         _encode_batch,
         batched=True,
         fn_kwargs={"tokenizer": tokenizer},
         features=features,
+        remove_columns=ds.column_names,
         new_fingerprint=fingerprint,
         load_from_cache_file=True,
         num_proc=None,
@@ -276,16 +293,21 @@ def encode_split(
     lens = encoded.with_format("numpy", columns=["src_len", "tgt_len"])[:]  # two int32 arrays, not the corpus
     empty, too_long, bad_ratio = _filter_reasons(lens["src_len"], lens["tgt_len"], cfg.max_len, cfg.max_len_ratio)
     n_drop = int(empty.sum() + too_long.sum() + bad_ratio.sum())
-    if apply_filters and n_drop:
-        encoded = encoded.filter(
-            _keep_batch,
+    if not apply_filters:
+        encoded = datasets.concatenate_datasets([ds, encoded], axis=1)  # the text again, without a copy
+    elif n_drop:
+        # The kept rows are written to a new table, one vectorised pass in Arrow. (`Dataset.filter` would
+        # keep an index mapping instead, and every read through one goes row by row in Python: reading the
+        # lengths of 10M pairs would build 10M one-row tables.)
+        encoded = encoded.with_format("arrow").map(
+            _keep_rows,
             batched=True,
-            input_columns=["src_len", "tgt_len"],
+            batch_size=_ROWS_PER_BATCH,
             fn_kwargs={"max_len": cfg.max_len, "max_ratio": cfg.max_len_ratio},
-            new_fingerprint=_hash(fingerprint, "filter", str(cfg.max_len), repr(cfg.max_len_ratio)),
+            new_fingerprint=_hash(fingerprint, "keep rows", str(cfg.max_len), repr(cfg.max_len_ratio)),
             load_from_cache_file=True,
             desc=f"filtering {split}",
-        )
+        ).with_format(None)
     report = FilterReport(
         split=split,
         total=len(lens["src_len"]),
@@ -306,6 +328,29 @@ def length_arrays(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """
     lens = ds.with_format("numpy", columns=["src_len", "tgt_len"])[:]
     return lens["src_len"], lens["tgt_len"]
+
+
+def sample_rows(n_rows: int, n_sample: int, seed: int) -> np.ndarray | None:
+    """A boolean mask (n_rows,) with `n_sample` rows drawn at random, or None (every row) when that is all."""
+    if n_sample <= 0 or n_sample >= n_rows:
+        return None
+    mask = np.zeros(n_rows, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n_rows, n_sample, replace=False)] = True
+    return mask
+
+
+def iter_texts(ds: datasets.Dataset, column: str, rows: np.ndarray | None = None) -> Iterator[str]:
+    """The strings of `column` in row order; only the rows set in the boolean mask `rows` (N,) when given.
+
+    Read from the Arrow table a batch at a time, so memory stays at one batch of strings whatever the size of
+    the split (iterating a Dataset row by row is as lean but builds a dict per row, which is slow).
+    """
+    batches = ds.with_format("arrow", columns=[column]).iter(_ROWS_PER_BATCH)
+    for start, batch in zip(range(0, len(ds), _ROWS_PER_BATCH), batches, strict=True):
+        texts = batch.column(column)
+        if rows is not None:
+            texts = texts.filter(pa.array(rows[start : start + len(texts)]))
+        yield from texts.to_pylist()
 
 
 def _hash(*parts: str) -> str:
@@ -335,6 +380,7 @@ def _filter_reasons(
     return empty, too_long, bad_ratio
 
 
-def _keep_batch(src_len: list[int], tgt_len: list[int], max_len: int, max_ratio: float) -> list[bool]:
-    empty, too_long, bad_ratio = _filter_reasons(np.asarray(src_len), np.asarray(tgt_len), max_len, max_ratio)
-    return (~(empty | too_long | bad_ratio)).tolist()
+def _keep_rows(batch: pa.Table, max_len: int, max_ratio: float) -> pa.Table:
+    src_len, tgt_len = batch.column("src_len").to_numpy(), batch.column("tgt_len").to_numpy()
+    empty, too_long, bad_ratio = _filter_reasons(src_len, tgt_len, max_len, max_ratio)
+    return batch.filter(pa.array(~(empty | too_long | bad_ratio)))

@@ -137,8 +137,11 @@ def _run_trainer(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int
         vocab_size=vocab_size,
         character_coverage=cfg.character_coverage,
         normalization_rule_name=cfg.normalization,
-        input_sentence_size=cfg.max_sentences,
-        shuffle_input_sentence=cfg.max_sentences > 0,
+        # Every sentence given is used: the caller applies tokenizer.max_sentences by sampling pairs (see
+        # train.prepare_tokenizer). SentencePiece's own cap would still pull every sentence of a large corpus
+        # through Python, and setting it changes the model even when the corpus is below the cap.
+        input_sentence_size=0,
+        shuffle_input_sentence=False,  # its default (True) reorders the input, which changes the model
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=BOS_ID,
@@ -156,7 +159,10 @@ def _nonempty(sentences: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(cfg: TokenizerConfig, src_texts: Iterable[str], tgt_texts: Iterable[str]) -> Tokenizer:
-    """Train a joint model on both sides, or one model per side when `cfg.joint` is False."""
+    """Train a joint model on both sides, or one model per side when `cfg.joint` is False.
+
+    Every text given is used; `cfg.max_sentences` is the caller's to apply (`train.prepare_tokenizer` samples).
+    """
     if cfg.joint:
         both = _chain(src_texts, tgt_texts)
         tok = Tokenizer(_train_one(both, cfg, cfg.vocab_size))

@@ -135,7 +135,8 @@ def test_tsv_row_missing_its_target_column_is_counted_empty_and_dropped(tmp_path
     cfg = DataConfig(train=source)
     encoded, report = encode_split(load_split(cfg, "train", tmp_path / "cache"), WordLengthTokenizer(), cfg, "train")
     assert (report.total, report.empty, report.kept) == (2, 1, 1)
-    assert encoded["src"] == ["big cat"] and encoded["tgt"] == ["grosse katze"]
+    tokenizer = WordLengthTokenizer()
+    assert encoded["src_ids"] == tokenizer.encode_src(["big cat"]) and encoded["tgt_ids"] == tokenizer.encode_tgt(["grosse katze"])
 
 
 # pyarrow's JSON reader segfaults on a block that starts with `null`; in this process it would take the
