@@ -73,6 +73,18 @@ def test_resume_with_a_different_model_config_is_refused_with_the_differences(co
         train(tiny_config(corpus, run, model={"d_ff": 96}))
 
 
+def test_a_changed_tokenizer_sample_size_does_not_block_resuming_but_a_vocabulary_change_does() -> None:
+    # max_sentences only steers tokenizer training; a resumed run reuses the saved tokenizer
+    from nmtkit.config import Config
+    from nmtkit.train import config_differences
+
+    saved = Config().to_dict()
+    saved["tokenizer"]["max_sentences"] = 0
+    assert config_differences(saved, Config()) == []
+    saved["tokenizer"]["vocab_size"] = 123
+    assert config_differences(saved, Config()) == [f"tokenizer.vocab_size: checkpoint 123, config {Config().tokenizer.vocab_size}"]
+
+
 def test_gradient_accumulation_trains_like_one_larger_batch() -> None:
     """Two micro-batches accumulated by train_step give the same update as their union in one
     batch: the loss is normalised by the tokens of the whole optimizer step."""

@@ -62,7 +62,9 @@ class TokenizerConfig:
     # "identity" keeps text as is (full-width Chinese punctuation survives the round trip, so
     # outputs match references); "nmt_nfkc" is SentencePiece's own default.
     normalization: Literal["identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf"] = "identity"
-    max_sentences: int = field(default=0, metadata=_check(min=0))  # 0 = every training sentence
+    # sentences each SentencePiece model trains on, from a random sample of pairs when data.train has more;
+    # 0 = all of them. SentencePiece holds its input in memory (~0.5 GB per million short sentences).
+    max_sentences: int = field(default=1_000_000, metadata=_check(min=0))
 
 
 @dataclass
@@ -116,6 +118,9 @@ class TrainConfig:
     # a batch that runs out of memory is logged and skipped (single process); false re-raises
     skip_oom_batches: bool = True
     progress_bar: bool = True
+    # torch.compile the encoder-decoder for training: faster steps after a compilation of a minute or
+    # two at the start (CPU needs a C++ compiler); see docs/performance.md for the measured trade-off
+    compile: bool = False
 
 
 @dataclass
