@@ -35,3 +35,28 @@ def test_padding_rows_get_no_gradient() -> None:
     projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1).backward()
     assert torch.count_nonzero(hidden.grad[[1, 3]]) == 0
     assert torch.count_nonzero(hidden.grad[[0, 2]]) > 0
+
+
+def test_compiled_objective_gives_the_eager_loss_and_gradients_for_batches_of_different_shapes() -> None:
+    from nmtkit.config import ModelConfig
+    from nmtkit.loss import TrainingObjective
+    from nmtkit.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_heads=2, d_ff=32, n_enc_layers=1, n_dec_layers=1, dropout=0.0, max_positions=32)
+    model = Transformer(cfg, 30, 30, is_joint_vocab=True)
+    eager = TrainingObjective(model, 0.1, torch.float32)
+    compiled = TrainingObjective(model, 0.1, torch.float32, compile=True)
+    for B, S, T in [(3, 5, 4), (2, 7, 9), (4, 3, 6)]:  # (B, S, T) all change, as real batches do
+        src = torch.randint(4, 30, (B, S))
+        src[0, -2:] = PAD_ID
+        tgt_in, tgt_out = torch.randint(4, 30, (B, T)), torch.randint(4, 30, (B, T))
+        tgt_out[-1, -1] = PAD_ID
+        results = []
+        for objective in (eager, compiled):
+            loss = objective(src, tgt_in, tgt_out)
+            results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+        (want, want_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

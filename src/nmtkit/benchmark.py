@@ -102,7 +102,7 @@ def _peak_memory(runtime: Runtime) -> dict[str, float]:
 def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: nn.Module, s: BenchmarkSettings) -> dict:
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    objective = TrainingObjective(model, cfg.train.label_smoothing, runtime.dtype)
+    objective = TrainingObjective(model, cfg.train.label_smoothing, runtime.dtype, compile=cfg.train.compile)
     model.train()
 
     def run(group: list[Batch]) -> float:

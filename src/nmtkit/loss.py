@@ -92,19 +92,30 @@ def projected_cross_entropy(
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, compute_dtype)
 
 
+def _hidden_states(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
+    """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection."""
+    src_mask = padding_mask(src)
+    return model.decode(model.encode(src, src_mask), src_mask, tgt_in)
+
+
 class TrainingObjective(nn.Module):
     """The model plus its loss as one module, so that DistributedDataParallel can wrap the whole
-    training computation: (src, tgt_in, tgt_out) -> summed label-smoothed cross-entropy."""
+    training computation: (src, tgt_in, tgt_out) -> summed label-smoothed cross-entropy.
 
-    def __init__(self, model: Transformer, label_smoothing: float, compute_dtype: torch.dtype) -> None:
+    compile=True runs the encoder-decoder through `torch.compile` (the fused loss stays eager: its
+    chunk loop is already a few large matmuls). Shapes are marked dynamic from the start, since
+    every batch has its own (B, S, T); the first steps pay for compilation (a minute or two on CPU).
+    """
+
+    def __init__(self, model: Transformer, label_smoothing: float, compute_dtype: torch.dtype, compile: bool = False) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
         self.compute_dtype = compute_dtype
+        self._hidden = torch.compile(_hidden_states, dynamic=True) if compile else _hidden_states
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
-        src_mask = padding_mask(src)
-        hidden = self.model.decode(self.model.encode(src, src_mask), src_mask, tgt_in)  # (B, T, D)
+        hidden = self._hidden(self.model, src, tgt_in)  # (B, T, D)
         return projected_cross_entropy(
             hidden.flatten(0, 1), self.model.output_weight, tgt_out.flatten(),
             ignore_index=PAD_ID, label_smoothing=self.label_smoothing, compute_dtype=self.compute_dtype,
