@@ -68,8 +68,8 @@ def test_kv_cached_steps_equal_the_full_decoder_pass(norm: str) -> None:
         src_mask = padding_mask(src)
         memory = model.encode(src, src_mask)
         full = model.project(model.decode(memory, src_mask, tgt))  # (B, T, V)
-        cache = model.start_cache(memory, max_len=tgt.size(1))
-        steps = [model.project(model.decode_step(tgt[:, t : t + 1], src_mask, cache)) for t in range(tgt.size(1))]
+        cache = model.start_cache(memory, src_mask, max_len=tgt.size(1))
+        steps = [model.project(model.decode_step(tgt[:, t : t + 1], cache)) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

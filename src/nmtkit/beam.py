@@ -214,10 +214,9 @@ def beam_search(
     limits = torch.as_tensor(max_len, device=device).expand(B)
     n_steps = int(limits.max())
     src_mask = padding_mask(src)
-    cache = model.start_cache(model.encode(src, src_mask), n_steps)
+    cache = model.start_cache(model.encode(src, src_mask), src_mask, n_steps)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) the sentence of each decoder row
     cache.reorder(rows)  # memory keys/values computed once per sentence, then copied to its K beams
-    src_mask = src_mask.index_select(0, rows)  # (B*K, 1, 1, S)
     offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) first row of each sentence
 
     # Only beam 0 starts live, so the first step doesn't pick the same token K times.
@@ -229,7 +228,7 @@ def beam_search(
     token = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)
 
     for t in range(n_steps):
-        logits = model.project(model.decode_step(token, src_mask, cache))  # (B*K, V)
+        logits = model.project(model.decode_step(token, cache))  # (B*K, V)
         logp = F.log_softmax(logits.float(), dim=-1).view(B, K, V)
         is_last = t + 1 >= limits
         cand = _expand(logp, sums, is_last, top_k)

@@ -21,6 +21,7 @@ class KVCache:
         self.keys: Tensor | None = None  # (n_layers, B, H, max_len, Dh), allocated at the first append
         self.values: Tensor | None = None
         self.memory_kv: list[tuple[Tensor, Tensor]] = []  # per layer: (B, H, S, Dh) keys and values
+        self.memory_bias: Tensor | None = None  # (B, 1, 1, S): 0 at source tokens, -inf at padding
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, H, 1, Dh) at the current position; return all keys/values so far (B, H, t+1, Dh)."""
@@ -45,4 +46,6 @@ class KVCache:
             self.keys = self.keys.index_select(1, index)
             self.values = self.values.index_select(1, index)
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
+        if self.memory_bias is not None:
+            self.memory_bias = self.memory_bias.index_select(0, index)
         self.shape = (self.shape[0], int(index.numel()), *self.shape[2:])

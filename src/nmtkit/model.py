@@ -48,6 +48,20 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
 
 
+def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Attention for a single query position: q (B, H, 1, Dh), keys/values (B, H, L, Dh) -> (B, H, 1, Dh).
+
+    Decoding runs this thousands of times on tiny tensors. SDPA's CPU math kernel converts bf16 inputs
+    to fp32 and back on every call, which made it half of a decoding step; two batched matmuls and a
+    softmax in the tensors' own dtype do the same work at less than half the cost. `bias` is an additive
+    (B, 1, 1, L) mask: 0 for keys to attend to, -inf for padding.
+    """
+    scores = torch.matmul(q * q.size(-1) ** -0.5, keys.transpose(-1, -2))  # (B, H, 1, L)
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(dim=-1), values)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
@@ -68,8 +82,7 @@ class SelfAttention(nn.Module):
         """One decoding position: x (B, 1, D); appends its key/value to the cache."""
         q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
         keys, values = cache.append(layer, k, v)  # (B, H, t+1, Dh): every earlier position and this one
-        y = F.scaled_dot_product_attention(q, keys, values)
-        return self.out(_merge_heads(y))
+        return self.out(_merge_heads(attend_one(q, keys, values)))
 
 
 class CrossAttention(nn.Module):
@@ -94,6 +107,11 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=src_mask, dropout_p=p)
         return self.out(_merge_heads(y))
 
+    def step(self, x: Tensor, kv: tuple[Tensor, Tensor], src_bias: Tensor) -> Tensor:
+        """One decoding position: x (B, 1, D) attends to the cached memory keys/values."""
+        q = _split_heads(self.q(x), self.n_heads)  # (B, H, 1, Dh)
+        return self.out(_merge_heads(attend_one(q, kv[0], kv[1], src_bias)))
+
 
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
@@ -105,6 +123,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.drop(self.act(self.up(x))))
+
+    def up_act_down(self, x: Tensor) -> Tensor:
+        """The eval-mode forward without the dropout call, for decoding steps."""
+        return self.down(self.act(self.up(x)))
 
 
 class EncoderLayer(nn.Module):
@@ -137,21 +159,26 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self, x: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor, cache: KVCache | None = None, layer: int = 0
-    ) -> Tensor:
-        """Full causal pass when `cache` is None; otherwise one position, x (B, 1, D)."""
-
-        def self_attn(h: Tensor) -> Tensor:
-            return self.self_attn(h, is_causal=True) if cache is None else self.self_attn.step(h, cache, layer)
-
+    def forward(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor) -> Tensor:
+        """Full causal pass over x (B, T, D)."""
         if self.is_pre_norm:
-            x = x + self.drop(self_attn(self.norm1(x)))
+            x = x + self.drop(self.self_attn(self.norm1(x), is_causal=True))
             x = x + self.drop(self.cross_attn(self.norm2(x), memory_kv, src_mask))
             return x + self.drop(self.ffn(self.norm3(x)))
-        x = self.norm1(x + self.drop(self_attn(x)))
+        x = self.norm1(x + self.drop(self.self_attn(x, is_causal=True)))
         x = self.norm2(x + self.drop(self.cross_attn(x, memory_kv, src_mask)))
         return self.norm3(x + self.drop(self.ffn(x)))
+
+    def step(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """One decoding position, x (B, 1, D), in eval mode (no dropout calls: each op counts here)."""
+        memory_kv = cache.memory_kv[layer]
+        if self.is_pre_norm:
+            x = x + self.self_attn.step(self.norm1(x), cache, layer)
+            x = x + self.cross_attn.step(self.norm2(x), memory_kv, cache.memory_bias)
+            return x + self.ffn.up_act_down(self.norm3(x))
+        x = self.norm1(x + self.self_attn.step(x, cache, layer))
+        x = self.norm2(x + self.cross_attn.step(x, memory_kv, cache.memory_bias))
+        return self.norm3(x + self.ffn.up_act_down(x))
 
 
 class Transformer(nn.Module):
@@ -232,22 +259,25 @@ class Transformer(nn.Module):
 
     # -- incremental decoding ---------------------------------------------------------------
 
-    def start_cache(self, memory: Tensor, max_len: int) -> KVCache:
+    def start_cache(self, memory: Tensor, src_mask: Tensor, max_len: int) -> KVCache:
         """A cache for up to `max_len` decoder positions, with every layer's cross-attention
-        keys and values computed from `memory` once."""
+        keys and values computed from `memory` once, and the source padding as an additive bias."""
         B = memory.size(0)
         H = self.cfg.n_heads
         cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device)
-        cache.memory_kv = [layer.cross_attn.memory_kv(memory) for layer in self.decoder]
+        # contiguous copies: every decoding step reads them, and strided ones would be copied each time
+        cache.memory_kv = [tuple(t.contiguous() for t in layer.cross_attn.memory_kv(memory)) for layer in self.decoder]
+        zeros = torch.zeros(src_mask.shape, dtype=cache.memory_kv[0][0].dtype, device=memory.device)
+        cache.memory_bias = zeros.masked_fill(~src_mask, float("-inf"))  # (B, 1, 1, S)
         return cache
 
-    def decode_step(self, tokens: Tensor, src_mask: Tensor, cache: KVCache) -> Tensor:
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """tokens (B, 1): the latest token of each sentence -> hidden state (B, D) at that position.
 
         Work per call is constant in the prefix length apart from attention over the cached keys.
         """
         x = self._embed(self.tgt_embed, tokens, offset=cache.length)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, cache.memory_kv[i], src_mask, cache=cache, layer=i)
+            x = layer.step(x, cache, i)
         cache.advance()
         return self.dec_norm(x[:, 0])
