@@ -73,3 +73,11 @@ def trained_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(autouse=True)
 def _deterministic_threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _denormals_back_on():
+    """A CPU runtime flushes denormal floats to zero for the whole process (`device.choose_runtime`);
+    restore IEEE behaviour after each test, since other tests (hypothesis's float strategies) need it."""
+    yield
+    torch.set_flush_denormal(False)

@@ -96,6 +96,11 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         dev = torch.device("cpu")
         reasons.append("device cpu (asked for)")
 
+    if dev.type == "cpu":
+        # Denormal floats are 10-100x slower in CPU arithmetic. AdamW's moments of embedding rows whose
+        # token is absent from a batch decay geometrically into that range: 15 batches repeated made a
+        # training step go from 0.26 s to 6 s. Flushing them to zero (as oneDNN does) keeps steps flat.
+        torch.set_flush_denormal(True)
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
