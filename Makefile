@@ -18,7 +18,7 @@ $(BIN)/python:
 # torch first and pinned: a bare `torch` requirement on an empty venv could pull a multi-GB build
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,plot]"
+	$(BIN)/pip install -q -e ".[dev,plot,tensorboard]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,12 +18,13 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .device import DeviceError
+from .metrics import TensorBoardMissingError
 from .plot import PlotError
 from .run_lock import RunLockedError
 from .tokenizer import TokenizerError
 
 log = logging.getLogger("nmtkit")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError, PlotError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError, PlotError, TensorBoardMissingError)
 
 
 def _setup_logging(verbose: bool) -> None:

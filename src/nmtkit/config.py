@@ -121,6 +121,8 @@ class TrainConfig:
     # torch.compile the encoder-decoder for training: faster steps after a compilation of a minute or
     # two at the start (CPU needs a C++ compiler); see docs/performance.md for the measured trade-off
     compile: bool = False
+    # mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard (needs `pip install tensorboard`)
+    tensorboard: bool = False
 
 
 @dataclass

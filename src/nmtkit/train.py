@@ -9,7 +9,6 @@ batches of this epoch" plus restoring the RNG states.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
 from .loss import TrainingObjective
+from .metrics import MetricsLog
 from .rng import restore_rng_states, rng_states, seed_everything
 from .run_lock import RunLock
 from .runinfo import write_run_info
@@ -120,17 +120,6 @@ def make_optimizer(model: nn.Module, cfg: Config, runtime: Runtime) -> torch.opt
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel updates every parameter in one pass, on CUDA and on CPU alike
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=True)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per log or eval event, for machines and plots."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, **record: Any) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def train_step(
@@ -225,6 +214,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         log.setLevel(logging.WARNING)  # rank 0 alone logs
     log.info("run %s: %s, %d CPU threads", run_dir, runtime.reason, torch.get_num_threads())
     seed_everything(tc.seed)
+    # opened first, so that a missing tensorboard package stops the run before any work
+    metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tc.tensorboard and dist.is_main else None)
 
     # Rank 0 trains the tokenizer and writes the Arrow caches; the other ranks wait, then read them.
     if not dist.is_main:
@@ -272,7 +263,6 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             "step": state.step,
         }
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
     valid_loss = state.best_valid_loss
     t_start = time.time() - state.elapsed_s
     window_loss = torch.zeros((), device=runtime.device)  # summed on the device; read once per log line
@@ -394,6 +384,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
 
     # ---------------------------------------------------------------- cleanup
     bar.close()
+    metrics.close()
     dist.barrier()
     log.info("stopped: %s; step %d, best valid loss %.4f, %.0fs", stop_reason, state.step, state.best_valid_loss, state.elapsed_s)
     return TrainResult(run_dir, state, stop_reason, valid_loss)
