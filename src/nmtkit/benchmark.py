@@ -181,7 +181,10 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     else:
         model = build_model(cfg, tokenizer)
     model = model.to(runtime.device)
-    result: dict = {"device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(), "runtime": runtime.reason}
+    result: dict = {
+        "device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(),
+        "runtime": runtime.reason, "compile": cfg.train.compile,
+    }
     result["n_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     if s.train:
@@ -208,7 +211,8 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
 
 
 def format_benchmark(r: dict) -> str:
-    lines = [f"device {r['device']} | precision {r['precision']} | {r['threads']} threads | {r['n_params'] / 1e6:.1f}M parameters"]
+    compiled = " | torch.compile (training)" if r.get("compile") else ""
+    lines = [f"device {r['device']} | precision {r['precision']}{compiled} | {r['threads']} threads | {r['n_params'] / 1e6:.1f}M parameters"]
     if "train_tgt_tokens_per_s" in r:
         lines.append(
             f"train:  {r['train_tgt_tokens_per_s']:,.0f} target tokens/s ({r['train_step_ms']:.0f} ms/step, median of {len(r['train_runs_s'])} runs of {r['train_steps']} steps)"
