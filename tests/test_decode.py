@@ -41,6 +41,18 @@ def test_cached_greedy_gives_the_same_tokens_and_probabilities_as_rerunning_the_
     torch.testing.assert_close(fast.probs, slow_probs, atol=1e-5, rtol=1e-5)
 
 
+def test_turning_the_per_token_log_on_does_not_change_the_translation() -> None:
+    # with the log on, the next token is the first of the top-k instead of a separate argmax
+    model = make_model()
+    src = random_ids(6, 9)
+    src[2, 5:] = PAD_ID
+    with torch.no_grad():
+        plain = greedy_decode(model, src, 10)
+        logged = greedy_decode(model, src, 10, top_k=4)
+    assert torch.equal(plain.tokens, logged.tokens)
+    assert torch.equal(plain.lengths, logged.lengths)
+
+
 def test_recorded_probabilities_match_the_softmax_of_a_full_forward_pass() -> None:
     model = make_model()
     src = random_ids(2, 6)
@@ -106,5 +118,5 @@ def test_cross_entropy_of_a_single_next_token_is_minus_log_p() -> None:
 def test_entropy_matches_the_coin_examples() -> None:
     for p_heads, bits in [(0.488, 0.9996), (0.177, 0.6735)]:
         logits = torch.tensor([[math.log(p_heads), math.log(1 - p_heads)]])
-        _, entropy, _, _ = token_stats(logits, torch.tensor([0]), top_k=2)
+        _, entropy, _ = token_stats(logits, torch.tensor([0]), logits.topk(2).values)
         assert abs(entropy.item() / math.log(2) - bits) < 1e-4

@@ -33,23 +33,22 @@ def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (src_len.float() * a + b).long().clamp(min=1, max=limit)
 
 
-def token_stats(logits: Tensor, chosen: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logits (B, V), chosen ids (B,) -> probability of the chosen token, entropy (nats), and the
-    top-k ids and probabilities, all in fp32.
+def token_stats(logits: Tensor, chosen: Tensor, top_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (B, V), chosen ids (B,), the k largest logits (B, k) -> probability of the chosen token,
+    entropy (nats) and the top-k probabilities, all in fp32.
 
     Written to touch the (B, V) logits as few times as possible (this runs at every decoding step):
     with m = max x, e = exp(x - m) and Z = sum e, p = e / Z, ln Z' = m + ln Z, and the entropy is
-    ln Z' - sum(p x) = ln Z' - (e . x) / Z. The top-k are taken on the logits.
+    ln Z' - sum(p x) = ln Z' - (e . x) / Z. The top-k come from the caller, who needs them first.
     """
     x = logits.float()
-    m = x.amax(dim=-1, keepdim=True)  # (B, 1)
+    m = top_logits[:, :1].float()  # (B, 1) the largest logit
     e = (x - m).exp_()  # (B, V)
     z = e.sum(dim=-1)  # (B,)
     lse = m[:, 0] + z.log()  # (B,) log of the softmax normaliser
     entropy = lse - torch.linalg.vecdot(e, x) / z
-    top_logits, top_ids = x.topk(top_k, dim=-1)
     chosen_prob = e.gather(1, chosen[:, None])[:, 0] / z
-    return chosen_prob, entropy, top_ids, torch.exp(top_logits - lse[:, None])
+    return chosen_prob, entropy, torch.exp(top_logits.float() - lse[:, None])
 
 
 @torch.no_grad()
@@ -89,13 +88,17 @@ def greedy_decode(
         torch.mm(hidden.to(weight_t.dtype), weight_t, out=logits_lp)
         if logits is not logits_lp:
             logits.copy_(logits_lp)
-        nxt = logits.argmax(dim=-1)
+        if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
+            top_logits, top_ids[:, t] = logits.topk(top_k, dim=-1)
+            nxt = top_ids[:, t, 0].clone()
+        else:
+            nxt = logits.argmax(dim=-1)
         if stop_at_eos:
             nxt = torch.where(t + 1 >= limits, EOS_ID, nxt)  # the budget ends a sentence with EOS
             nxt = nxt.masked_fill(is_done, PAD_ID)
             is_done |= nxt == EOS_ID
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
-            probs[:, t], entropy[:, t], top_ids[:, t], top_probs[:, t] = token_stats(logits, nxt, top_k)
+            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits)
         out[:, t] = nxt
         token = nxt[:, None]
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.
