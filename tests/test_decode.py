@@ -118,5 +118,5 @@ def test_cross_entropy_of_a_single_next_token_is_minus_log_p() -> None:
 def test_entropy_matches_the_coin_examples() -> None:
     for p_heads, bits in [(0.488, 0.9996), (0.177, 0.6735)]:
         logits = torch.tensor([[math.log(p_heads), math.log(1 - p_heads)]])
-        _, entropy, _ = token_stats(logits, torch.tensor([0]), logits.topk(2).values)
+        _, entropy, _ = token_stats(logits, torch.tensor([0]), *logits.topk(2))
         assert abs(entropy.item() / math.log(2) - bits) < 1e-4

@@ -33,22 +33,19 @@ def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (src_len.float() * a + b).long().clamp(min=1, max=limit)
 
 
-def token_stats(logits: Tensor, chosen: Tensor, top_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """logits (B, V), chosen ids (B,), the k largest logits (B, k) -> probability of the chosen token,
-    entropy (nats) and the top-k probabilities, all in fp32.
+def token_stats(logits: Tensor, chosen: Tensor, top_logits: Tensor, top_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """logits (B, V), chosen ids (B,), the k largest logits and their ids (B, k) -> probability of the
+    chosen token, entropy (nats) and the top-k probabilities, all in fp32.
 
-    Written to touch the (B, V) logits as few times as possible (this runs at every decoding step):
-    with m = max x, e = exp(x - m) and Z = sum e, p = e / Z, ln Z' = m + ln Z, and the entropy is
-    ln Z' - sum(p x) = ln Z' - (e . x) / Z. The top-k come from the caller, who needs them first.
+    Written to touch the (B, V) logits as few times as possible (this runs at every decoding step): one
+    fused softmax p, then ln Z = m - ln p(argmax) with m the largest logit, and the entropy
+    -sum p ln p = ln Z - sum p x, a dot product. The top-k come from the caller, who needs them first.
     """
     x = logits.float()
-    m = top_logits[:, :1].float()  # (B, 1) the largest logit
-    e = (x - m).exp_()  # (B, V)
-    z = e.sum(dim=-1)  # (B,)
-    lse = m[:, 0] + z.log()  # (B,) log of the softmax normaliser
-    entropy = lse - torch.linalg.vecdot(e, x) / z
-    chosen_prob = e.gather(1, chosen[:, None])[:, 0] / z
-    return chosen_prob, entropy, torch.exp(top_logits.float() - lse[:, None])
+    p = x.softmax(dim=-1)  # (B, V)
+    lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
+    entropy = lse - torch.linalg.vecdot(p, x)
+    return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
 
 
 @torch.no_grad()
@@ -98,7 +95,7 @@ def greedy_decode(
             nxt = nxt.masked_fill(is_done, PAD_ID)
             is_done |= nxt == EOS_ID
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
-            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits)
+            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits, top_ids[:, t])
         out[:, t] = nxt
         token = nxt[:, None]
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.
