@@ -118,8 +118,8 @@ class TrainConfig:
     # a batch that runs out of memory is logged and skipped (single process); false re-raises
     skip_oom_batches: bool = True
     progress_bar: bool = True
-    # torch.compile the encoder-decoder for training: faster steps after a compilation of a minute or
-    # two at the start (CPU needs a C++ compiler); see docs/performance.md for the measured trade-off
+    # torch.compile the encoder-decoder for training, after a compilation of a minute or two at the start
+    # (meant for GPUs; on the 2-core CPU of docs/performance.md it measured 16% slower than eager)
     compile: bool = False
     # mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard (needs `pip install tensorboard`)
     tensorboard: bool = False

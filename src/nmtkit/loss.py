@@ -104,7 +104,8 @@ class TrainingObjective(nn.Module):
 
     compile=True runs the encoder-decoder through `torch.compile` (the fused loss stays eager: its
     chunk loop is already a few large matmuls). Shapes are marked dynamic from the start, since
-    every batch has its own (B, S, T); the first steps pay for compilation (a minute or two on CPU).
+    every batch has its own (B, S, T); the first steps pay for compilation (a minute or two on CPU,
+    where the compiled graph measured slower than eager: docs/performance.md).
     """
 
     def __init__(self, model: Transformer, label_smoothing: float, compute_dtype: torch.dtype, compile: bool = False) -> None:
