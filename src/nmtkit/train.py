@@ -367,7 +367,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 skipped = f" | skipped {state.skipped_steps}" if state.skipped_steps else ""
                 log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
                 if dist.is_main:
-                    metrics.write(step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2))
+                    metrics.write(
+                        step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen,
+                        elapsed_s=round(state.elapsed_s, 2), skipped_steps=state.skipped_steps, oom_skipped=state.oom_skipped,
+                    )
                 window_loss.zero_()
                 window_tokens, window_t0 = 0, now
 

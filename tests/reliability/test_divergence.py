@@ -65,6 +65,8 @@ def test_two_isolated_nan_steps_are_skipped_and_training_completes(
     assert any(r.getMessage().startswith("step 12 | loss") and "| skipped 2" in r.getMessage() for r in caplog.records)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)  # NaN losses are not averaged in
+    # the running count of skipped steps is in metrics.jsonl too (step 3: none yet; step 6: step 4; from step 9: both)
+    assert [(r["step"], r["skipped_steps"]) for r in records if "train_loss" in r] == [(3, 0), (6, 1), (9, 2), (12, 2)]
 
 
 def test_nan_on_every_step_raises_divergence_error_and_leaves_the_last_checkpoint_untouched(
