@@ -6,6 +6,7 @@ helper here is a no-op, so the training loop reads the same either way.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -66,4 +67,8 @@ def init_distributed(device_type: str) -> Dist:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
+        # DistributedDataParallel holds reference cycles (its hooks point back at it), so it may be freed by a
+        # later garbage collection, even during interpreter shutdown, after the group below is gone; its C++
+        # reducer then aborts the process (a rare SIGABRT of a rank after a finished run). Collect it now.
+        gc.collect()
         dist.destroy_process_group()
