@@ -87,7 +87,7 @@ def greedy_decode(
             logits.copy_(logits_lp)
         if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
             top_logits, top_ids[:, t] = logits.topk(top_k, dim=-1)
-            nxt = top_ids[:, t, 0].clone()
+            nxt = top_ids[:, t, 0]  # a view; column t is never written again
         else:
             nxt = logits.argmax(dim=-1)
         if stop_at_eos:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import Transformer, padding_mask
+from .model import Transformer
 from .tokenizer import PAD_ID
 
 
@@ -92,12 +92,6 @@ def projected_cross_entropy(
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, compute_dtype)
 
 
-def _hidden_states(model: Transformer, src: Tensor, tgt_in: Tensor) -> Tensor:
-    """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection."""
-    src_mask = padding_mask(src)
-    return model.decode(model.encode(src, src_mask), src_mask, tgt_in)
-
-
 class TrainingObjective(nn.Module):
     """The model plus its loss as one module, so that DistributedDataParallel can wrap the whole
     training computation: (src, tgt_in, tgt_out) -> summed label-smoothed cross-entropy.
@@ -113,10 +107,10 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
         self.compute_dtype = compute_dtype
-        self._hidden = torch.compile(_hidden_states, dynamic=True) if compile else _hidden_states
+        self._hidden = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
-        hidden = self._hidden(self.model, src, tgt_in)  # (B, T, D)
+        hidden = self._hidden(src, tgt_in)  # (B, T, D)
         return projected_cross_entropy(
             hidden.flatten(0, 1), self.model.output_weight, tgt_out.flatten(),
             ignore_index=PAD_ID, label_smoothing=self.label_smoothing, compute_dtype=self.compute_dtype,

@@ -252,10 +252,14 @@ class Transformer(nn.Module):
         """(..., D) -> (..., V) logits over the target vocabulary."""
         return F.linear(hidden, self.output_weight)
 
+    def hidden_states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection."""
+        src_mask = padding_mask(src)
+        return self.decode(self.encode(src, src_mask), src_mask, tgt_in)
+
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """(B, S), (B, T) -> logits (B, T, V)."""
-        src_mask = padding_mask(src)
-        return self.project(self.decode(self.encode(src, src_mask), src_mask, tgt_in))
+        return self.project(self.hidden_states(src, tgt_in))
 
     # -- incremental decoding ---------------------------------------------------------------
 
