@@ -28,6 +28,46 @@ def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, c
         torch.testing.assert_close(got, want)
 
 
+def test_gradients_computed_in_the_forward_pass_follow_the_upstream_gradient() -> None:
+    # The fused loss forms its gradients while the chunk's logits are at hand; backward only scales them.
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(1, 20, (9,))
+    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum")(hidden @ weight.T, targets)
+    expected = torch.autograd.grad(-2.5 * reference, [hidden, weight])
+    fused = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1, chunk_rows=4)
+    for got, want in zip(torch.autograd.grad(-2.5 * fused, [hidden, weight]), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_loss_without_autograd_equals_the_training_loss() -> None:
+    torch.manual_seed(2)
+    hidden, weight = torch.randn(7, 8), torch.randn(20, 8)
+    targets = torch.tensor([4, 9, PAD_ID, 1, 19, 3, PAD_ID])
+    with torch.no_grad():
+        value = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1)
+    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum")(hidden @ weight.T, targets)
+    torch.testing.assert_close(value, reference)
+
+
+def test_bf16_matmuls_give_the_fp32_loss_and_gradients_to_bf16_precision() -> None:
+    torch.manual_seed(3)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(1, 50, (40,))
+    targets[::7] = PAD_ID
+    kwargs = dict(ignore_index=PAD_ID, label_smoothing=0.1, chunk_rows=16)
+    want = projected_cross_entropy(hidden, weight, targets, **kwargs)
+    want_grads = torch.autograd.grad(want, [hidden, weight])
+    got = projected_cross_entropy(hidden, weight, targets, compute_dtype=torch.bfloat16, **kwargs)
+    got_grads = torch.autograd.grad(got, [hidden, weight])
+    assert got.dtype == torch.float32 and [g.dtype for g in got_grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.05)
+
+
 def test_padding_rows_get_no_gradient() -> None:
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(12, 8)
