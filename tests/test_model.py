@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from nmtkit.config import ModelConfig
-from nmtkit.model import Transformer, padding_mask
+import torch.nn.functional as F
+
+from nmtkit.model import Transformer, attention, padding_mask
 from nmtkit.tokenizer import BOS_ID, PAD_ID
 
 V = 50
@@ -71,6 +73,30 @@ def test_kv_cached_steps_equal_the_full_decoder_pass(norm: str) -> None:
         cache = model.start_cache(memory, src_mask, max_len=tgt.size(1))
         steps = [model.project(model.decode_step(tgt[:, t : t + 1], cache)) for t in range(tgt.size(1))]
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_equals_sdpa_in_values_and_gradients(causal: bool) -> None:
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 6, 8, requires_grad=True) for _ in range(3))
+    mask = padding_mask(torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, PAD_ID, PAD_ID], [5, 6, 7, PAD_ID, PAD_ID, PAD_ID]]))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False) if not causal else (
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask & torch.ones(6, 6, dtype=torch.bool).tril())
+    )
+    got = attention(q, k, v, mask, is_causal=causal)
+    torch.testing.assert_close(got, want)
+    grads_want = torch.autograd.grad(want.square().sum(), [q, k, v])
+    grads_got = torch.autograd.grad(got.square().sum(), [q, k, v])
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w)
+
+
+def test_cpu_attention_in_bf16_stays_bf16_and_close_to_fp32() -> None:
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), attention(q, k, v, is_causal=True), rtol=0.05, atol=0.03)
 
 
 def test_joint_vocabulary_ties_source_target_and_output_embeddings() -> None:

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +44,10 @@ class Runtime:
 
     def compute(self) -> contextlib.ExitStack:
         """The context model code runs in: mixed precision (matmuls in bf16/fp16, reductions and
-        the loss in fp32) and the attention kernels.
-
-        On CPU, SDPA's fused flash kernel is several times slower than the plain math kernel for
-        sentence-length sequences (fwd+bwd, 14 tokens, head dim 64: 41 ms vs 9 ms), so CPU runs
-        use the math kernel. CUDA keeps SDPA's own choice.
-        """
+        the loss in fp32). Attention picks its CPU or GPU path itself (`model.attention`)."""
         stack = contextlib.ExitStack()
         if self.precision != "fp32":
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.dtype))
-        if self.device.type == "cpu":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
     @property
