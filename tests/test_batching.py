@@ -88,8 +88,23 @@ def test_padding_fraction_is_zero_for_equal_lengths() -> None:
 def test_pair_longer_than_the_budget_raises_with_index_and_length() -> None:
     src = np.array([3, 4, 40, 2])
     tgt = np.array([3, 4, 5, 2])
-    with pytest.raises(ValueError, match=r"pair 2 has 40 source / 5 target pieces, so 41 tokens.*max_tokens=32"):
+    with pytest.raises(ValueError, match=r"pair 2 has 40 source / 5 target pieces, so 41 counted tokens.*max_tokens=32"):
         make_batches(src, tgt, 32, shuffle=True)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_target_count_budgets_padded_target_tokens_only_and_covers_every_pair(lens, shuffle: bool) -> None:
+    src, tgt = lens
+    src = src * 2  # sources twice as long: the longer-side budget would cut much smaller batches
+    batches = make_batches(src, tgt, MAX_TOKENS, shuffle=shuffle, count="target")
+    assert all(len(b) * int(tgt[b].max() + 1) <= MAX_TOKENS for b in batches)
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(src)))
+    assert len(batches) < 0.7 * len(make_batches(src, tgt, MAX_TOKENS, shuffle=shuffle))
+
+
+def test_unknown_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="count must be 'longer_side' or 'target', got 'source'"):
+        make_batches(np.array([3]), np.array([3]), 64, shuffle=False, count="source")
 
 
 def test_no_pairs_gives_no_batches() -> None:

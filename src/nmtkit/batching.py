@@ -1,6 +1,8 @@
 """Token-budget batches from length buckets, and collation into padded tensors.
 
-A batch is a set of row indices whose padded size, `len(batch) * (longest side + 1)`, fits `max_tokens`.
+A batch is a set of row indices whose padded size fits `max_tokens`: `len(batch) * (longer side + 1)` by
+default (the memory a batch needs), or `len(batch) * (target length + 1)` with count="target" (the budget of
+batches counted in padded target tokens, as the peers in docs/performance.md count them).
 Training batches are drawn from shuffled chunks that are sorted by length before cutting, so a batch holds
 pairs of similar length (little padding) while the order still changes every epoch. The whole plan is a
 pure function of (lengths, max_tokens, seed, epoch): a resumed run rebuilds the same list and skips the
@@ -26,6 +28,7 @@ def make_batches(
     seed: int = 0,
     epoch: int = 0,
     chunk_batches: int = 100,
+    count: str = "longer_side",
 ) -> list[np.ndarray]:
     """Split row indices into batches of at most `max_tokens` padded tokens.
 
@@ -33,17 +36,21 @@ def make_batches(
     and BOS/EOS (target). Returns int64 index arrays that together hold every index exactly once.
     shuffle=False: one global length sort (evaluation); shuffle=True: random chunks of about
     `chunk_batches` batches, each sorted then cut, and the batches shuffled, all from rng([seed, epoch]).
+    count: "longer_side" (max(source, target) + 1 per row) or "target" (target + 1 per row).
     """
     src_lens = np.asarray(src_lens, dtype=np.int64)
     tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
     if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1:
         raise ValueError(f"src_lens {src_lens.shape} and tgt_lens {tgt_lens.shape} must be 1-d and the same length")
-    widths = np.maximum(src_lens, tgt_lens) + 1  # (N,) the padded width a pair forces on its batch
+    if count not in ("longer_side", "target"):
+        raise ValueError(f"count must be 'longer_side' or 'target', got {count!r}")
+    # (N,) the padded width a pair forces on its batch
+    widths = (tgt_lens if count == "target" else np.maximum(src_lens, tgt_lens)) + 1
     too_wide = np.flatnonzero(widths > max_tokens)
     if too_wide.size:
         i = int(too_wide[0])
         raise ValueError(
-            f"pair {i} has {src_lens[i]} source / {tgt_lens[i]} target pieces, so {widths[i]} tokens with EOS,"
+            f"pair {i} has {src_lens[i]} source / {tgt_lens[i]} target pieces, so {widths[i]} counted tokens with EOS,"
             f" more than max_tokens={max_tokens}; raise train.max_tokens or lower data.max_len"
         )
     if len(widths) == 0:

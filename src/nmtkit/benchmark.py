@@ -189,7 +189,9 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
 
     if s.train:
         train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
-        index = make_batches(*length_arrays(train_ds), cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
+        index = make_batches(
+            *length_arrays(train_ds), cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed, count=cfg.train.max_tokens_counts
+        )
         needed = s.warmup_steps + s.timed_steps
         batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
         result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))

@@ -93,6 +93,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = field(default=0, metadata=_check(min=0))  # CPU threads; 0 = torch default
     max_tokens: int = field(default=4096, metadata=_check(min=16))
+    # what max_tokens counts per pair: its longer side (bounds the memory of every batch) or, as
+    # Hugging Face scripts do, its target side only (bigger steps when sources are longer than targets)
+    max_tokens_counts: Literal["longer_side", "target"] = "longer_side"
     accum_steps: int = field(default=1, metadata=_check(min=1))
     lr: float = field(default=5e-4, metadata=_check(gt=0.0, max=10.0))
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = "inverse_sqrt"

@@ -305,7 +305,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if stop_reason:
         log.info("nothing to do: %s (raise it with --set to continue)", stop_reason)
     while not stop_reason:
-        batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch)
+        batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
         if state.batch_in_epoch == 0:
             src_pad, tgt_pad = padding_fraction(batches, src_lens, tgt_lens)
