@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from nmtkit.decode import greedy_decode, max_new_tokens, score_reference, token_stats
+from nmtkit.decode import block_argmax, block_topk, greedy_decode, max_new_tokens, score_reference, token_stats
 from nmtkit.model import padding_mask
 from nmtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from test_model import make_model, random_ids
@@ -120,3 +121,18 @@ def test_entropy_matches_the_coin_examples() -> None:
         logits = torch.tensor([[math.log(p_heads), math.log(1 - p_heads)]])
         _, entropy, _ = token_stats(logits, torch.tensor([0]), *logits.topk(2))
         assert abs(entropy.item() / math.log(2) - bits) < 1e-4
+
+
+@pytest.mark.parametrize("vocab", [8000, 4096, 1000])  # 1000 is no multiple of the block: plain topk/argmax
+def test_block_argmax_and_topk_equal_torch_including_ties(vocab: int) -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(16, vocab)
+    tied = torch.randint(0, 5, (16, vocab)).float()  # many equal maxima: the first index must win
+    for x in (logits, tied):
+        assert torch.equal(block_argmax(x), x.argmax(dim=-1))
+    values, ids = block_topk(logits, 5)
+    want_values, want_ids = logits.topk(5, dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
+    tied_values, tied_ids = block_topk(tied, 5)
+    assert torch.equal(tied_values, tied.topk(5, dim=-1).values)
+    assert torch.equal(tied.gather(1, tied_ids), tied_values)  # the ids point at those values

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from nmtkit.config import ModelConfig
 import torch.nn.functional as F
 
+from nmtkit.config import ModelConfig
 from nmtkit.model import Transformer, attention, padding_mask
 from nmtkit.tokenizer import BOS_ID, PAD_ID
 

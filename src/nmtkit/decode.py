@@ -48,6 +48,38 @@ def token_stats(logits: Tensor, chosen: Tensor, top_logits: Tensor, top_ids: Ten
     return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
 
 
+_BLOCK = 64  # vocabulary block for `block_topk`
+
+
+def block_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`logits.topk(k, dim=-1)` for (B, V) logits, exact, in a third to a half of the time on CPU.
+
+    torch's index-returning reductions (argmax, topk) are not vectorised on CPU (argmax over 64 x 8,000
+    floats: 154 us; amax: 13 us). So: the largest value of each block of 64, the k best blocks (the k
+    largest values lie in at most k blocks, and those have the k largest block maxima), then top-k over
+    those k * 64 candidates. Falls back to `topk` when V is not a multiple of the block.
+    """
+    B, V = logits.shape
+    if V % _BLOCK or V < k * _BLOCK:
+        return logits.topk(k, dim=-1)
+    blocks = logits.view(B, V // _BLOCK, _BLOCK)
+    best_blocks = blocks.amax(dim=-1).topk(k, dim=-1).indices  # (B, k)
+    candidates = blocks.gather(1, best_blocks[..., None].expand(B, k, _BLOCK)).view(B, k * _BLOCK)
+    values, pos = candidates.topk(k, dim=-1)  # (B, k)
+    return values, best_blocks.gather(1, pos // _BLOCK) * _BLOCK + pos % _BLOCK
+
+
+def block_argmax(logits: Tensor) -> Tensor:
+    """`logits.argmax(dim=-1)` for (B, V) logits, the same way as `block_topk` (first index on ties)."""
+    B, V = logits.shape
+    if V % _BLOCK:
+        return logits.argmax(dim=-1)
+    blocks = logits.view(B, V // _BLOCK, _BLOCK)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # (B,) the first block holding the maximum
+    rows = blocks[torch.arange(B, device=logits.device), best_block]  # (B, 64)
+    return best_block * _BLOCK + rows.argmax(dim=-1)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: Transformer, src: Tensor, max_len: Tensor | int, *, top_k: int = 0, stop_at_eos: bool = True
@@ -86,10 +118,10 @@ def greedy_decode(
         if logits is not logits_lp:
             logits.copy_(logits_lp)
         if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
-            top_logits, top_ids[:, t] = logits.topk(top_k, dim=-1)
+            top_logits, top_ids[:, t] = block_topk(logits, top_k)
             nxt = top_ids[:, t, 0]  # a view; column t is never written again
         else:
-            nxt = logits.argmax(dim=-1)
+            nxt = block_argmax(logits)
         if stop_at_eos:
             nxt = torch.where(t + 1 >= limits, EOS_ID, nxt)  # the budget ends a sentence with EOS
             nxt = nxt.masked_fill(is_done, PAD_ID)
