@@ -123,6 +123,19 @@ def test_entropy_matches_the_coin_examples() -> None:
         assert abs(entropy.item() / math.log(2) - bits) < 1e-4
 
 
+def test_token_stats_stay_fp32_under_bf16_autocast() -> None:
+    # Decoding runs under autocast; the per-token statistics must not be rounded to bf16 on the way.
+    torch.manual_seed(7)
+    logits = torch.randn(8, 3000) * 4
+    top = logits.topk(5)
+    want = token_stats(logits, top.indices[:, 0], *top)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_stats(logits, top.indices[:, 0], *top)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("vocab", [8000, 4096, 1000])  # 1000 is no multiple of the block: plain topk/argmax
 def test_block_argmax_and_topk_equal_torch_including_ties(vocab: int) -> None:
     torch.manual_seed(6)

@@ -33,19 +33,25 @@ def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (src_len.float() * a + b).long().clamp(min=1, max=limit)
 
 
-def token_stats(logits: Tensor, chosen: Tensor, top_logits: Tensor, top_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def token_stats(
+    logits: Tensor, chosen: Tensor, top_logits: Tensor, top_ids: Tensor, work: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """logits (B, V), chosen ids (B,), the k largest logits and their ids (B, k) -> probability of the
     chosen token, entropy (nats) and the top-k probabilities, all in fp32.
 
     Written to touch the (B, V) logits as few times as possible (this runs at every decoding step): one
-    fused softmax p, then ln Z = m - ln p(argmax) with m the largest logit, and the entropy
-    -sum p ln p = ln Z - sum p x, a dot product. The top-k come from the caller, who needs them first.
+    fused softmax p, written into `work` (a (B, V) fp32 buffer the caller allocates once: a fresh 2 MB
+    tensor at every step can be a fresh mmap on CPU, whose page faults cost up to a millisecond), then
+    ln Z = m - ln p(argmax) with m the largest logit, and the entropy -sum p ln p = ln Z - sum p x, a dot
+    product. The top-k come from the caller, who needs them first.
     """
-    x = logits.float()
-    p = x.softmax(dim=-1)  # (B, V)
-    lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
-    entropy = lse - torch.linalg.vecdot(p, x)
-    return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
+    # fp32 throughout: under bf16 autocast the dot product would round p and x to bf16 (two copies of the logits)
+    with torch.autocast(logits.device.type, enabled=False):
+        x = logits.float()
+        p = torch.softmax(x, dim=-1, out=work if work is not None else torch.empty_like(x))  # (B, V)
+        lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
+        entropy = lse - torch.linalg.vecdot(p, x)
+        return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
 
 
 _BLOCK = 64  # vocabulary block for `block_topk`
@@ -111,6 +117,7 @@ def greedy_decode(
     weight_t = model.output_weight.t()  # (D, V)
     logits_lp = torch.empty(B, weight_t.size(1), dtype=weight_t.dtype, device=src.device)
     logits = logits_lp if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
+    work = torch.empty_like(logits) if record else None  # token_stats' (B, V) scratch
 
     for t in range(n_steps):
         hidden = model.decode_step(token, cache)  # (B, D)
@@ -127,7 +134,7 @@ def greedy_decode(
             nxt = nxt.masked_fill(is_done, PAD_ID)
             is_done |= nxt == EOS_ID
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
-            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits, top_ids[:, t])
+            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits, top_ids[:, t], work)
         out[:, t] = nxt
         token = nxt[:, None]
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.
