@@ -43,10 +43,11 @@ def test_gradients_computed_in_the_forward_pass_follow_the_upstream_gradient() -
 
 def test_loss_without_autograd_equals_the_training_loss() -> None:
     torch.manual_seed(2)
-    hidden, weight = torch.randn(7, 8), torch.randn(20, 8)
+    hidden, weight = torch.randn(7, 8), nn.Parameter(torch.randn(20, 8))
     targets = torch.tensor([4, 9, PAD_ID, 1, 19, 3, PAD_ID])
     with torch.no_grad():
         value = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1)
+    assert not value.requires_grad and weight.grad is None
     reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum")(hidden @ weight.T, targets)
     torch.testing.assert_close(value, reference)
 
@@ -100,3 +101,12 @@ def test_compiled_objective_gives_the_eager_loss_and_gradients_for_batches_of_di
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_second_derivative_is_refused_rather_than_silently_zero() -> None:
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(12, 8, requires_grad=True)
+    loss = projected_cross_entropy(hidden, weight, torch.tensor([3, 4, 5, 6, 7]), ignore_index=PAD_ID, label_smoothing=0.1)
+    (grad_h,) = torch.autograd.grad(loss, [hidden], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_h.sum(), [hidden])

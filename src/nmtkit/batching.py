@@ -5,7 +5,7 @@ default (the memory a batch needs), or `len(batch) * (target length + 1)` with c
 batches counted in padded target tokens, as the peers in docs/performance.md count them).
 Training batches are drawn from shuffled chunks that are sorted by length before cutting, so a batch holds
 pairs of similar length (little padding) while the order still changes every epoch. The whole plan is a
-pure function of (lengths, max_tokens, seed, epoch): a resumed run rebuilds the same list and skips the
+pure function of (lengths, max_tokens, count, seed, epoch): a resumed run rebuilds the same list and skips the
 batches it already trained on.
 """
 

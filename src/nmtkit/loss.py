@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .model import Transformer
 from .tokenizer import PAD_ID
@@ -79,6 +80,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients were formed in forward: a second derivative must fail loudly, not vanish
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple:  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
@@ -105,6 +107,8 @@ def projected_cross_entropy(
     if chunk_rows <= 0:
         per_chunk = 2**21 if hidden.device.type == "cpu" else 2**26
         chunk_rows = max(16, per_chunk // weight.size(0))
+    if not torch.is_grad_enabled():  # no gradients to form (a parameter still reports needs_input_grad)
+        hidden, weight = hidden.detach(), weight.detach()
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, compute_dtype)
 
 

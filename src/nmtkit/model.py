@@ -71,6 +71,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_ca
     two matmuls and a softmax in the inputs' own dtype: SDPA's CPU kernels either upcast bf16 to fp32
     (the math kernel: fp32 matmuls, and fp32 copies of q, k, v kept for backward, 20% of a step's saved
     activations) or have a slow backward at sentence lengths (the flash kernel: 41 ms vs 9 ms at 14 tokens).
+    A query whose every key is masked gets NaN here (SDPA gives 0); sources always end with EOS, so none is.
     """
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
@@ -292,7 +293,9 @@ class Transformer(nn.Module):
         keys and values computed from `memory` once, and the source padding as an additive bias."""
         B = memory.size(0)
         H = self.cfg.n_heads
-        dtype = torch.float32 if memory.device.type == "cpu" else memory.dtype  # see attend_one
+        # fp32 on CPU (see attend_one); elsewhere the weights' dtype (bf16 after `for_inference`): `memory`
+        # itself is fp32 under autocast, whose LayerNorm runs in fp32
+        dtype = torch.float32 if memory.device.type == "cpu" else self.output_weight.dtype
         cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype)
         # contiguous copies: every decoding step reads them, and strided ones would be copied each time
         cache.memory_kv = [tuple(t.to(dtype).contiguous() for t in layer.cross_attn.memory_kv(memory)) for layer in self.decoder]
