@@ -11,6 +11,11 @@ from nmtkit.loss import projected_cross_entropy
 from nmtkit.tokenizer import PAD_ID
 
 
+def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """nn.CrossEntropyLoss on the materialised logits: what the fused loss must equal."""
+    return nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=smoothing, reduction="sum")(hidden @ weight.T, targets)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_rows", [3, 1024])
 def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, chunk_rows: int) -> None:
@@ -19,7 +24,7 @@ def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, c
     weight = torch.randn(20, 8, requires_grad=True)
     targets = torch.randint(1, 20, (10,))
     targets[[2, 7]] = PAD_ID
-    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=smoothing, reduction="sum")(hidden @ weight.T, targets)
+    reference = reference_loss(hidden, weight, targets, smoothing)
     expected_grads = torch.autograd.grad(reference, [hidden, weight])
     fused = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=smoothing, chunk_rows=chunk_rows)
     grads = torch.autograd.grad(fused, [hidden, weight])
@@ -34,7 +39,7 @@ def test_gradients_computed_in_the_forward_pass_follow_the_upstream_gradient() -
     hidden = torch.randn(9, 8, requires_grad=True)
     weight = torch.randn(20, 8, requires_grad=True)
     targets = torch.randint(1, 20, (9,))
-    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum")(hidden @ weight.T, targets)
+    reference = reference_loss(hidden, weight, targets, 0.1)
     expected = torch.autograd.grad(-2.5 * reference, [hidden, weight])
     fused = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1, chunk_rows=4)
     for got, want in zip(torch.autograd.grad(-2.5 * fused, [hidden, weight]), expected):
@@ -48,7 +53,7 @@ def test_loss_without_autograd_equals_the_training_loss() -> None:
     with torch.no_grad():
         value = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1)
     assert not value.requires_grad and weight.grad is None
-    reference = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=0.1, reduction="sum")(hidden @ weight.T, targets)
+    reference = reference_loss(hidden, weight, targets, 0.1)
     torch.testing.assert_close(value, reference)
 
 

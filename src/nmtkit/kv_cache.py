@@ -18,11 +18,11 @@ class KVCache:
     def __init__(
         self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        self.shape = (n_layers, batch, n_heads, max_len, head_dim)
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.max_len = max_len
         self.length = 0  # positions already decoded
-        self.keys = torch.empty(self.shape, device=device, dtype=dtype)  # (n_layers, B, H, max_len, Dh)
-        self.values = torch.empty(self.shape, device=device, dtype=dtype)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (n_layers, B, H, max_len, Dh)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
         self.memory_kv: list[tuple[Tensor, Tensor]] = []  # per layer: (B, H, S, Dh) keys and values
         self.memory_bias: Tensor | None = None  # (B, 1, 1, S): 0 at source tokens, -inf at padding
 
@@ -46,4 +46,3 @@ class KVCache:
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
         if self.memory_bias is not None:
             self.memory_bias = self.memory_bias.index_select(0, index)
-        self.shape = (self.shape[0], int(index.numel()), *self.shape[2:])

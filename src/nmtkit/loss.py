@@ -49,12 +49,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         fp32 = torch.empty(n_max, V, dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
             rows = slice(s, s + chunk_rows)
-            n = min(chunk_rows, h.size(0) - s)
+            h_rows = h[rows]  # (n, D)
+            n = h_rows.size(0)
             real = is_real[rows, None].float()  # (n, 1) 0 at padding
             if low is None:
-                logits = torch.mm(h[rows], w.T, out=fp32[:n])  # (n, V)
+                logits = torch.mm(h_rows, w.T, out=fp32[:n])  # (n, V)
             else:
-                logits = fp32[:n].copy_(torch.mm(h[rows], w.T, out=low[:n]))
+                logits = fp32[:n].copy_(torch.mm(h_rows, w.T, out=low[:n]))
             target_logit = logits.gather(1, safe_targets[rows, None])  # (n, 1)
             mean_logit = logits.mean(dim=-1, keepdim=True)  # (n, 1)
             top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
@@ -68,13 +69,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = softmax - (1 - eps) * onehot(target) - eps / V, zero at padding
                 g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
                 g.scatter_add_(1, safe_targets[rows, None], -(1.0 - smoothing) * real)
-                if low is not None:
+                if low is None:
+                    torch.mm(g, w, out=grad_h[rows])
+                    grad_w.addmm_(g.T, h_rows)  # (V, n) @ (n, D), accumulated in place
+                else:  # bf16 matmuls; their products summed over chunks in fp32
                     g = low[:n].copy_(g)
-                torch.mm(g, w, out=grad_h[rows])
-                if g.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.T, h[rows])  # (V, n) @ (n, D), accumulated in place
-                else:  # bf16 products, summed over chunks in fp32
-                    grad_w += (g.T @ h[rows]).float()
+                    torch.mm(g, w, out=grad_h[rows])
+                    grad_w += (g.T @ h_rows).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
