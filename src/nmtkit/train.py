@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .batching import Batch, collate, make_batches, padding_fraction
 from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
-from .config import Config
+from .config import Config, TrainConfig
 from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, init_distributed, shutdown_distributed
@@ -166,8 +167,39 @@ def train_step(
     return total, True
 
 
-def _resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> TrainState:
-    """Restore everything from last.pt when the run directory has one; refuse a changed config."""
+# Train keys that decide the batch plan (`make_batches`). They may change on resume (a smaller max_tokens after
+# running out of memory, say), but then the interrupted epoch's plan changes too, and its position must follow.
+_PLAN_KEYS = ("max_tokens", "max_tokens_counts", "seed")
+
+
+def _follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: TrainState, src_lens: np.ndarray, tgt_lens: np.ndarray) -> None:
+    """When a plan key differs from the checkpoint's, go on at the same fraction of the interrupted epoch under the
+    new plan (its batches are new ones: keeping the batch index would skip or repeat an arbitrary share of the epoch)."""
+    defaults = TrainConfig()
+    old = {k: saved_train.get(k, getattr(defaults, k)) for k in _PLAN_KEYS}  # checkpoints older than a key hold its default
+    changed = [f"train.{k} {old[k]!r} -> {getattr(tc, k)!r}" for k in _PLAN_KEYS if old[k] != getattr(tc, k)]
+    if not changed:
+        return
+    if state.batch_in_epoch == 0:
+        log.info("resume: %s since the checkpoint; the next epoch is planned with the new value(s)", ", ".join(changed))
+        return
+    n_old = len(make_batches(src_lens, tgt_lens, old["max_tokens"], shuffle=True, seed=old["seed"], epoch=state.epoch, count=old["max_tokens_counts"]))
+    n_new = len(make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts))
+    position = min(n_new, round(state.batch_in_epoch * n_new / n_old))
+    log.warning(
+        "resume: %s since the checkpoint, so epoch %d is cut into new batches; training goes on at the same fraction of "
+        "it: batch %d of %d (the checkpoint was at %d of %d)",
+        ", ".join(changed), state.epoch + 1, position, n_new, state.batch_in_epoch, n_old,
+    )
+    state.batch_in_epoch = position
+
+
+def _resume(
+    run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    lengths: tuple[np.ndarray, np.ndarray],
+) -> TrainState:
+    """Restore everything from last.pt when the run directory has one; refuse a changed config (weight sections),
+    follow a changed batch plan (`_follow_batch_plan`)."""
     last = checkpoint_dir(run_dir) / "last.pt"
     if not last.is_file():
         return TrainState()
@@ -186,6 +218,7 @@ def _resume(run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: nn.Module, 
     scaler.load_state_dict(saved["scaler"])
     restore_rng_states(saved["rng"])
     state = TrainState(**saved["train_state"])
+    _follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
     return state
 
@@ -242,7 +275,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler)
+    state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens))
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
     # The training computation (model + fused loss) is one module, which DDP wraps when

@@ -9,6 +9,7 @@ tests/test_cli.py::test_resume_with_a_changed_model_exits_2_naming_the_differenc
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -103,3 +104,32 @@ def test_run_killed_with_sigkill_mid_epoch_resumes_to_the_weights_of_an_uninterr
     print(f"SIGKILL at step {at_kill['step']} and resume: max |weight difference| = {weight_diff}")
     assert weight_diff == 0.0
     assert logged(killed_dir, "train_loss") == logged(tmp_path / "straight", "train_loss")
+
+
+def test_resume_with_a_new_max_tokens_goes_on_at_the_same_fraction_of_the_epoch(corpus: dict, tmp_path: Path, caplog) -> None:
+    """A changed batch plan (here max_tokens 512 -> 1024 after batch 21 of 28) cannot keep the batch index, which would
+    point into different batches: the run goes on at 21/28 of the epoch's new plan, and says so."""
+    run = tmp_path / "run"
+    half = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 21}))
+    assert (half.state.epoch, half.state.batch_in_epoch) == (0, 21)
+    with caplog.at_level("WARNING", logger="nmtkit.train"):
+        resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 22, "max_tokens": 1024}))
+
+    warning = next(r.getMessage() for r in caplog.records if "cut into new batches" in r.getMessage())
+    assert "train.max_tokens 512 -> 1024" in warning
+    position, n_new = map(int, re.search(r"batch (\d+) of (\d+) \(the checkpoint was at 21 of 28\)$", warning).groups())
+    assert 10 < n_new < 20  # twice the tokens per batch: about half as many batches
+    assert position == round(21 * n_new / 28)
+    assert resumed.state.step == 22
+    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (0, position + 1)
+
+
+def test_resume_with_a_new_seed_at_an_epoch_boundary_keeps_the_position(corpus: dict, tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    first = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 28}))
+    assert (first.state.epoch, first.state.batch_in_epoch) == (1, 0)  # the 28-batch epoch is complete
+    with caplog.at_level("INFO", logger="nmtkit.train"):
+        resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 30, "seed": 7}))
+    assert any("train.seed 1 -> 7" in r.getMessage() and "next epoch" in r.getMessage() for r in caplog.records)
+    assert not any("cut into new batches" in r.getMessage() for r in caplog.records)
+    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (1, 2)
