@@ -37,6 +37,13 @@ else
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 SPM=peer-bench/spm/spm.model
+$PY -c "
+import importlib.metadata as m, torch
+def v(p):
+    try: return m.version(p)
+    except m.PackageNotFoundError: return 'absent'
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())
+print(' '.join(f'{p} {v(p)}' for p in ('datasets', 'pyarrow', 'fsspec', 'transformers', 'sentencepiece')))" 2>&1 | tee "$OUT/versions.txt"
 step() { echo "== $(date +%T) ${SECONDS}s $1" | tee -a "$OUT/progress.txt"; }
 time_left() { [ "$SECONDS" -lt "${BUDGET_S:-420}" ] || { step "skipped (budget spent): $1"; return 1; }; }
 
