@@ -28,6 +28,7 @@ from .batching import Batch, collate, make_batches
 from .config import Config, ModelConfig
 from .data import encode_split, length_arrays, load_split
 from .decode import greedy_decode
+from .decode_workers import map_batches, resolve_workers
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
 from .rng import seed_everything
@@ -135,17 +136,20 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
     }
 
 
-def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings) -> dict:
-    model = for_inference(copy.deepcopy(model), runtime)  # as `nmtkit translate` runs it
+def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings, workers: int) -> dict:
+    """Greedy decoding of `sources` as `nmtkit translate` runs it: weights in the compute dtype, and on CPU
+    `workers` batches at once (decode_workers.py)."""
+    model = for_inference(copy.deepcopy(model), runtime)
 
     def run(top_k: int) -> tuple[float, int]:
+        def one_batch(src: torch.Tensor) -> int:
+            with runtime.compute():
+                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos)
+            return int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel()
+
         _sync(runtime.device)
         t0 = time.perf_counter()
-        n_tokens = 0
-        with runtime.compute():
-            for src in sources:
-                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos)
-                n_tokens += int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel()
+        n_tokens = sum(map_batches(one_batch, sources, workers))
         _sync(runtime.device)
         return time.perf_counter() - t0, n_tokens
 
@@ -161,6 +165,7 @@ def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.T
         "decode_sent_per_s_with_log": n_sent / t_logged,
         "decode_log_overhead": t_logged / t_plain - 1.0,
         "decode_sentences": n_sent,
+        "decode_workers": min(workers, len(sources)),
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
 
@@ -203,7 +208,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
         for i in range(0, len(ids), s.batch_size):
             rows = [torch.tensor(x[: cfg.model.max_positions - 1] + [EOS_ID]) for x in ids[i : i + s.batch_size]]
             sources.append(nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(runtime.device))
-        result.update(benchmark_decoding(model, runtime, sources, s))
+        result.update(benchmark_decoding(model, runtime, sources, s, resolve_workers(cfg.decode.workers, runtime.device)))
 
     peak = measure_matmul_peak(runtime)
     result["matmul_peak_tflops"] = peak / 1e12
@@ -221,7 +226,10 @@ def format_benchmark(r: dict) -> str:
         )
         lines.append(f"        {r['train_tflops_per_s'] * 1e3:,.0f} GFLOP/s of matmuls = {100 * r['mfu']:.1f}% of the measured peak ({r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s)")
     if "decode_sent_per_s" in r:
-        lines.append(f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, new tokens: {r['decode_new_tokens']})")
+        lines.append(
+            f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, "
+            f"new tokens: {r['decode_new_tokens']}, {r['decode_workers']} batch(es) at once)"
+        )
         lines.append(f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%)")
     mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"
     lines.append(mem)

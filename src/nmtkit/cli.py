@@ -69,6 +69,20 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
+    p.add_argument(
+        "--workers", type=_non_negative_int, default=None, metavar="N",
+        help="batches decoded at once on CPU, one per core (default: decode.workers of the run; 0 = one per CPU thread)",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
@@ -194,6 +208,8 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError([f"--beam {args.beam} --nbest {args.nbest}: {e}"]) from None
     if args.batch_size:
         translator.cfg.decode.batch_size = args.batch_size
+    if args.workers is not None:
+        translator.cfg.decode.workers = args.workers
     results = translator.translate(
         texts, references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
     )
@@ -214,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, split=args.split, data_file=args.data, limit=args.limit, with_bleu=not args.no_bleu,
-        device=args.device, precision=args.precision, batch_size=args.batch_size, plot_dir=args.plot,
+        device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers, plot_dir=args.plot,
         beam_size=args.beam, length_penalty=args.length_penalty,
     )
     print(json.dumps(result, ensure_ascii=False, indent=None) if args.json else format_metrics(result))

@@ -24,6 +24,7 @@ from .batching import collate, make_batches
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .data import encode_split, length_arrays, load_split
+from .decode_workers import map_batches
 from .device import Runtime
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
@@ -110,13 +111,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     precision: str = "fp32",
     batch_size: int = 0,
+    workers: int | None = None,
     plot_dir: str | Path | None = None,
     beam_size: int = 1,
     length_penalty: float = 1.0,
 ) -> dict:
     """Everything `nmtkit evaluate` reports, as one dict (the `--json` output).
 
-    plot_dir: also draw the reliability diagram into plot_dir/reliability.png.
+    plot_dir: also draw the reliability diagram into plot_dir/reliability.png. workers overrides decode.workers.
     """
     t0 = time.time()
     if plot_dir is not None:
@@ -125,6 +127,8 @@ def evaluate_checkpoint(
     cfg = translator.cfg
     if batch_size:
         cfg.decode.batch_size = batch_size
+    if workers is not None:
+        cfg.decode.workers = workers
     data_cfg = dataclasses.replace(cfg.data, **{split: data_file}) if data_file else cfg.data
     cache_dir = cfg.data.cache_dir or Path(resolve_checkpoint(checkpoint)).parent.parent / "cache"
     raw = load_split(data_cfg, split, cache_dir)
@@ -170,17 +174,21 @@ def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.
 def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
     """Greedy (or beam) translations in input order, decoded in length-sorted batches to keep padding low."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [""] * len(texts)
     size = translator.cfg.decode.batch_size
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
+    batches = [order[start : start + size] for start in range(0, len(order), size)]
+
+    def one_batch(idx: list[int]) -> list[str]:
         src = translator.encode_source([texts[i] for i in idx])
         if beam_size > 1:
             result = translator.beam_search_ids(src, beam_size, length_penalty=length_penalty).rank(0)
         else:
             result = translator.translate_ids(src)
-        for row, i in enumerate(idx):
-            out[i] = translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist())
+        return [translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist()) for row in range(len(idx))]
+
+    out = [""] * len(texts)
+    for idx, hypotheses in zip(batches, map_batches(one_batch, batches, translator.workers)):
+        for i, hypothesis in zip(idx, hypotheses):
+            out[i] = hypothesis
     return out
 
 

@@ -18,6 +18,7 @@ from .beam import BeamOutput, beam_search, check_beam_settings
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, config_from_tree
 from .decode import GreedyOutput, ReferenceScores, greedy_decode, max_new_tokens, score_reference
+from .decode_workers import map_batches, resolve_workers
 from .device import Runtime, choose_runtime, for_inference
 from .model import Transformer, padding_mask
 from .records import Alternative, Hypothesis, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
@@ -132,12 +133,19 @@ class Translator:
             raise ValueError(f"{len(texts)} sources but {len(references)} references")
         check_beam_settings(beam_size, nbest, self.tokenizer.tgt_vocab_size)
         k = min(top_k or self.cfg.decode.top_k, self.tokenizer.tgt_vocab_size)
-        out: list[Translation] = []
         size = self.cfg.decode.batch_size
-        for i in range(0, len(texts), size):
+        starts = range(0, len(texts), size)
+
+        def one_batch(i: int) -> list[Translation]:
             refs = references[i : i + size] if references is not None else None
-            out.extend(self._translate_batch(texts[i : i + size], refs, k, beam_size, nbest, length_penalty))
-        return out
+            return self._translate_batch(texts[i : i + size], refs, k, beam_size, nbest, length_penalty)
+
+        return [t for batch in map_batches(one_batch, starts, self.workers) for t in batch]
+
+    @property
+    def workers(self) -> int:
+        """Batches decoded at once (`decode_workers.py`): decode.workers, or one per CPU thread when it is 0."""
+        return resolve_workers(self.cfg.decode.workers, self.runtime.device)
 
     def translate_ids(self, src: Tensor, top_k: int = 0) -> GreedyOutput:
         """Greedy decoding of (B, S) source ids under the configured length budget."""

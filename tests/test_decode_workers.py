@@ -1,0 +1,115 @@
+"""Decoding workers (decode_workers.py): several batches decoded at once on CPU give the same translations, in
+input order, as one batch at a time, and leave torch's thread count as they found it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_pairs
+from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
+from nmtkit.cli import main
+from nmtkit.config import ConfigError, config_from_tree
+from nmtkit.decode_workers import map_batches, resolve_workers
+from nmtkit.device import choose_runtime
+from nmtkit.evaluate import translate_all
+from nmtkit.translator import Translator
+
+BUNDLED_TEST = Path(__file__).resolve().parents[1] / "data" / "tatoeba-en-zh" / "test.jsonl"
+
+
+def test_map_batches_keeps_input_order_and_gives_each_worker_one_intra_op_thread() -> None:
+    seen: dict[int, tuple[int, str]] = {}
+
+    def fn(i: int) -> int:
+        seen[i] = (torch.get_num_threads(), threading.current_thread().name)
+        return i * i
+
+    torch.set_num_threads(2)
+    assert map_batches(fn, list(range(7)), workers=2) == [i * i for i in range(7)]
+    assert {threads for threads, _ in seen.values()} == {1}
+    assert all(name.startswith("nmtkit-decode") for _, name in seen.values())
+    assert torch.get_num_threads() == 2
+
+
+def test_map_batches_with_one_worker_or_one_batch_runs_on_the_calling_thread() -> None:
+    caller = threading.current_thread().name
+    names = map_batches(lambda _: threading.current_thread().name, [0, 1, 2], workers=1)
+    assert names == [caller] * 3
+    assert map_batches(lambda _: threading.current_thread().name, [0], workers=4) == [caller]
+
+
+def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restored() -> None:
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("batch 3 is bad")
+        return i
+
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="batch 3 is bad"):
+        map_batches(fn, list(range(6)), workers=2)
+    assert torch.get_num_threads() == 2
+
+
+def test_auto_workers_are_one_per_cpu_thread_and_one_on_gpus() -> None:
+    torch.set_num_threads(2)
+    assert resolve_workers(0, torch.device("cpu")) == 2
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    assert resolve_workers(0, torch.device("cuda")) == 1
+    assert resolve_workers(4, torch.device("cuda")) == 1
+
+
+def test_negative_decode_workers_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="decode.workers"):
+        config_from_tree({"decode": {"workers": -1}})
+
+
+def _sentences(n: int) -> list[str]:
+    return [pair["translation"]["en"] for pair in read_pairs(BUNDLED_TEST, n)]
+
+
+def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_run: Path, monkeypatch) -> None:
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    translator.cfg.decode.batch_size = 3  # 10 sentences: 4 batches, the last one short
+    texts = _sentences(10)
+    translator.cfg.decode.workers = 1
+    one = translator.translate(texts)
+    threads_used = set()
+    decode_batch = translator._translate_batch
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        threads_used.add(threading.current_thread().name)
+        return decode_batch(*args, **kwargs)
+
+    monkeypatch.setattr(translator, "_translate_batch", recording)
+    translator.cfg.decode.workers = 2
+    two = translator.translate(texts)
+    assert threads_used and all(name.startswith("nmtkit-decode") for name in threads_used)  # not the calling thread
+    assert [t.source for t in two] == texts
+    assert [[s.id for s in t.tokens] for t in two] == [[s.id for s in t.tokens] for t in one]
+    assert [[s.prob for s in t.tokens] for t in two] == [[s.prob for s in t.tokens] for t in one]
+    assert translate_all(translator, texts) == [t.translation for t in one]
+
+
+def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_run: Path, capsys) -> None:
+    texts = _sentences(4)
+    assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "2", *texts]) == 0
+    with_workers = capsys.readouterr().out
+    assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "1", *texts]) == 0
+    assert capsys.readouterr().out == with_workers
+    with pytest.raises(SystemExit) as exit_info:
+        main(["translate", "--checkpoint", str(trained_run), "--workers", "-1", "Hello."])
+    assert exit_info.value.code == 2
+    assert "--workers: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_benchmark_decoding_reports_its_workers(trained_run: Path) -> None:
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    sources = [translator.encode_source(_sentences(4)[i : i + 2]) for i in (0, 2)]
+    settings = BenchmarkSettings(repeats=1, new_tokens=3)
+    result = benchmark_decoding(translator.model, choose_runtime("cpu", "fp32"), sources, settings, workers=2)
+    assert result["decode_workers"] == 2
+    assert result["decode_tokens_per_s"] > 0 and result["decode_sentences"] == 4
