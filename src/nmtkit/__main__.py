@@ -2,6 +2,16 @@
 
 import sys
 
-from .cli import main
+from .allocator import reexec_with_jemalloc
 
-sys.exit(main())
+
+def run() -> int:
+    """The `nmtkit` command: under jemalloc where the system has it (allocator.py), then the CLI."""
+    reexec_with_jemalloc()
+    from .cli import main
+
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .allocator import allocator_in_use
 from .batching import Batch, collate, make_batches
 from .config import Config, ModelConfig
 from .data import encode_split, length_arrays, load_split
@@ -188,7 +189,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     model = model.to(runtime.device)
     result: dict = {
         "device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(),
-        "runtime": runtime.reason, "compile": cfg.train.compile,
+        "runtime": runtime.reason, "compile": cfg.train.compile, "allocator": allocator_in_use(),
     }
     result["n_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -219,7 +220,10 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
 
 def format_benchmark(r: dict) -> str:
     compiled = " | torch.compile (training)" if r.get("compile") else ""
-    lines = [f"device {r['device']} | precision {r['precision']}{compiled} | {r['threads']} threads | {r['n_params'] / 1e6:.1f}M parameters"]
+    lines = [
+        f"device {r['device']} | precision {r['precision']}{compiled} | {r['threads']} threads | {r['n_params'] / 1e6:.1f}M parameters"
+        f" | {r['allocator']}"
+    ]
     if "train_tgt_tokens_per_s" in r:
         lines.append(
             f"train:  {r['train_tgt_tokens_per_s']:,.0f} target tokens/s ({r['train_step_ms']:.0f} ms/step, median of {len(r['train_runs_s'])} runs of {r['train_steps']} steps)"

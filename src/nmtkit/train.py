@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .allocator import allocator_in_use
 from .batching import Batch, collate, make_batches, padding_fraction
 from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
@@ -245,7 +246,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         torch.set_num_threads(tc.threads)
     if not dist.is_main:
         log.setLevel(logging.WARNING)  # rank 0 alone logs
-    log.info("run %s: %s, %d CPU threads", run_dir, runtime.reason, torch.get_num_threads())
+    log.info("run %s: %s, %d CPU threads, %s", run_dir, runtime.reason, torch.get_num_threads(), allocator_in_use())
     seed_everything(tc.seed)
     # opened first, so that a missing tensorboard package stops the run before any work
     metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tc.tensorboard and dist.is_main else None)
