@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from nmtkit.allocator import JEMALLOC_CONF, allocator_in_use, preload_environment
+from nmtkit.allocator import JEMALLOC_CONF, AllocatorChoiceError, preload_environment
 
 
 def test_preloads_the_library_with_purging_off_and_marks_the_new_process() -> None:
@@ -30,11 +30,24 @@ def test_keeps_the_users_preloads_and_malloc_conf() -> None:
         ({}, None),  # the system has no jemalloc
         ({"NMTKIT_MALLOC": "system"}, "libjemalloc.so.2"),  # the user keeps glibc's allocator
         ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "libjemalloc.so.2"),  # already preloaded by the user
+        ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, "libjemalloc.so.2"),  # the user chose another allocator
         ({"NMTKIT_MALLOC_PRELOADED": "1", "LD_PRELOAD": "libjemalloc.so.2"}, "libjemalloc.so.2"),  # the re-executed process
     ],
 )
 def test_nothing_to_do_gives_none(environ: dict, library: str | None) -> None:
     assert preload_environment(environ, library) is None
+
+
+def test_an_unknown_nmtkit_malloc_value_names_the_choices() -> None:
+    with pytest.raises(AllocatorChoiceError, match="NMTKIT_MALLOC='glibc': expected one of jemalloc, system"):
+        preload_environment({"NMTKIT_MALLOC": "glibc"}, "libjemalloc.so.2")
+
+
+def test_the_command_with_an_unknown_nmtkit_malloc_exits_2_naming_the_variable() -> None:
+    env = {**_clean_env(), "NMTKIT_MALLOC": "off"}
+    out = subprocess.run([sys.executable, "-m", "nmtkit", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "nmtkit: error: NMTKIT_MALLOC='off': expected one of jemalloc, system" in out.stderr
 
 
 def _clean_env() -> dict[str, str]:
@@ -62,8 +75,17 @@ def test_import_nmtkit_loads_no_torch_until_a_name_is_used() -> None:
     assert out.stdout.split() == ["False", "True"], out.stderr
 
 
-def test_allocator_in_use_reads_ld_preload(monkeypatch) -> None:
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert allocator_in_use() == "jemalloc"
-    monkeypatch.delenv("LD_PRELOAD")
-    assert allocator_in_use() == "system malloc"
+def _allocator_of_a_child(ld_preload: str) -> str:
+    code = "from nmtkit.allocator import allocator_in_use; print(allocator_in_use())"
+    env = {**_clean_env(), "LD_PRELOAD": ld_preload} if ld_preload else _clean_env()
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_allocator_in_use_reads_what_is_mapped_not_what_was_asked_for() -> None:
+    assert _allocator_of_a_child("") == "system malloc"
+    assert _allocator_of_a_child("libjemalloc.so.999") == "system malloc"  # the loader ignores a missing library
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("jemalloc"), reason="needs libjemalloc (apt install libjemalloc2)")
+def test_allocator_in_use_sees_a_preloaded_jemalloc() -> None:
+    assert _allocator_of_a_child(ctypes.util.find_library("jemalloc")) == "jemalloc"

@@ -54,9 +54,12 @@ def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restor
     assert torch.get_num_threads() == 2
 
 
-def test_auto_workers_are_one_per_cpu_thread_and_one_on_gpus() -> None:
+def test_auto_workers_are_one_per_cpu_thread_up_to_eight_and_one_on_gpus(monkeypatch) -> None:
     torch.set_num_threads(2)
     assert resolve_workers(0, torch.device("cpu")) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert resolve_workers(0, torch.device("cpu")) == 8
+    assert resolve_workers(16, torch.device("cpu")) == 16  # asked for: not capped
     assert resolve_workers(3, torch.device("cpu")) == 3
     assert resolve_workers(0, torch.device("cuda")) == 1
     assert resolve_workers(4, torch.device("cuda")) == 1
@@ -94,12 +97,22 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
     assert translate_all(translator, texts) == [t.translation for t in one]
 
 
-def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_run: Path, capsys) -> None:
+def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_run: Path, capsys, monkeypatch) -> None:
+    import nmtkit.translator
+
+    used = []
+
+    def recording(fn, batches, workers):  # noqa: ANN001, ANN202
+        used.append(workers)
+        return map_batches(fn, batches, workers)
+
+    monkeypatch.setattr(nmtkit.translator, "map_batches", recording)
     texts = _sentences(4)
-    assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "2", *texts]) == 0
+    assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "3", *texts]) == 0
     with_workers = capsys.readouterr().out
     assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "1", *texts]) == 0
     assert capsys.readouterr().out == with_workers
+    assert used == [3, 1]
     with pytest.raises(SystemExit) as exit_info:
         main(["translate", "--checkpoint", str(trained_run), "--workers", "-1", "Hello."])
     assert exit_info.value.code == 2

@@ -71,7 +71,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
     p.add_argument("--batch-size", type=int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
     p.add_argument(
         "--workers", type=_non_negative_int, default=None, metavar="N",
-        help="batches decoded at once on CPU, one per core (default: decode.workers of the run; 0 = one per CPU thread)",
+        help="batches decoded at once on CPU, one per core (default: decode.workers of the run; 0 = one per CPU thread, up to 8)",
     )
 
 

@@ -9,6 +9,7 @@ sentences/s (docs/performance.md), with identical outputs. GPUs keep one worker:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -18,12 +19,16 @@ import torch
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+AUTO_MAX_WORKERS = 8  # each worker holds its own batch's KV cache: `auto` stops here on many-core machines
+_THREAD_COUNT = threading.Lock()  # torch's intra-op thread count is process-wide: one map at a time changes it
+
 
 def resolve_workers(requested: int, device: torch.device) -> int:
-    """decode.workers as configured (0 = auto) -> the number of workers: one per intra-op thread on CPU, 1 on GPUs."""
+    """decode.workers as configured -> the number of workers: 1 on GPUs; on CPU the value asked for, or with 0 one per
+    intra-op thread up to AUTO_MAX_WORKERS."""
     if device.type != "cpu":
         return 1
-    return requested if requested > 0 else torch.get_num_threads()
+    return requested if requested > 0 else min(torch.get_num_threads(), AUTO_MAX_WORKERS)
 
 
 def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
@@ -34,10 +39,11 @@ def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: 
     workers = min(workers, len(batches))
     if workers <= 1:
         return [fn(b) for b in batches]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // workers))
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="nmtkit-decode") as pool:
-            return list(pool.map(fn, batches))
-    finally:
-        torch.set_num_threads(threads)
+    with _THREAD_COUNT:  # a second caller waits rather than restoring a count the first one lowered
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="nmtkit-decode") as pool:
+                return list(pool.map(fn, batches))
+        finally:
+            torch.set_num_threads(threads)

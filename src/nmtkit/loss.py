@@ -49,7 +49,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # a low-precision chunk's weight gradient and its fp32 copy, before it joins the fp32 sum (fresh ones
         # per chunk cost 0.7 ms a chunk in page faults)
         if low is not None and want_grads:
-            chunk_grad_w = torch.empty_like(w), torch.empty_like(grad_w)
+            chunk_grad_w_low, chunk_grad_w_fp32 = torch.empty_like(w), torch.empty_like(grad_w)
         fp32 = torch.empty(n_max, V, dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
             rows = slice(s, s + chunk_rows)
@@ -79,7 +79,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 else:  # bf16 matmuls; their products summed over chunks in fp32
                     g = low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])
-                    grad_w += chunk_grad_w[1].copy_(torch.mm(g.T, h_rows, out=chunk_grad_w[0]))
+                    grad_w += chunk_grad_w_fp32.copy_(torch.mm(g.T, h_rows, out=chunk_grad_w_low))
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total

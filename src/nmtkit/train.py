@@ -186,7 +186,7 @@ def _follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: Trai
         return
     n_old = len(make_batches(src_lens, tgt_lens, old["max_tokens"], shuffle=True, seed=old["seed"], epoch=state.epoch, count=old["max_tokens_counts"]))
     n_new = len(make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts))
-    position = min(n_new, round(state.batch_in_epoch * n_new / n_old))
+    position = round(state.batch_in_epoch * n_new / n_old)  # at or past the end: the loop starts the next epoch
     log.warning(
         "resume: %s since the checkpoint, so epoch %d is cut into new batches; training goes on at the same fraction of "
         "it: batch %d of %d (the checkpoint was at %d of %d)",
@@ -341,6 +341,14 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     while not stop_reason:
         batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
+        # A resume under another batch plan or number of processes can land between two steps (distributed ranks
+        # then need whole steps, or one would get no batch) or past this epoch's last usable batch.
+        if dist.is_distributed:
+            state.batch_in_epoch -= state.batch_in_epoch % per_step
+        if state.batch_in_epoch >= n_usable:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            stop_reason = should_stop()
+            continue
         if state.batch_in_epoch == 0:
             src_pad, tgt_pad = padding_fraction(batches, src_lens, tgt_lens)
             log.info("epoch %d: %d batches, padding %.1f%% source / %.1f%% target", state.epoch + 1, len(batches), 100 * src_pad, 100 * tgt_pad)

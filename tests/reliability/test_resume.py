@@ -27,7 +27,7 @@ from reliability_helpers import (
 
 from conftest import tiny_config
 from nmtkit.checkpoint import load_checkpoint
-from nmtkit.train import train
+from nmtkit.train import TrainState, train
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -106,22 +106,35 @@ def test_run_killed_with_sigkill_mid_epoch_resumes_to_the_weights_of_an_uninterr
     assert logged(killed_dir, "train_loss") == logged(tmp_path / "straight", "train_loss")
 
 
+def stop_then_resume_with(corpus: dict, run: Path, caplog, stop_at: int, **changes: object) -> tuple[TrainState, str]:
+    """Train to step `stop_at` (mid-epoch), resume one step further with `changes` to the train section; return the
+    resumed state and the warning about the new batch plan ("" when there was none)."""
+    half = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": stop_at}))
+    assert (half.state.epoch, half.state.batch_in_epoch) == (0, stop_at)
+    with caplog.at_level("WARNING", logger="nmtkit.train"):
+        resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": stop_at + 1, **changes}))
+    assert resumed.state.step == stop_at + 1
+    return resumed.state, next((r.getMessage() for r in caplog.records if "cut into new batches" in r.getMessage()), "")
+
+
 def test_resume_with_a_new_max_tokens_goes_on_at_the_same_fraction_of_the_epoch(corpus: dict, tmp_path: Path, caplog) -> None:
     """A changed batch plan (here max_tokens 512 -> 1024 after batch 21 of 28) cannot keep the batch index, which would
     point into different batches: the run goes on at 21/28 of the epoch's new plan, and says so."""
-    run = tmp_path / "run"
-    half = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 21}))
-    assert (half.state.epoch, half.state.batch_in_epoch) == (0, 21)
-    with caplog.at_level("WARNING", logger="nmtkit.train"):
-        resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 22, "max_tokens": 1024}))
-
-    warning = next(r.getMessage() for r in caplog.records if "cut into new batches" in r.getMessage())
+    state, warning = stop_then_resume_with(corpus, tmp_path / "run", caplog, 21, max_tokens=1024)
     assert "train.max_tokens 512 -> 1024" in warning
     position, n_new = map(int, re.search(r"batch (\d+) of (\d+) \(the checkpoint was at 21 of 28\)$", warning).groups())
     assert 10 < n_new < 20  # twice the tokens per batch: about half as many batches
     assert position == round(21 * n_new / 28)
-    assert resumed.state.step == 22
-    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (0, position + 1)
+    assert (state.epoch, state.batch_in_epoch) == (0, position + 1)
+
+
+def test_resume_with_a_new_plan_that_lands_past_the_epochs_end_starts_the_next_epoch(corpus: dict, tmp_path: Path, caplog) -> None:
+    """Batch 27 of 28 at 512 tokens is 27/28 of the epoch: under a 4,096-token plan of a few batches that rounds to
+    its end. The run goes on with the next epoch instead of looping on an epoch with nothing left."""
+    state, warning = stop_then_resume_with(corpus, tmp_path / "run", caplog, 27, max_tokens=4096)
+    position, n_new = map(int, re.search(r"batch (\d+) of (\d+) \(", warning).groups())
+    assert position == n_new  # the rescaled position is the end of the new plan
+    assert (state.epoch, state.batch_in_epoch) == (1, 1)  # the one step came from the second epoch
 
 
 def test_resume_with_a_new_seed_at_an_epoch_boundary_keeps_the_position(corpus: dict, tmp_path: Path, caplog) -> None:
