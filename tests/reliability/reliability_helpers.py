@@ -79,6 +79,19 @@ def saved_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
 
 
+def last_pt_step(run_dir: Path) -> int:
+    """The step of the step-N.pt file that last.pt is a link to; 0 before the first save. A save writes step-N.pt
+    first and then re-links last.pt, so a step file alone does not mean last.pt has moved on."""
+    last = run_dir / "checkpoints" / "last.pt"
+    for step in reversed(saved_steps(run_dir)):
+        try:
+            if os.path.samefile(last, run_dir / "checkpoints" / f"step-{step:06d}.pt"):
+                return step
+        except FileNotFoundError:  # last.pt not written yet, or the step file rotated away meanwhile
+            continue
+    return 0
+
+
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Largest absolute difference between two state dicts with the same keys and shapes."""
     assert a.keys() == b.keys()

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from reliability_helpers import (
+    last_pt_step,
     max_abs_difference,
     one_torch_thread,  # noqa: F401 (autouse: tiny models train on one thread)
-    saved_steps,
     subprocess_env,
     train_command,
     wait_for,
@@ -80,7 +80,7 @@ def test_run_killed_with_sigkill_mid_epoch_resumes_to_the_weights_of_an_uninterr
         straight = subprocess.Popen(train_command(straight_config), env=env, stdout=straight_log, stderr=subprocess.STDOUT)
         victim = subprocess.Popen(train_command(killed_config), env=env, stdout=killed_log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: max(saved_steps(killed_dir), default=0) >= 6 or victim.poll() is not None, 120, "a step >= 6 checkpoint")
+            wait_for(lambda: last_pt_step(killed_dir) >= 6 or victim.poll() is not None, 120, "last.pt at a step >= 6")
             victim.send_signal(signal.SIGKILL)
             assert victim.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
             assert straight.wait(timeout=120) == 0, (tmp_path / "straight.log").read_text()
