@@ -41,18 +41,16 @@ def token_stats(
 
     Written to touch the (B, V) logits as few times as possible (this runs at every decoding step): one
     fused softmax p, then ln Z = m - ln p(argmax) with m the largest logit, and the entropy -sum p ln p =
-    ln Z - sum p x. `work` is (2, B, V) fp32 scratch the caller allocates once, for p and for p * x: on CPU a
-    fresh 2 MB tensor at every step can be a fresh mmap, whose page faults cost up to a millisecond. The
-    top-k come from the caller, who needs them first.
+    ln Z - p . x (a dot product per row, which writes no (B, V) product). `work` is (B, V) fp32 scratch for p that
+    the caller allocates once: on CPU a fresh 2 MB tensor at every step can be a fresh mmap, whose page faults
+    cost up to a millisecond. The top-k come from the caller, who needs them first.
     """
     # fp32 throughout: under bf16 autocast the dot product would round p and x to bf16 (two copies of the logits)
     with torch.autocast(logits.device.type, enabled=False):
         x = logits.float()
-        if work is None:
-            work = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
-        p = torch.softmax(x, dim=-1, out=work[0])  # (B, V)
+        p = torch.softmax(x, dim=-1, out=torch.empty_like(x) if work is None else work)  # (B, V)
         lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
-        entropy = lse - torch.mul(p, x, out=work[1]).sum(dim=-1)
+        entropy = lse - torch.linalg.vecdot(p, x)
         return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
 
 
@@ -119,7 +117,7 @@ def greedy_decode(
     weight_t = model.output_weight.t()  # (D, V)
     logits_lp = torch.empty(B, weight_t.size(1), dtype=weight_t.dtype, device=src.device)
     logits = logits_lp if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
-    work = torch.empty((2, *logits.shape), device=src.device) if record else None  # token_stats' scratch
+    work = torch.empty_like(logits) if record else None  # token_stats' scratch
 
     for t in range(n_steps):
         hidden = model.decode_step(token, cache)  # (B, D)
