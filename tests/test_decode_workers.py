@@ -13,7 +13,7 @@ from conftest import read_pairs
 from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
 from nmtkit.cli import main
 from nmtkit.config import ConfigError, config_from_tree
-from nmtkit.decode_workers import map_batches, resolve_workers
+from nmtkit.decode_workers import length_sorted_batches, map_batches, resolve_workers
 from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
 from nmtkit.translator import Translator
@@ -52,6 +52,23 @@ def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restor
     with pytest.raises(ValueError, match="batch 3 is bad"):
         map_batches(fn, list(range(6)), workers=2)
     assert torch.get_num_threads() == 2
+
+
+def test_length_sorted_batches_group_similar_lengths_and_cover_every_index_once() -> None:
+    texts = ["a much longer sentence here", "hi", "medium one", "yo", "the longest sentence of them all, by far", "ok"]
+    batches = length_sorted_batches(texts, 2)
+    assert batches == [[1, 3], [5, 2], [0, 4]]  # "hi", "yo", "ok" tie at 2 characters and keep their order
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    assert length_sorted_batches([], 4) == []
+
+
+def test_translate_returns_input_order_from_length_sorted_batches(trained_run: Path) -> None:
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    translator.cfg.decode.batch_size = 2
+    texts = sorted(_sentences(6), key=len, reverse=True)  # longest first: every batch is reordered
+    assert [t.source for t in translator.translate(texts)] == texts
+    one_by_one = [translator.translate([text])[0].translation for text in texts]
+    assert [t.translation for t in translator.translate(texts)] == one_by_one
 
 
 def test_auto_workers_are_one_per_cpu_thread_up_to_eight_and_one_on_gpus(monkeypatch) -> None:

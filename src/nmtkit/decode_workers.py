@@ -1,4 +1,7 @@
-"""Decoding several batches at once, one per CPU core.
+"""How a decode call's sentences become batches, and several batches decoded at once, one per CPU core.
+
+Batches hold sentences of similar length (`length_sorted_batches`): a batch decodes until its longest output ends, so
+mixing lengths makes every short sentence wait, and pads every source to the longest one.
 
 A decoding step is about a hundred small ops. Spread over the cores by torch's intra-op threads, each op pays a
 fork/join for little work; given a batch of its own, each core runs its ops back to back. So on CPUs the batches of a
@@ -29,6 +32,13 @@ def resolve_workers(requested: int, device: torch.device) -> int:
     if device.type != "cpu":
         return 1
     return requested if requested > 0 else min(torch.get_num_threads(), AUTO_MAX_WORKERS)
+
+
+def length_sorted_batches(texts: Sequence[str], size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of `size`, shortest texts first (characters stand in for pieces); stable, so equal
+    lengths keep their order. Callers put results back in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:

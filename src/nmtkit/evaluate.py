@@ -24,7 +24,7 @@ from .batching import collate, make_batches
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .data import encode_split, length_arrays, load_split
-from .decode_workers import map_batches
+from .decode_workers import length_sorted_batches, map_batches
 from .device import Runtime
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
@@ -173,9 +173,7 @@ def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.
 
 def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
     """Greedy (or beam) translations in input order, decoded in length-sorted batches to keep padding low."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    size = translator.cfg.decode.batch_size
-    batches = [order[start : start + size] for start in range(0, len(order), size)]
+    batches = length_sorted_batches(texts, translator.cfg.decode.batch_size)
 
     def one_batch(idx: list[int]) -> list[str]:
         src = translator.encode_source([texts[i] for i in idx])
