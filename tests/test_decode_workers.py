@@ -115,7 +115,7 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
 
 
 def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_run: Path, capsys, monkeypatch) -> None:
-    import nmtkit.translator
+    import nmtkit.decode_workers
 
     used = []
 
@@ -123,7 +123,7 @@ def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_
         used.append(workers)
         return map_batches(fn, batches, workers)
 
-    monkeypatch.setattr(nmtkit.translator, "map_batches", recording)
+    monkeypatch.setattr(nmtkit.decode_workers, "map_batches", recording)
     texts = _sentences(4)
     assert main(["translate", "--checkpoint", str(trained_run), "--batch-size", "1", "--workers", "3", *texts]) == 0
     with_workers = capsys.readouterr().out

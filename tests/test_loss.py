@@ -11,6 +11,12 @@ from nmtkit.loss import projected_cross_entropy
 from nmtkit.tokenizer import PAD_ID
 
 
+def random_problem(seed: int, n: int, d: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (n, d) and weight (v, d) that require gradients, and targets (n,) in 1..v-1 (no padding yet)."""
+    torch.manual_seed(seed)
+    return torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True), torch.randint(1, v, (n,))
+
+
 def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """nn.CrossEntropyLoss on the materialised logits: what the fused loss must equal."""
     return nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=smoothing, reduction="sum")(hidden @ weight.T, targets)
@@ -19,10 +25,7 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_rows", [3, 1024])
 def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, chunk_rows: int) -> None:
-    torch.manual_seed(0)
-    hidden = torch.randn(10, 8, requires_grad=True)
-    weight = torch.randn(20, 8, requires_grad=True)
-    targets = torch.randint(1, 20, (10,))
+    hidden, weight, targets = random_problem(0, 10, 8, 20)
     targets[[2, 7]] = PAD_ID
     reference = reference_loss(hidden, weight, targets, smoothing)
     expected_grads = torch.autograd.grad(reference, [hidden, weight])
@@ -35,10 +38,7 @@ def test_chunked_loss_and_gradients_equal_cross_entropy_loss(smoothing: float, c
 
 def test_gradients_computed_in_the_forward_pass_follow_the_upstream_gradient() -> None:
     # The fused loss forms its gradients while the chunk's logits are at hand; backward only scales them.
-    torch.manual_seed(1)
-    hidden = torch.randn(9, 8, requires_grad=True)
-    weight = torch.randn(20, 8, requires_grad=True)
-    targets = torch.randint(1, 20, (9,))
+    hidden, weight, targets = random_problem(1, 9, 8, 20)
     reference = reference_loss(hidden, weight, targets, 0.1)
     expected = torch.autograd.grad(-2.5 * reference, [hidden, weight])
     fused = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=0.1, chunk_rows=4)
@@ -58,10 +58,7 @@ def test_loss_without_autograd_equals_the_training_loss() -> None:
 
 
 def test_bf16_matmuls_give_the_fp32_loss_and_gradients_to_bf16_precision() -> None:
-    torch.manual_seed(3)
-    hidden = torch.randn(40, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = torch.randint(1, 50, (40,))
+    hidden, weight, targets = random_problem(3, 40, 16, 50)
     targets[::7] = PAD_ID
     kwargs = dict(ignore_index=PAD_ID, label_smoothing=0.1, chunk_rows=16)
     want = projected_cross_entropy(hidden, weight, targets, **kwargs)

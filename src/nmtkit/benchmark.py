@@ -1,7 +1,7 @@
 """`nmtkit benchmark`: the package's real training step and greedy decoder, timed on fixed work.
 
 Training: `train_step` (forward, label-smoothed cross-entropy, backward, clipping, AdamW) on the
-first batches of the config's training split, built by the same `make_batches` as training and
+first batches of the config's training split, built by the same `epoch_batches` as training and
 collated before the clock starts (as the peers' scripts do). Throughput counts non-pad target tokens.
 
 Decoding: the first `n_sentences` test sentences in file order, batches of `batch_size`, exactly
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .allocator import allocator_in_use
-from .batching import Batch, collate, make_batches
+from .batching import Batch, collate
 from .config import Config, ModelConfig
 from .data import encode_split, length_arrays, load_split
 from .decode import greedy_decode
@@ -34,7 +34,7 @@ from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
 from .rng import seed_everything
 from .tokenizer import EOS_ID, PAD_ID
-from .train import make_optimizer, prepare_tokenizer, train_step
+from .train import epoch_batches, make_optimizer, prepare_tokenizer, train_step
 from .translator import Translator, build_model
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
 
     if s.train:
         train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
-        index = make_batches(
-            *length_arrays(train_ds), cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed, count=cfg.train.max_tokens_counts
-        )
+        index = epoch_batches(cfg.train, *length_arrays(train_ds), epoch=0)
         needed = s.warmup_steps + s.timed_steps
         batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
         result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))

@@ -36,9 +36,20 @@ def resolve_workers(requested: int, device: torch.device) -> int:
 
 def length_sorted_batches(texts: Sequence[str], size: int) -> list[list[int]]:
     """Indices of `texts` in batches of `size`, shortest texts first (characters stand in for pieces); stable, so equal
-    lengths keep their order. Callers put results back in input order."""
+    lengths keep their order."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     return [order[start : start + size] for start in range(0, len(order), size)]
+
+
+def decode_in_input_order(fn: Callable[[list[int]], list[Result]], texts: Sequence[str], size: int, workers: int) -> list[Result]:
+    """`fn` (a batch of indices into `texts` -> one result per index) over length-sorted batches of `size`, by
+    `workers` threads; the results come back in the order of `texts`."""
+    batches = length_sorted_batches(texts, size)
+    out: list[Result] = [None] * len(texts)  # type: ignore[list-item]  # every slot is filled below
+    for idx, results in zip(batches, map_batches(fn, batches, workers)):
+        for i, result in zip(idx, results, strict=True):
+            out[i] = result
+    return out
 
 
 def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:

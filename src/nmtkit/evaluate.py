@@ -24,7 +24,7 @@ from .batching import collate, make_batches
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .data import encode_split, length_arrays, load_split
-from .decode_workers import length_sorted_batches, map_batches
+from .decode_workers import decode_in_input_order
 from .device import Runtime
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
@@ -173,8 +173,6 @@ def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.
 
 def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
     """Greedy (or beam) translations in input order, decoded in length-sorted batches to keep padding low."""
-    batches = length_sorted_batches(texts, translator.cfg.decode.batch_size)
-
     def one_batch(idx: list[int]) -> list[str]:
         src = translator.encode_source([texts[i] for i in idx])
         if beam_size > 1:
@@ -183,11 +181,7 @@ def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, 
             result = translator.translate_ids(src)
         return [translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist()) for row in range(len(idx))]
 
-    out = [""] * len(texts)
-    for idx, hypotheses in zip(batches, map_batches(one_batch, batches, translator.workers)):
-        for i, hypothesis in zip(idx, hypotheses):
-            out[i] = hypothesis
-    return out
+    return decode_in_input_order(one_batch, texts, translator.cfg.decode.batch_size, translator.workers)
 
 
 def format_metrics(m: dict) -> str:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,19 +173,24 @@ def train_step(
 _PLAN_KEYS = ("max_tokens", "max_tokens_counts", "seed")
 
 
+def epoch_batches(tc: TrainConfig, src_lens: np.ndarray, tgt_lens: np.ndarray, epoch: int) -> list[np.ndarray]:
+    """The training batches of `epoch` under the plan keys of `tc` (the training loop's, the benchmark's, a resume's)."""
+    return make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=epoch, count=tc.max_tokens_counts)
+
+
 def _follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: TrainState, src_lens: np.ndarray, tgt_lens: np.ndarray) -> None:
     """When a plan key differs from the checkpoint's, go on at the same fraction of the interrupted epoch under the
     new plan (its batches are new ones: keeping the batch index would skip or repeat an arbitrary share of the epoch)."""
-    defaults = TrainConfig()
-    old = {k: saved_train.get(k, getattr(defaults, k)) for k in _PLAN_KEYS}  # checkpoints older than a key hold its default
-    changed = [f"train.{k} {old[k]!r} -> {getattr(tc, k)!r}" for k in _PLAN_KEYS if old[k] != getattr(tc, k)]
+    defaults = TrainConfig()  # checkpoints older than a key hold its default
+    old = replace(tc, **{k: saved_train.get(k, getattr(defaults, k)) for k in _PLAN_KEYS})
+    changed = [f"train.{k} {getattr(old, k)!r} -> {getattr(tc, k)!r}" for k in _PLAN_KEYS if getattr(old, k) != getattr(tc, k)]
     if not changed:
         return
     if state.batch_in_epoch == 0:
         log.info("resume: %s since the checkpoint; the next epoch is planned with the new value(s)", ", ".join(changed))
         return
-    n_old = len(make_batches(src_lens, tgt_lens, old["max_tokens"], shuffle=True, seed=old["seed"], epoch=state.epoch, count=old["max_tokens_counts"]))
-    n_new = len(make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts))
+    n_old = len(epoch_batches(old, src_lens, tgt_lens, state.epoch))
+    n_new = len(epoch_batches(tc, src_lens, tgt_lens, state.epoch))
     position = round(state.batch_in_epoch * n_new / n_old)  # at or past the end: the loop starts the next epoch
     log.warning(
         "resume: %s since the checkpoint, so epoch %d is cut into new batches; training goes on at the same fraction of "
@@ -339,7 +344,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if stop_reason:
         log.info("nothing to do: %s (raise it with --set to continue)", stop_reason)
     while not stop_reason:
-        batches = make_batches(src_lens, tgt_lens, tc.max_tokens, shuffle=True, seed=tc.seed, epoch=state.epoch, count=tc.max_tokens_counts)
+        batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
         # A resume under another batch plan or number of processes can land between two steps (distributed ranks
         # then need whole steps, or one would get no batch) or past this epoch's last usable batch.

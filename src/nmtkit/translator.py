@@ -18,7 +18,7 @@ from .beam import BeamOutput, beam_search, check_beam_settings
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError, config_from_tree
 from .decode import GreedyOutput, ReferenceScores, greedy_decode, max_new_tokens, score_reference
-from .decode_workers import length_sorted_batches, map_batches, resolve_workers
+from .decode_workers import decode_in_input_order, resolve_workers
 from .device import Runtime, choose_runtime, for_inference
 from .model import Transformer, padding_mask
 from .records import Alternative, Hypothesis, ReferenceScore, ReferenceToken, TokenStep, Translation, total_and_mean
@@ -133,17 +133,12 @@ class Translator:
             raise ValueError(f"{len(texts)} sources but {len(references)} references")
         check_beam_settings(beam_size, nbest, self.tokenizer.tgt_vocab_size)
         k = min(top_k or self.cfg.decode.top_k, self.tokenizer.tgt_vocab_size)
-        batches = length_sorted_batches(texts, self.cfg.decode.batch_size)
 
         def one_batch(idx: list[int]) -> list[Translation]:
             refs = [references[i] for i in idx] if references is not None else None
             return self._translate_batch([texts[i] for i in idx], refs, k, beam_size, nbest, length_penalty)
 
-        out: list[Translation | None] = [None] * len(texts)
-        for idx, translations in zip(batches, map_batches(one_batch, batches, self.workers)):
-            for i, translation in zip(idx, translations):
-                out[i] = translation
-        return out  # type: ignore[return-value]  # every index is in exactly one batch
+        return decode_in_input_order(one_batch, texts, self.cfg.decode.batch_size, self.workers)
 
     @property
     def workers(self) -> int:
