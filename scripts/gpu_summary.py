@@ -27,16 +27,20 @@ def read_lines(path: Path) -> list[dict]:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    peers = {r["system"]: r for r in read_lines(out / "peers.jsonl")}
+    peers = {r["system"]: r for r in read_lines(out / "peers.jsonl") if "system" in r}  # its first line is the matmul peak
     hf_decode = next(iter(read_lines(out / "hf_decode.jsonl")), None)
     runs = {name: next(iter(read_lines(out / f"{name}.jsonl")), None) for name in
-            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-64k", "nmtkit-64k-compile")}
+            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-16k-compile-nocheck", "nmtkit-64k", "nmtkit-64k-compile")}
     hf = peers.get("hf_marian")
+    hf_64k = next(iter(r for r in read_lines(out / "peers-64k.jsonl") if r.get("system") == "hf_marian"), None)
     nominal = hf["peak_tflops"] if hf else 989.0
 
     rows = ["| run | target tokens/s | vs HF Marian (16k) | matmul FLOP utilisation (measured peak / nominal) |", "|---|---|---|---|"]
     if hf:
         rows.append(f"| HF Marian, 16k | {hf['tgt_tokens_per_s']:,.0f} | 1.00x | – / {100 * hf['mfu_matmul']:.1f}% |")
+    if hf_64k:
+        ratio = f"{hf_64k['tgt_tokens_per_s'] / hf['tgt_tokens_per_s']:.2f}x" if hf else "–"
+        rows.append(f"| HF Marian, 64k | {hf_64k['tgt_tokens_per_s']:,.0f} | {ratio} | – / {100 * hf_64k['mfu_matmul']:.1f}% |")
     best_mfu = 0.0
     for name, r in runs.items():
         if not r or "train_tgt_tokens_per_s" not in r:
@@ -54,9 +58,14 @@ def main(out_dir: str) -> None:
         rows.append("| decoding, batch 256, 48 new tokens | sentences/s |")
         rows.append("|---|---|")
         rows.append(f"| HF Marian `generate` (bf16) | {hf_d} |")
-        rows.append(f"| nmtkit greedy (bf16) | {decode['decode_sent_per_s']:,.1f} ({d_ratio}); with the per-token log {decode['decode_sent_per_s_with_log']:,.1f} |")
+        graphs = " (CUDA graphs)" if decode.get("decode_cuda_graphs") else ""
+        rows.append(f"| nmtkit greedy (bf16){graphs} | {decode['decode_sent_per_s']:,.1f} ({d_ratio}); with the per-token log {decode['decode_sent_per_s_with_log']:,.1f} |")
+        eager = next(iter(read_lines(out / "nmtkit-decode-eager.jsonl")), None)
+        if eager and "decode_sent_per_s" in eager:
+            e_ratio = f"{eager['decode_sent_per_s'] / hf_decode['decode_sent_per_s']:.2f}x" if hf_decode else "–"
+            rows.append(f"| nmtkit greedy (bf16), eager steps | {eager['decode_sent_per_s']:,.1f} ({e_ratio}) |")
     print("\n".join(rows))
-    summary = {"hf_train": hf, "hf_decode": hf_decode, "nmtkit": runs, "best_mfu_measured_peak": best_mfu}
+    summary = {"hf_train": hf, "hf_train_64k": hf_64k, "hf_decode": hf_decode, "nmtkit": runs, "best_mfu_measured_peak": best_mfu}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 

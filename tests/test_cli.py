@@ -428,3 +428,18 @@ def test_scripts_are_thin_wrappers_over_the_cli(command: str, capsys, monkeypatc
         runpy.run_path(str(ROOT / "scripts" / f"{command}.py"), run_name="__main__")
     assert info.value.code == 0
     assert f"usage: nmtkit {command}" in capsys.readouterr().out
+
+
+def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    profile = tmp_path / "profile.txt"
+    argv = ["benchmark", "--config", str(config), "--device", "cpu", "--precision", "fp32", "--steps", "2", "--repeats", "1",
+            "--sentences", "8", "--batch-size", "4", "--json", "--profile", str(profile)]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("train_tgt_tokens_per_s", "decode_sent_per_s", "decode_tokens_per_s", "peak_rss_mib", "mfu"):
+        assert r[key] > 0, key
+    assert (r["device"], r["precision"], r["decode_sentences"]) == ("cpu", "fp32", 8)
+    assert r["decode_tokens_per_s"] == pytest.approx(48 * r["decode_sent_per_s"])  # exactly 48 new tokens each
+    table = profile.read_text()
+    assert "aten::mm" in table and "Self CPU" in table  # the training step's matmuls, by their own time

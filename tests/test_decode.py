@@ -42,6 +42,21 @@ def test_cached_greedy_gives_the_same_tokens_and_probabilities_as_rerunning_the_
     torch.testing.assert_close(fast.probs, slow_probs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_static_cache_steps_give_the_tokens_and_probabilities_of_the_growing_cache(stop_at_eos: bool) -> None:
+    """The fixed-shape steps that CUDA graphs replay (here run eagerly) attend to every slot with a bias
+    hiding the unwritten ones: the same translation and per-token log as attending to the written ones."""
+    model = make_model()
+    src = random_ids(5, 9)
+    src[1, 6:] = PAD_ID
+    with torch.no_grad():
+        growing = greedy_decode(model, src, 12, top_k=3, stop_at_eos=stop_at_eos)
+        static = greedy_decode(model, src, 12, top_k=3, stop_at_eos=stop_at_eos, static=True)
+    assert torch.equal(static.tokens, growing.tokens) and torch.equal(static.lengths, growing.lengths)
+    for name in ("probs", "entropy", "top_probs"):
+        torch.testing.assert_close(getattr(static, name), getattr(growing, name), atol=1e-5, rtol=1e-5)
+
+
 def test_turning_the_per_token_log_on_does_not_change_the_translation() -> None:
     # with the log on, the next token is the first of the top-k instead of a separate argmax
     model = make_model()

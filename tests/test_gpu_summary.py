@@ -25,11 +25,13 @@ def nmtkit_record(tokens_per_s: float, tflops: float, mfu: float, decode: float 
 
 
 def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: Path, capsys) -> None:
-    write(tmp_path / "peers.jsonl", {"system": "hf_marian", "tgt_tokens_per_s": 100_000.0, "mfu_matmul": 0.07, "peak_tflops": 1000.0},
+    write(tmp_path / "peers.jsonl", {"matmul_bf16_tflops": 802.0}, {"system": "hf_marian", "tgt_tokens_per_s": 100_000.0, "mfu_matmul": 0.07, "peak_tflops": 1000.0},
           noise="a warning line\n")
     write(tmp_path / "hf_decode.jsonl", {"system": "hf_marian_generate", "decode_sent_per_s": 200.0})
     write(tmp_path / "nmtkit-16k.jsonl", nmtkit_record(250_000.0, 300.0, 0.38, decode=700.0))
     write(tmp_path / "nmtkit-64k.jsonl", nmtkit_record(300_000.0, 400.0, 0.51))
+    write(tmp_path / "nmtkit-decode-eager.jsonl", {"decode_sent_per_s": 300.0})
+    write(tmp_path / "peers-64k.jsonl", {"system": "hf_marian", "tgt_tokens_per_s": 160_000.0, "mfu_matmul": 0.11, "peak_tflops": 1000.0})
 
     gpu_summary.main(str(tmp_path))
     table = capsys.readouterr().out
@@ -37,6 +39,8 @@ def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: P
     assert "| nmtkit-64k | 300,000 | 3.00x | 51.0% / 40.0% |" in table
     assert "| nmtkit-16k-compile | no result | | |" in table
     assert "700.0 (3.50x)" in table
+    assert "| HF Marian, 64k | 160,000 | 1.60x | – / 11.0% |" in table
+    assert "| nmtkit greedy (bf16), eager steps | 300.0 (1.50x) |" in table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best_mfu_measured_peak"] == 0.51
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nmtkit.loss import projected_cross_entropy
+from nmtkit.loss import chunk_loss_and_grad, projected_cross_entropy
 from nmtkit.tokenizer import PAD_ID
 
 
@@ -103,6 +103,28 @@ def test_compiled_objective_gives_the_eager_loss_and_gradients_for_batches_of_di
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_chunk_gives_the_loss_and_gradients_of_cross_entropy_loss(dtype: torch.dtype, tolerance: float) -> None:
+    """The GPU path of a compiled objective (`chunk_loss_and_grad` under torch.compile), checked here on CPU."""
+    fused = torch.compile(chunk_loss_and_grad, dynamic=True)
+    errors = fused_loss_errors(torch.device("cpu"), dtype, chunk_rows=32, fused_chunk=fused, size=(70, 16, 300))
+    assert max(errors) < tolerance
+
+
+def fused_loss_errors(device: torch.device, dtype: torch.dtype, size: tuple[int, int, int], **options) -> list[float]:
+    """Relative errors of the fused loss, its hidden and its weight gradient on `device` against float64
+    nn.CrossEntropyLoss on CPU, for a random (rows, d_model, vocabulary) problem with some padding."""
+    hidden, weight, targets = random_problem(3, *size)
+    targets[::5] = PAD_ID
+    expected = reference_loss(hidden.double(), weight.double(), targets, 0.1)
+    expected.backward()
+    h, w = hidden.detach().to(device).requires_grad_(), weight.detach().to(device).requires_grad_()
+    loss = projected_cross_entropy(h, w, targets.to(device), ignore_index=PAD_ID, label_smoothing=0.1, compute_dtype=dtype, **options)
+    loss.backward()
+    pairs = ((loss, expected), (h.grad, hidden.grad), (w.grad, weight.grad))
+    return [float((got.detach().cpu().double() - want.detach()).norm() / want.detach().norm()) for got, want in pairs]
 
 
 def test_second_derivative_is_refused_rather_than_silently_zero() -> None:

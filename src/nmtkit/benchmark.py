@@ -53,6 +53,8 @@ class BenchmarkSettings:
     stop_at_eos: bool = False
     decode: bool = True
     train: bool = True
+    profile: str | None = None  # a file for the profiler's table of the training step's costliest ops
+    profile_steps: int = 5
 
 
 def forward_matmul_flops(cfg: ModelConfig, batch: Batch, vocab: int) -> float:
@@ -126,6 +128,8 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
     flops = 3 * sum(forward_matmul_flops(cfg.model, b, vocab) for b in timed)  # backward is ~2x forward
     times = [run(timed) for _ in range(s.repeats)]
     median = statistics.median(times)
+    if s.profile:
+        write_profile(s.profile, lambda: run(timed[: s.profile_steps]), runtime.device)
     return {
         "train_tgt_tokens_per_s": tokens / median,
         "train_step_ms": 1000 * median / len(timed),
@@ -137,15 +141,33 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
     }
 
 
-def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings, workers: int) -> dict:
-    """Greedy decoding of `sources` as `nmtkit translate` runs it: weights in the compute dtype, and on CPU
-    `workers` batches at once (decode_workers.py)."""
+def write_profile(path: str, work, device: torch.device, rows: int = 40) -> None:
+    """Runs `work` once under torch.profiler and writes its ops, costliest first by time on `device`
+    (self time: an op's own kernels, not its children's), to `path`. Run after the timed runs, so the
+    numbers reported are not the profiler's."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        work()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    Path(path).write_text(table + "\n")
+
+
+def benchmark_decoding(
+    model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings, workers: int, cuda_graphs: bool = False
+) -> dict:
+    """Greedy decoding of `sources` as `nmtkit translate` runs it: weights in the compute dtype, on CPU
+    `workers` batches at once (decode_workers.py), on CUDA each batch's step replayed as a CUDA graph
+    unless decode.cuda_graphs is off."""
     model = for_inference(copy.deepcopy(model), runtime)
+    static = cuda_graphs and runtime.device.type == "cuda"
 
     def run(top_k: int) -> tuple[float, int]:
         def one_batch(src: torch.Tensor) -> int:
             with runtime.compute():
-                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos)
+                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos, static=static)
             return int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel()
 
         _sync(runtime.device)
@@ -167,6 +189,7 @@ def benchmark_decoding(model: nn.Module, runtime: Runtime, sources: list[torch.T
         "decode_log_overhead": t_logged / t_plain - 1.0,
         "decode_sentences": n_sent,
         "decode_workers": min(workers, len(sources)),
+        "decode_cuda_graphs": static,
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
 
@@ -195,8 +218,12 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
 
     if s.train:
         train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
-        index = epoch_batches(cfg.train, *length_arrays(train_ds), epoch=0)
+        lengths = length_arrays(train_ds)
         needed = s.warmup_steps + s.timed_steps
+        index, epoch = [], 0
+        while len(index) < needed:  # large batches: a small corpus has fewer per epoch than the steps asked for
+            index += epoch_batches(cfg.train, *lengths, epoch=epoch)
+            epoch += 1
         batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
         result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))
     if s.decode:
@@ -207,7 +234,8 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
         for i in range(0, len(ids), s.batch_size):
             rows = [torch.tensor(x[: cfg.model.max_positions - 1] + [EOS_ID]) for x in ids[i : i + s.batch_size]]
             sources.append(nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(runtime.device))
-        result.update(benchmark_decoding(model, runtime, sources, s, resolve_workers(cfg.decode.workers, runtime.device)))
+        workers = resolve_workers(cfg.decode.workers, runtime.device)
+        result.update(benchmark_decoding(model, runtime, sources, s, workers, cfg.decode.cuda_graphs))
 
     peak = measure_matmul_peak(runtime)
     result["matmul_peak_tflops"] = peak / 1e12

@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", metavar="FILE", help="after the timed runs, profile 5 training steps and write the costliest ops to FILE")
     return parser
 
 
@@ -259,7 +260,7 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = BenchmarkSettings(
         device=args.device, precision=args.precision, timed_steps=args.steps, repeats=args.repeats,
         n_sentences=args.sentences, batch_size=args.batch_size, stop_at_eos=args.eos,
-        train=not args.no_train, decode=not args.no_decode,
+        train=not args.no_train, decode=not args.no_decode, profile=args.profile,
     )
     result = run_benchmark(cfg, settings, args.checkpoint)
     print(json.dumps(result) if args.json else format_benchmark(result))

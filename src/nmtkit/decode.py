@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kv_cache import KVCache
 from .model import Transformer, padding_mask
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -86,22 +87,46 @@ def block_argmax(logits: Tensor) -> Tensor:
     return best_block * _BLOCK + rows.argmax(dim=-1)
 
 
+def capture_step(model: Transformer, token: Tensor, cache: KVCache, weight_t: Tensor, logits: Tensor) -> torch.cuda.CUDAGraph:
+    """One decoding step (decoder layers and output projection into `logits`) captured as a CUDA graph.
+
+    Eager, a step is ~200 kernel launches of a few microseconds of work each, issued one Python call at a
+    time, so the GPU mostly waits; a replay launches them all at once. Needs a static cache (fixed shapes,
+    the position on the device); `token` (B, 1) is read, `logits` (B, V) written, at every replay.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # one eager step first: cuBLAS sets up its workspaces outside the capture
+        model.decode_step(token, cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # autocast's weight-cast cache must be off while capturing (the weights are in the compute dtype anyway)
+    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+    with autocast, torch.cuda.graph(graph):
+        hidden = model.decode_step(token, cache)
+        torch.mm(hidden.to(weight_t.dtype), weight_t, out=logits)
+    cache.position.zero_()  # the eager step advanced it; the capture itself ran nothing
+    return graph
+
+
 @torch.no_grad()
 def greedy_decode(
-    model: Transformer, src: Tensor, max_len: Tensor | int, *, top_k: int = 0, stop_at_eos: bool = True
+    model: Transformer, src: Tensor, max_len: Tensor | int, *, top_k: int = 0, stop_at_eos: bool = True, static: bool = False
 ) -> GreedyOutput:
     """Greedy decoding of src (B, S).
 
     max_len: per-sentence output budget (B,) or one int; a sentence that reaches its budget without
     EOS ends there. top_k > 0 records probabilities, entropy and the top-k alternatives per step.
     stop_at_eos=False always runs the full budget (benchmarks need a fixed amount of work).
+    static=True decodes with fixed-shape steps (a static KV cache), which on CUDA are captured once as a
+    CUDA graph and replayed (`decode.cuda_graphs`); the tokens are the same.
     """
     B = src.size(0)
     limits = torch.as_tensor(max_len, device=src.device).expand(B)
     n_steps = int(limits.max())
     src_mask = padding_mask(src)
     memory = model.encode(src, src_mask)
-    cache = model.start_cache(memory, src_mask, n_steps)
+    cache = model.start_cache(memory, src_mask, n_steps, static=static)
 
     out = torch.full((B, n_steps), PAD_ID, dtype=torch.long, device=src.device)
     is_done = torch.zeros(B, dtype=torch.bool, device=src.device)
@@ -118,10 +143,14 @@ def greedy_decode(
     logits_lp = torch.empty(B, weight_t.size(1), dtype=weight_t.dtype, device=src.device)
     logits = logits_lp if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
     work = torch.empty_like(logits) if record else None  # token_stats' scratch
+    graph = capture_step(model, token, cache, weight_t, logits_lp) if static and src.device.type == "cuda" else None
 
     for t in range(n_steps):
-        hidden = model.decode_step(token, cache)  # (B, D)
-        torch.mm(hidden.to(weight_t.dtype), weight_t, out=logits_lp)
+        if graph is not None:
+            graph.replay()  # reads `token`, writes logits_lp
+        else:
+            hidden = model.decode_step(token, cache)  # (B, D)
+            torch.mm(hidden.to(weight_t.dtype), weight_t, out=logits_lp)
         if logits is not logits_lp:
             logits.copy_(logits_lp)
         if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
@@ -136,7 +165,7 @@ def greedy_decode(
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
             probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits, top_ids[:, t], work)
         out[:, t] = nxt
-        token = nxt[:, None]
+        token.copy_(nxt[:, None])  # in place: a captured step reads this buffer
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.
         if stop_at_eos and t % 4 == 3 and bool(is_done.all()):
             out = out[:, : t + 1]

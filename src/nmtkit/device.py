@@ -93,6 +93,11 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         # token is absent from a batch decay geometrically into that range: 15 batches repeated made a
         # training step go from 0.26 s to 6 s. Flushing them to zero (as oneDNN does) keeps steps flat.
         torch.set_flush_denormal(True)
+    else:
+        # SDPA's cuDNN backend, which torch prefers on Hopper, took 480-590 us per attention call at this
+        # project's sentence lengths on an H200 (34% of a BASE training step; docs/performance.md); the
+        # flash and memory-efficient kernels remain
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

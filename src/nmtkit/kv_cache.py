@@ -15,19 +15,43 @@ from torch import Tensor
 
 
 class KVCache:
+    """static=True keeps every shape of a decoding step fixed, so that the step can be captured once as a CUDA
+    graph and replayed (decode.py): the position is a device tensor, a step attends to all `max_len` slots with
+    an additive bias that hides the ones not yet written (zeros until then), and `advance` counts on the device.
+    """
+
     def __init__(
-        self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+        static: bool = False,
     ) -> None:
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.max_len = max_len
         self.length = 0  # positions already decoded
-        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (n_layers, B, H, max_len, Dh)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.static = static
+        make = torch.zeros if static else torch.empty  # unwritten slots take part in a static step's matmuls
+        self.keys = make(shape, device=device, dtype=dtype)  # (n_layers, B, H, max_len, Dh)
+        self.values = make(shape, device=device, dtype=dtype)
         self.memory_kv: list[tuple[Tensor, Tensor]] = []  # per layer: (B, H, S, Dh) keys and values
         self.memory_bias: Tensor | None = None  # (B, 1, 1, S): 0 at source tokens, -inf at padding
+        if static:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)  # the slot this step writes
+            self.slots = torch.arange(max_len, device=device)
+            self.self_bias: Tensor | None = torch.zeros(1, 1, 1, max_len, device=device, dtype=dtype)
+        else:
+            self.self_bias = None  # a dynamic step attends to exactly the slots written so far
+
+    def begin_step(self) -> None:
+        """Static caches: hide the slots after this step's position (a bias of 0 up to it, -inf after)."""
+        if self.static:
+            self.self_bias.zero_().masked_fill_(self.slots > self.position, float("-inf"))
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, 1, Dh) at the current position; return all keys/values so far (B, H, t+1, Dh)."""
+        """Store k, v (B, H, 1, Dh) at the current position; return all keys/values so far (B, H, t+1, Dh),
+        or with a static cache all `max_len` slots (B, H, max_len, Dh), to be read with `self_bias`."""
+        if self.static:
+            self.keys[layer].index_copy_(2, self.position, k)
+            self.values[layer].index_copy_(2, self.position, v)
+            return self.keys[layer], self.values[layer]
         t = self.length
         if t >= self.max_len:
             raise IndexError(f"KV cache is full ({self.max_len} positions)")
@@ -37,7 +61,9 @@ class KVCache:
 
     def advance(self) -> None:
         """Called once per step, after every layer has appended its position."""
-        self.length += 1
+        self.length += 1  # a replayed graph does not run this: static caches count on the device
+        if self.static:
+            self.position += 1
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (B',) of the batch, e.g. to drop finished sentences or follow beams."""

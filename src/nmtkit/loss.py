@@ -13,11 +13,13 @@ The value equals `nn.CrossEntropyLoss(ignore_index, label_smoothing, reduction="
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .model import Transformer
+from .model import DecoderLayer, EncoderLayer, LayerRunner, Transformer, call_layer
 from .tokenizer import PAD_ID
 
 
@@ -32,6 +34,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         smoothing: float,
         chunk_rows: int,
         compute_dtype: torch.dtype,
+        fused_chunk: ChunkFn | None,
     ) -> Tensor:
         h = hidden.to(compute_dtype)  # (N, D)
         w = weight.to(compute_dtype)  # (V, D)
@@ -39,6 +42,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         is_real = targets != ignore_index
         safe_targets = targets.masked_fill(~is_real, 0)
         want_grads = any(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
+        if fused_chunk is not None and want_grads:
+            grad_h, grad_w, total = _compiled_chunks(h, w, safe_targets, is_real, smoothing, chunk_rows, fused_chunk)
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+            return total
         grad_h = torch.empty_like(h) if want_grads else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grads else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -89,7 +97,48 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple:  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_h * grad_total).to(hidden_dtype), (grad_w * grad_total).to(weight_dtype), None, None, None, None, None
+        return (grad_h * grad_total).to(hidden_dtype), (grad_w * grad_total).to(weight_dtype), None, None, None, None, None, None
+
+
+ChunkFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
+def chunk_loss_and_grad(logits: Tensor, targets: Tensor, real: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    """One chunk's summed loss and d loss / d logits, as plain tensor expressions for `torch.compile`.
+
+    logits (n, V) in the matmul dtype, targets (n,), real (n,) 1.0 at real tokens and 0.0 at padding. The
+    eager loop above runs about ten passes over an fp32 (n, V) tensor; compiled, this is a reduction pass and
+    one pass that writes the gradient in the logits' dtype (on a GPU, where the passes are memory-bound).
+    """
+    x = logits.float()
+    V = x.size(1)
+    top = x.amax(dim=-1, keepdim=True)
+    exp = (x - top).exp()
+    sum_exp = exp.sum(dim=-1, keepdim=True)
+    lse = top + sum_exp.log()
+    is_target = torch.arange(V, device=x.device) == targets[:, None]  # (n, V), never materialised when compiled
+    target_logit = torch.where(is_target, x, 0.0).sum(dim=-1, keepdim=True)
+    real = real[:, None]
+    loss = ((lse - (1.0 - smoothing) * target_logit - smoothing * x.mean(dim=-1, keepdim=True)) * real).sum()
+    grad = exp * (real / sum_exp) - (smoothing / V) * real - (1.0 - smoothing) * real * is_target
+    return loss, grad.to(logits.dtype)
+
+
+def _compiled_chunks(
+    h: Tensor, w: Tensor, targets: Tensor, is_real: Tensor, smoothing: float, chunk_rows: int, fused_chunk: ChunkFn
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunk loop with `fused_chunk` (the compiled `chunk_loss_and_grad`) between the matmuls."""
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    real = is_real.to(torch.float32)
+    for s in range(0, h.size(0), chunk_rows):
+        rows = slice(s, s + chunk_rows)
+        loss, g = fused_chunk(torch.mm(h[rows], w.T), targets[rows], real[rows], smoothing)
+        total += loss
+        torch.mm(g, w, out=grad_h[rows])
+        grad_w += torch.mm(g.T, h[rows]).float()
+    return grad_h, grad_w, total
 
 
 def projected_cross_entropy(
@@ -101,6 +150,7 @@ def projected_cross_entropy(
     label_smoothing: float,
     compute_dtype: torch.dtype = torch.float32,
     chunk_rows: int = 0,
+    fused_chunk: ChunkFn | None = None,
 ) -> Tensor:
     """Summed label-smoothed cross-entropy of `hidden @ weight.T` against `targets`.
 
@@ -114,17 +164,19 @@ def projected_cross_entropy(
         chunk_rows = max(16, per_chunk // weight.size(0))
     if not torch.is_grad_enabled():  # no gradients to form (a parameter still reports needs_input_grad)
         hidden, weight = hidden.detach(), weight.detach()
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, compute_dtype)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk_rows, compute_dtype, fused_chunk)
 
 
 class TrainingObjective(nn.Module):
     """The model plus its loss as one module, so that DistributedDataParallel can wrap the whole
     training computation: (src, tgt_in, tgt_out) -> summed label-smoothed cross-entropy.
 
-    compile=True runs the encoder-decoder through `torch.compile` (the fused loss stays eager: its
-    chunk loop is already a few large matmuls). Shapes are marked dynamic from the start, since
-    every batch has its own (B, S, T); the first steps pay for compilation (a minute or two on CPU,
-    where the compiled graph measured slower than eager: docs/performance.md).
+    compile=True runs every encoder and decoder layer through `torch.compile`, and on GPUs also each loss
+    chunk's softmax and gradient (`chunk_loss_and_grad`: two memory passes instead of about ten; on CPU the
+    eager chunk loop keeps its cache-sized chunks). One compiled forward per layer class serves all its
+    layers, so compilation costs two layers' worth, not the whole stack's (a whole-model graph took over
+    200 s to compile on an H200). Shapes are marked dynamic from the start, since every batch has its own
+    (B, S, T). The model itself is not changed: its own forward stays eager (decoding, copies).
     """
 
     def __init__(self, model: Transformer, label_smoothing: float, compute_dtype: torch.dtype, compile: bool = False) -> None:
@@ -132,11 +184,17 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
         self.compute_dtype = compute_dtype
-        self._hidden = torch.compile(model.hidden_states, dynamic=True) if compile else model.hidden_states
+        self._run_layer: LayerRunner = call_layer
+        self._fused_chunk = None
+        if compile:
+            compiled = {cls: torch.compile(cls.forward, dynamic=True) for cls in (EncoderLayer, DecoderLayer)}
+            self._run_layer = lambda layer, *inputs: compiled[type(layer)](layer, *inputs)
+            self._fused_chunk = torch.compile(chunk_loss_and_grad, dynamic=True)
 
     def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
-        hidden = self._hidden(src, tgt_in)  # (B, T, D)
+        hidden = self.model.hidden_states(src, tgt_in, self._run_layer)  # (B, T, D)
         return projected_cross_entropy(
             hidden.flatten(0, 1), self.model.output_weight, tgt_out.flatten(),
             ignore_index=PAD_ID, label_smoothing=self.label_smoothing, compute_dtype=self.compute_dtype,
+            fused_chunk=self._fused_chunk if hidden.device.type != "cpu" else None,
         )

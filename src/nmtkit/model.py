@@ -13,6 +13,7 @@ ignores the pad queries.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ class SelfAttention(nn.Module):
         """One decoding position: x (B, 1, D); appends its key/value to the cache."""
         q, k, v = (_split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, 1, Dh)
         keys, values = cache.append(layer, k, v)  # (B, H, t+1, Dh): every earlier position and this one
-        return self.out(_merge_heads(attend_one(q, keys, values)))
+        return self.out(_merge_heads(attend_one(q, keys, values, cache.self_bias)))
 
 
 class CrossAttention(nn.Module):
@@ -184,8 +185,9 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(cfg.d_model)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], src_mask: Tensor) -> Tensor:
-        """Full causal pass over x (B, T, D)."""
+    def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Full causal pass over x (B, T, D), attending to the encoder's memory (B, S, D)."""
+        memory_kv = self.cross_attn.memory_kv(memory)
         if self.is_pre_norm:
             x = x + self.drop(self.self_attn(self.norm1(x), is_causal=True))
             x = x + self.drop(self.cross_attn(self.norm2(x), memory_kv, src_mask))
@@ -204,6 +206,14 @@ class DecoderLayer(nn.Module):
         x = self.norm1(x + self.self_attn.step(x, cache, layer))
         x = self.norm2(x + self.cross_attn.step(x, memory_kv, cache.memory_bias))
         return self.norm3(x + self.ffn.up_act_down(x))
+
+
+LayerRunner = Callable[..., Tensor]
+
+
+def call_layer(layer: nn.Module, *inputs: Tensor) -> Tensor:
+    """The plain way to run an encoder or decoder layer: `layer(*inputs)`."""
+    return layer(*inputs)
 
 
 class Transformer(nn.Module):
@@ -254,18 +264,18 @@ class Transformer(nn.Module):
         x = table(tokens) * self.embed_scale + self.positions[offset : offset + L]
         return self.embed_drop(x)
 
-    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+    def encode(self, src: Tensor, src_mask: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """src (B, S), src_mask (B, 1, 1, S) -> memory (B, S, D)."""
         x = self._embed(self.src_embed, src)
         for layer in self.encoder:
-            x = layer(x, src_mask)
+            x = run_layer(layer, x, src_mask)
         return self.enc_norm(x)
 
-    def decode(self, memory: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+    def decode(self, memory: Tensor, src_mask: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """Teacher-forced decoder pass: tgt_in (B, T) -> hidden states (B, T, D)."""
         x = self._embed(self.tgt_embed, tgt_in)
         for layer in self.decoder:
-            x = layer(x, layer.cross_attn.memory_kv(memory), src_mask)
+            x = run_layer(layer, x, memory, src_mask)
         return self.dec_norm(x)
 
     @property
@@ -277,10 +287,11 @@ class Transformer(nn.Module):
         """(..., D) -> (..., V) logits over the target vocabulary."""
         return F.linear(hidden, self.output_weight)
 
-    def hidden_states(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection."""
+    def hidden_states(self, src: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
+        """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection.
+        `run_layer(layer, *inputs)` runs each encoder and decoder layer (the training objective's compiles them)."""
         src_mask = padding_mask(src)
-        return self.decode(self.encode(src, src_mask), src_mask, tgt_in)
+        return self.decode(self.encode(src, src_mask, run_layer), src_mask, tgt_in, run_layer)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """(B, S), (B, T) -> logits (B, T, V)."""
@@ -288,15 +299,18 @@ class Transformer(nn.Module):
 
     # -- incremental decoding ---------------------------------------------------------------
 
-    def start_cache(self, memory: Tensor, src_mask: Tensor, max_len: int) -> KVCache:
+    def start_cache(self, memory: Tensor, src_mask: Tensor, max_len: int, static: bool = False) -> KVCache:
         """A cache for up to `max_len` decoder positions, with every layer's cross-attention
-        keys and values computed from `memory` once, and the source padding as an additive bias."""
+        keys and values computed from `memory` once, and the source padding as an additive bias.
+        static=True: fixed shapes for a CUDA graph (kv_cache.py)."""
+        if static and max_len > self.cfg.max_positions:
+            raise ValueError(f"{max_len} output positions exceed model.max_positions={self.cfg.max_positions}")
         B = memory.size(0)
         H = self.cfg.n_heads
         # fp32 on CPU (see attend_one); elsewhere the weights' dtype (bf16 after `for_inference`): `memory`
         # itself is fp32 under autocast, whose LayerNorm runs in fp32
         dtype = torch.float32 if memory.device.type == "cpu" else self.output_weight.dtype
-        cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype)
+        cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype, static)
         # contiguous copies: every decoding step reads them, and strided ones would be copied each time
         cache.memory_kv = [tuple(t.to(dtype).contiguous() for t in layer.cross_attn.memory_kv(memory)) for layer in self.decoder]
         zeros = torch.zeros(src_mask.shape, dtype=dtype, device=memory.device)
@@ -308,7 +322,11 @@ class Transformer(nn.Module):
 
         Work per call is constant in the prefix length apart from attention over the cached keys.
         """
-        x = self._embed(self.tgt_embed, tokens, offset=cache.length)
+        if cache.static:  # the position lives on the device, so a captured step replays at every position
+            cache.begin_step()
+            x = self.tgt_embed(tokens) * self.embed_scale + self.positions.index_select(0, cache.position)
+        else:
+            x = self._embed(self.tgt_embed, tokens, offset=cache.length)
         for i, layer in enumerate(self.decoder):
             x = layer.step(x, cache, i)
         cache.advance()

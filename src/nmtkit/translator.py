@@ -145,12 +145,17 @@ class Translator:
         """Batches decoded at once (`decode_workers.py`): decode.workers, or one per CPU thread when it is 0."""
         return resolve_workers(self.cfg.decode.workers, self.runtime.device)
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Greedy steps replayed as CUDA graphs (decode.cuda_graphs, on CUDA only)."""
+        return self.cfg.decode.cuda_graphs and self.runtime.device.type == "cuda"
+
     def translate_ids(self, src: Tensor, top_k: int = 0) -> GreedyOutput:
         """Greedy decoding of (B, S) source ids under the configured length budget."""
         d = self.cfg.decode
         budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
         with self.runtime.compute():
-            return greedy_decode(self.model, src, budget, top_k=top_k)
+            return greedy_decode(self.model, src, budget, top_k=top_k, static=self.uses_cuda_graphs)
 
     def beam_search_ids(self, src: Tensor, beam_size: int, nbest: int = 1, top_k: int = 0, length_penalty: float = 1.0) -> BeamOutput:
         """Beam search of (B, S) source ids under the configured length budget (the same one greedy uses)."""

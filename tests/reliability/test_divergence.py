@@ -34,9 +34,9 @@ def poison_training_steps(monkeypatch: pytest.MonkeyPatch, is_bad: Callable[[int
     decode = Transformer.decode
     calls = 0
 
-    def decode_with_nans(self: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def decode_with_nans(self: Transformer, memory: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, *args) -> torch.Tensor:
         nonlocal calls
-        hidden = decode(self, memory, src_mask, tgt_in)
+        hidden = decode(self, memory, src_mask, tgt_in, *args)
         if not self.training:
             return hidden
         calls += 1

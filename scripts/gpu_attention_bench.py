@@ -1,0 +1,64 @@
+"""Times scaled_dot_product_attention forward + backward per backend at BASE sentence shapes (bf16): the
+decoder's causal self-attention (no mask) and the encoder's padded self-attention (a boolean key mask).
+Prints one JSON line of milliseconds per call; a backend that refuses a case is reported as null.
+
+    python scripts/gpu_attention_bench.py            # 512 sentences x 32 tokens, 8 heads of 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    shape = (args.batch, 8, args.length, 64)
+    q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(args.batch, 1, 1, args.length, dtype=torch.bool, device=device)
+    for i in range(args.batch):  # padded sentences of varied length
+        mask[i, ..., args.length - i % (args.length // 2) :] = False
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(backend: SDPBackend, masked: bool) -> float | None:
+        times = []
+        try:
+            with sdpa_kernel([backend]):
+                for i in range(23):
+                    sync()
+                    t0 = time.perf_counter()
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None, is_causal=not masked)
+                    out.backward(torch.ones_like(out))
+                    sync()
+                    if i >= 3:
+                        times.append(1000 * (time.perf_counter() - t0))
+        except RuntimeError:
+            return None
+        return statistics.median(times)
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    result = {"batch": args.batch, "length": args.length}
+    for name, backend in backends.items():
+        result[f"{name}_causal_ms"] = time_ms(backend, masked=False)
+        result[f"{name}_masked_ms"] = time_ms(backend, masked=True)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
