@@ -8,10 +8,10 @@
 # One machine, one sitting, each figure the median of 3 timed runs inside its process. In order of importance,
 # so that a run cut short still answers the main questions:
 #   1. SDPA backends at sentence shapes (scripts/gpu_attention_bench.py)
-#   2. nmtkit 16k-token batches, eager, with decoding at batch 256 (CUDA graphs) and a profile of 5 training steps;
-#      tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU)
+#   2. nmtkit 16k-token batches, eager, with decoding at batch 256 (CUDA graphs) and a profile of 5 training steps
 #   3. peers: HF Marian `generate` at batch 256 (scripts/gpu_decode_peer.py), nmtkit 16k with train.compile
-#      (profiled), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
+#      (profiled), tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU; CUDA_TESTS_K
+#      selects some), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
 #   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), 64k compiled, 16k compiled without
 #      the per-step non-finite check (its host sync), 64k eager (64k: the best FLOP utilisation), HF at 64k
 #   5. scripts/gpu_summary.py: the target table; it can also be run here later on what came back
@@ -77,13 +77,13 @@ tokens() { if [ "${SMOKE:-0}" = 1 ]; then echo 1024; elif [ "$1" = 16k ]; then e
 
 run attention 60 $PY scripts/gpu_attention_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --batch 16")
 run nmtkit-16k 150 $NMTKIT --set train.max_tokens=$(tokens 16k) --batch-size 256 --profile "$W/profile-16k.txt"
-if [ "$DEV" = cuda ]; then  # the package's numbers on the GPU equal its CPU numbers (tests/test_cuda.py)
-  run cuda-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-fi
 run hf_decode 120 $PEER_PY scripts/gpu_decode_peer.py $PEER_ARGS --peer-dir .peer --spm $SPM
 if [ "${SMOKE:-0}" != 1 ]; then
   # the first steps compile (dynamic shapes); the warm-up steps and the first of the 3 timed runs absorb recompiles
   run nmtkit-16k-compile 200 $NMTKIT --set train.max_tokens=16384 --set train.compile=true --no-decode --profile "$W/profile-16k-compile.txt"
+fi
+if [ "$DEV" = cuda ]; then  # the package's numbers on the GPU equal its CPU numbers (tests/test_cuda.py)
+  run cuda-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "${CUDA_TESTS_K:-}"
 fi
 run peers 150 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 16k) \
   --data data/tatoeba-en-zh/train.jsonl --spm $SPM
