@@ -94,10 +94,12 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         # training step go from 0.26 s to 6 s. Flushing them to zero (as oneDNN does) keeps steps flat.
         torch.set_flush_denormal(True)
     else:
-        # SDPA's cuDNN backend, which torch prefers on Hopper, took 480-590 us per attention call at this
-        # project's sentence lengths on an H200 (34% of a BASE training step; docs/performance.md); the
-        # flash and memory-efficient kernels remain
+        # Attention at sentence lengths (tens of tokens, thousands of heads per batch) on an H200: the
+        # memory-efficient kernel beat cuDNN's (which torch picks first on Hopper) and flash (which it picks
+        # next for causal attention) in forward + backward, and flash's backward took 1.35 ms per call in
+        # a BASE step against 0.44 ms for the efficient kernel (docs/performance.md). Leave it that one.
         torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
