@@ -136,14 +136,16 @@ def train_step(
     *,
     world_size: int = 1,
     check_finite: bool = False,
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over `batches` (accumulated micro-batches).
 
     The summed loss is divided by `n_tokens`, the target tokens of the whole step on all ranks, so
     accumulation and N ranks train like one batch N times larger (DDP averages gradients over
-    ranks, hence the factor `world_size`). Returns the summed loss as a device tensor (the caller
-    decides when to sync) and whether the step was applied: with `check_finite`, a non-finite
-    gradient norm skips the update (the grad scaler does this itself for fp16).
+    ranks, hence the factor `world_size`). Returns the summed loss and, with `check_finite`, whether
+    the gradient norm was non-finite, both as device tensors: the caller decides when to read them.
+    A non-finite step's update is skipped on the device (the fused AdamW kernel's `found_inf` input,
+    the same mechanism the fp16 grad scaler uses), so the step never waits for the host; reading the
+    flag back every step cost 10% of a compiled GPU step.
     """
     total = torch.zeros((), device=runtime.device)
     for i, batch in enumerate(batches):
@@ -157,15 +159,39 @@ def train_step(
         total += loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm if clip_norm > 0 else math.inf)
-    if check_finite and not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+    is_bad = ~torch.isfinite(grad_norm) if check_finite and not scaler.is_enabled() else None
+    skip_on_device = is_bad is not None and optimizer.defaults.get("fused", False)
+    if is_bad is not None and not skip_on_device and bool(is_bad):  # other optimizers: the host decides
         optimizer.zero_grad(set_to_none=True)
-        return total, False
+        return total, is_bad
     for group in optimizer.param_groups:
         group["lr"] = lr
+    optimizer.found_inf = is_bad.float() if skip_on_device else None  # read by the fused kernel: 1 skips the update
     scaler.step(optimizer)
     scaler.update()
+    optimizer.found_inf = None
     optimizer.zero_grad(set_to_none=True)
-    return total, True
+    return total, is_bad
+
+
+class LateFlag:
+    """A device bool read back one step later without stalling the device: copied to pinned host memory
+    behind a CUDA event, so reading it waits only for the step that produced it (on CPU it is just read)."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.event = None
+        if flag.device.type == "cuda":
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 # Train keys that decide the batch plan (`make_batches`). They may change on resume (a smaller max_tokens after
@@ -321,6 +347,28 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             return f"no validation improvement in {tc.patience} evaluations (train.patience)"
         return ""
 
+    unread: list[tuple[int, LateFlag, int]] = []  # (step, non-finite flag, its target tokens) not yet read back
+
+    def settle_skipped_steps(keep_newest: bool) -> None:
+        """Reads back the non-finite flags of finished steps (all, or all but the newest, which the device may
+        still be computing) and counts the skipped ones; too many in a row end the run."""
+        nonlocal window_tokens
+        while len(unread) > (1 if keep_newest else 0):
+            step, flag, tokens = unread.pop(0)
+            if not flag.read():
+                state.bad_steps_in_a_row = 0
+                continue
+            state.skipped_steps += 1
+            state.bad_steps_in_a_row += 1
+            window_tokens -= tokens
+            log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)", step, state.bad_steps_in_a_row, state.skipped_steps)
+            if state.bad_steps_in_a_row >= tc.max_bad_steps:
+                raise DivergenceError(
+                    f"training diverged: {state.bad_steps_in_a_row} steps in a row with non-finite gradients "
+                    f"(train.max_bad_steps={tc.max_bad_steps}) at step {step - 1}. The last checkpoint, "
+                    f"{checkpoint_dir(run_dir) / 'last.pt'}, is untouched; lower train.lr or raise train.warmup_steps and resume"
+                )
+
     def validate() -> bool:
         """Validation loss (rank 0); returns True when it is the best so far."""
         nonlocal valid_loss
@@ -364,7 +412,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in mine]
             lr = lr_at(state.step + 1, tc)
             try:
-                loss_sum, is_applied = train_step(
+                loss_sum, is_bad = train_step(
                     objective, optimizer, scaler, group, n_tokens, runtime, lr, tc.clip_norm,
                     world_size=dist.world_size, check_finite=tc.skip_nonfinite,
                 )
@@ -383,28 +431,25 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 if state.batch_in_epoch >= n_usable:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
-            if not is_applied:
-                state.skipped_steps += 1
-                state.bad_steps_in_a_row += 1
-                log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)", state.step + 1, state.bad_steps_in_a_row, state.skipped_steps)
-                if state.bad_steps_in_a_row >= tc.max_bad_steps:
-                    raise DivergenceError(
-                        f"training diverged: {state.bad_steps_in_a_row} steps in a row with non-finite gradients "
-                        f"(train.max_bad_steps={tc.max_bad_steps}) at step {state.step}. The last checkpoint, "
-                        f"{checkpoint_dir(run_dir) / 'last.pt'}, is untouched; lower train.lr or raise train.warmup_steps and resume"
-                    )
-            else:
-                state.bad_steps_in_a_row = 0
-                window_loss += loss_sum
-
             state.step += 1
             state.batch_in_epoch = start + len(step_batches)
             if state.batch_in_epoch >= n_usable:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.tokens_seen += n_tokens
-            window_tokens += n_tokens if is_applied else 0
+            window_tokens += n_tokens
+            if is_bad is None:
+                window_loss += loss_sum
+            else:  # the step's bookkeeping waits for its flag: read after the next step is queued
+                window_loss += loss_sum.masked_fill(is_bad, 0.0)
+                unread.append((state.step, LateFlag(is_bad), n_tokens))
+                settle_skipped_steps(keep_newest=True)
             state.elapsed_s = time.time() - t_start
             bar.update(1)
+
+            stop_reason = should_stop()
+            is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason), runtime.device)
+            if is_due or state.step % tc.log_every == 0 or state.step % tc.save_every == 0 or state.batch_in_epoch == 0:
+                settle_skipped_steps(keep_newest=False)  # everything logged, evaluated or saved counts every step
 
             if state.step % tc.log_every == 0:
                 now = time.time()
@@ -421,8 +466,6 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 window_loss.zero_()
                 window_tokens, window_t0 = 0, now
 
-            stop_reason = should_stop()
-            is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason), runtime.device)
             is_best = validate() if is_due and dist.is_main else False
             stop_reason = stop_reason or should_stop()  # patience is decided by the evaluation
             if dist.any(bool(stop_reason), runtime.device) and not stop_reason:
@@ -433,6 +476,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 break
 
     # ---------------------------------------------------------------- cleanup
+    settle_skipped_steps(keep_newest=False)
     bar.close()
     metrics.close()
     dist.barrier()
