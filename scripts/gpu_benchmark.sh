@@ -13,7 +13,7 @@
 #      (profiled), tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU; CUDA_TESTS_K
 #      selects some), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
 #   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), 64k compiled, 16k compiled without
-#      the per-step non-finite check (its host sync), 64k eager (64k: the best FLOP utilisation), HF at 64k
+#      the non-finite check (what the check still costs), 64k eager (64k: the best FLOP utilisation), HF at 64k
 #   5. scripts/gpu_summary.py: the target table; it can also be run here later on what came back
 #   6. the test suite with a GPU visible, while time is left
 # Every log and JSON line goes to a work folder packed into OUT/results.tar.gz after each step (the device returns
@@ -91,7 +91,7 @@ run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
 if [ "${SMOKE:-0}" != 1 ]; then
   run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
-  # the non-finite check reads the gradient norm back every step (one host sync): what does that cost?
+  # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
   run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
     --set train.skip_nonfinite=false --no-decode
 fi

@@ -443,3 +443,10 @@ def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corp
     assert r["decode_tokens_per_s"] == pytest.approx(48 * r["decode_sent_per_s"])  # exactly 48 new tokens each
     table = profile.read_text()
     assert "aten::mm" in table and "Self CPU" in table  # the training step's matmuls, by their own time
+
+
+def test_benchmark_with_no_training_pair_left_exits_2_naming_the_filters(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", data={"max_len": 1})
+    assert main(["benchmark", "--config", str(config), "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-decode"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train" in err and "data.max_len" in err and "Traceback" not in err

@@ -27,14 +27,14 @@ from torch import nn
 from .allocator import allocator_in_use
 from .batching import Batch, collate
 from .config import Config, ModelConfig
-from .data import encode_split, length_arrays, load_split
+from .data import DataError, encode_split, length_arrays, load_split
 from .decode import greedy_decode
 from .decode_workers import map_batches, resolve_workers
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
 from .rng import seed_everything
 from .tokenizer import EOS_ID, PAD_ID
-from .train import epoch_batches, make_optimizer, prepare_tokenizer, train_step
+from .train import LateFlag, epoch_batches, make_optimizer, prepare_tokenizer, train_step
 from .translator import Translator, build_model
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,17 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
         _sync(runtime.device)
         t0 = time.perf_counter()
         total = torch.zeros((), device=runtime.device)
+        previous = None  # the non-finite flag of the step before, read back as the training loop does
         for b in group:
-            loss, _ = train_step(
+            loss, is_bad = train_step(
                 objective, optimizer, scaler, [b], b.n_tgt_tokens, runtime, cfg.train.lr, cfg.train.clip_norm,
                 check_finite=cfg.train.skip_nonfinite,
             )
             total += loss
+            if is_bad is not None:
+                if previous is not None:
+                    previous.read()
+                previous = LateFlag(is_bad)
         total.item()  # one sync at the end, as the training loop does per log line
         return time.perf_counter() - t0
 
@@ -222,7 +227,10 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
         needed = s.warmup_steps + s.timed_steps
         index, epoch = [], 0
         while len(index) < needed:  # large batches: a small corpus has fewer per epoch than the steps asked for
-            index += epoch_batches(cfg.train, *lengths, epoch=epoch)
+            plan = epoch_batches(cfg.train, *lengths, epoch=epoch)
+            if not plan:
+                raise DataError(f"data.train ({cfg.data.train}): no training pairs left after filtering; check data.max_len and data.max_len_ratio")
+            index += plan
             epoch += 1
         batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
         result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))

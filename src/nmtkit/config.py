@@ -114,8 +114,8 @@ class TrainConfig:
     save_every: int = field(default=500, metadata=_check(min=1))
     log_every: int = field(default=100, metadata=_check(min=1))
     keep_checkpoints: int = field(default=3, metadata=_check(min=1))
-    # skip an update whose gradient is not finite (costs one host sync per step), and stop after
-    # max_bad_steps such steps in a row; fp16 leaves this to its grad scaler
+    # skip an update whose gradient is not finite (on the device; the host reads the flag a step later),
+    # and stop after max_bad_steps such steps in a row; fp16 leaves this to its grad scaler
     skip_nonfinite: bool = True
     max_bad_steps: int = field(default=10, metadata=_check(min=1))
     # a batch that runs out of memory is logged and skipped (single process); false re-raises

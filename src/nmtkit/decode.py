@@ -119,7 +119,9 @@ def greedy_decode(
     EOS ends there. top_k > 0 records probabilities, entropy and the top-k alternatives per step.
     stop_at_eos=False always runs the full budget (benchmarks need a fixed amount of work).
     static=True decodes with fixed-shape steps (a static KV cache), which on CUDA are captured once as a
-    CUDA graph and replayed (`decode.cuda_graphs`); the tokens are the same.
+    CUDA graph and replayed (`decode.cuda_graphs`); the tokens are the same up to rounding (a static step's
+    attention reduces over all slots, so bf16 near-ties can go the other way). Each capture costs about one
+    eager step plus the graph's set-up, and `torch.cuda.graph` empties the allocator's cache before it.
     """
     B = src.size(0)
     limits = torch.as_tensor(max_len, device=src.device).expand(B)

@@ -67,6 +67,8 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (B',) of the batch, e.g. to drop finished sentences or follow beams."""
+        if self.static:  # a captured graph holds the old tensors
+            raise RuntimeError("a static KV cache cannot be reordered; use a dynamic one (static=False) for beam search")
         self.keys = self.keys.index_select(1, index)
         self.values = self.values.index_select(1, index)
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]

@@ -470,6 +470,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             stop_reason = stop_reason or should_stop()  # patience is decided by the evaluation
             if dist.any(bool(stop_reason), runtime.device) and not stop_reason:
                 stop_reason = "stopped by rank 0"
+            if stop_reason:  # a stop found only now (a signal, the time limit) saves below: count every step first
+                settle_skipped_steps(keep_newest=False)
             if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
                 save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:
