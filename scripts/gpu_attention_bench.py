@@ -1,6 +1,8 @@
 """Times scaled_dot_product_attention forward + backward per backend at BASE sentence shapes (bf16): the
 decoder's causal self-attention (no mask) and the encoder's padded self-attention (a boolean key mask).
-Prints one JSON line of milliseconds per call; a backend that refuses a case is reported as null.
+Also the two matmuls and softmax that nmtkit.model.attention runs on CPU, here on the GPU, eager and compiled: the
+candidate for short sentences. Prints one JSON line of milliseconds per call; a backend
+that refuses a case is reported as null.
 
     python scripts/gpu_attention_bench.py            # 512 sentences x 32 tokens, 8 heads of 64
 """
@@ -57,6 +59,29 @@ def main() -> None:
     for name, backend in backends.items():
         result[f"{name}_causal_ms"] = time_ms(backend, masked=False)
         result[f"{name}_masked_ms"] = time_ms(backend, masked=True)
+
+    def by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool) -> torch.Tensor:
+        scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
+        if masked:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu_(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+    compiled = torch.compile(by_matmuls, dynamic=False)
+    for name, fn in (("matmuls", by_matmuls), ("matmuls_compiled", compiled)):
+        for masked in (False, True):
+            times = []
+            for i in range(23):
+                sync()
+                t0 = time.perf_counter()
+                out = fn(q, k, v, masked)
+                out.backward(torch.ones_like(out))
+                sync()
+                if i >= 3:
+                    times.append(1000 * (time.perf_counter() - t0))
+            result[f"{name}_{'masked' if masked else 'causal'}_ms"] = statistics.median(times)
     print(json.dumps(result), flush=True)
 
 
