@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nmtkit.config import ModelConfig
-from nmtkit.model import Transformer, attention, padding_mask
+from nmtkit.model import Transformer, attention, padding_mask, unpack_rows
 from nmtkit.tokenizer import BOS_ID, PAD_ID
 
 V = 50
@@ -34,6 +34,30 @@ def test_padding_does_not_change_outputs_of_real_tokens(norm: str) -> None:
         plain = model(src, tgt)
         padded = model(src_padded, tgt_padded)
     torch.testing.assert_close(padded[:, :5], plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_packed_encoder_layers_give_the_padded_layers_outputs_and_gradients_at_real_positions(norm: str) -> None:
+    """On CPU the encoder skips padding by running its layers on packed rows (Transformer.encode); GPUs run
+    the same layers padded. Both give the same memory where there are tokens, and the same gradients."""
+    model = make_model(norm)
+    src = random_ids(3, 8)
+    src[0, 5:] = PAD_ID
+    src[2, 2:] = PAD_ID
+    mask = padding_mask(src)
+    rows = mask.flatten().nonzero().squeeze(1)
+    x = model._embed(model.src_embed, src)
+    padded = x.detach().requires_grad_()
+    packed = x.detach().flatten(0, 1).index_select(0, rows).requires_grad_()
+    y_padded, y_packed = padded, packed
+    for layer in model.encoder:
+        y_padded, y_packed = layer(y_padded, mask), layer(y_packed, mask, rows)
+    real = mask[:, 0, 0, :, None]
+    torch.testing.assert_close(unpack_rows(y_packed, rows, 3, 8), y_padded * real, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(y_padded) * real  # an upstream gradient at real positions only
+    (y_padded * weights).sum().backward()
+    (y_packed * weights.flatten(0, 1).index_select(0, rows)).sum().backward()
+    torch.testing.assert_close(packed.grad, padded.grad.flatten(0, 1).index_select(0, rows), atol=1e-5, rtol=1e-5)
 
 
 def test_padding_in_a_batch_matches_each_sentence_alone() -> None:
