@@ -58,11 +58,13 @@ class BenchmarkSettings:
 
 
 def forward_matmul_flops(cfg: ModelConfig, batch: Batch, vocab: int) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add), attention scores and mixing included."""
+    """Matmul FLOPs of one forward pass (2 per multiply-add), attention scores and mixing included, as executed:
+    on CPU the encoder's projections and FFN run on the real source tokens only (`Transformer.encode`)."""
     B, S = batch.src.shape
     T = batch.tgt_in.size(1)
     D, F = cfg.d_model, cfg.d_ff
-    enc = cfg.n_enc_layers * (B * S * 2 * (4 * D * D + 2 * D * F) + B * 4 * S * S * D)
+    enc_rows = int((batch.src != PAD_ID).sum()) if batch.src.device.type == "cpu" else B * S
+    enc = cfg.n_enc_layers * (enc_rows * 2 * (4 * D * D + 2 * D * F) + B * 4 * S * S * D)
     dec = cfg.n_dec_layers * (
         B * T * 2 * (6 * D * D + 2 * D * F)  # self q/k/v/out, cross q/out, FFN
         + B * S * 2 * 2 * D * D  # cross-attention keys and values
