@@ -60,6 +60,13 @@ def test_packed_encoder_layers_give_the_padded_layers_outputs_and_gradients_at_r
     torch.testing.assert_close(packed.grad, padded.grad.flatten(0, 1).index_select(0, rows), atol=1e-5, rtol=1e-5)
 
 
+def test_encode_with_a_mask_that_broadcasts_over_the_batch_encodes_every_sentence() -> None:
+    model = make_model()
+    src = random_ids(3, 6)  # no padding: an all-true (1, 1, 1, S) mask means the same as padding_mask(src)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(src, torch.ones(1, 1, 1, 6, dtype=torch.bool)), model.encode(src, padding_mask(src)))
+
+
 def test_padding_in_a_batch_matches_each_sentence_alone() -> None:
     model = make_model()
     a, b = random_ids(1, 9), random_ids(1, 4)

@@ -33,7 +33,7 @@ def padding_mask(tokens: Tensor) -> Tensor:
 def unpack_rows(packed: Tensor, rows: Tensor, batch: int, length: int) -> Tensor:
     """(N, C) rows at flat positions `rows` of a (batch, length) grid -> (batch, length, C), zeros elsewhere."""
     full = packed.new_zeros(batch * length, packed.size(-1))
-    return full.index_copy(0, rows, packed).view(batch, length, -1)
+    return full.index_copy_(0, rows, packed).view(batch, length, -1)  # in place: one buffer, autograd-safe (not a leaf)
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -291,6 +291,7 @@ class Transformer(nn.Module):
                 x = run_layer(layer, x, src_mask)
             return self.enc_norm(x)
         B, S = src.shape
+        src_mask = src_mask.expand(B, 1, 1, S)  # a mask that broadcasts over the batch gives every sentence its rows
         rows = src_mask.flatten().nonzero().squeeze(1)  # (N,) real positions in B * S
         x = x.flatten(0, 1).index_select(0, rows)
         for layer in self.encoder:
