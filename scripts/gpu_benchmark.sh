@@ -13,7 +13,8 @@
 #      (profiled), tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU; CUDA_TESTS_K
 #      selects some), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
 #   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), 64k compiled, 16k compiled without
-#      the non-finite check (what the check still costs), 64k eager (64k: the best FLOP utilisation), HF at 64k
+#      the non-finite check (what the check still costs), 64k eager (64k: the best FLOP utilisation), HF at 64k,
+#      decoding at batch 64 with and without CUDA graphs (what a capture per batch costs)
 #   5. scripts/gpu_summary.py: the target table; it can also be run here later on what came back
 #   6. the test suite with a GPU visible, while time is left
 # Every log and JSON line goes to a work folder packed into OUT/results.tar.gz after each step (the device returns
@@ -98,6 +99,10 @@ fi
 run nmtkit-64k 120 $NMTKIT --set train.max_tokens=$(tokens 64k) --no-decode
 run peers-64k 120 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 64k) \
   --data data/tatoeba-en-zh/train.jsonl --spm $SPM
+# each batch's CUDA-graph capture has a fixed cost (torch.cuda.graph empties the allocator's cache first): at batch 64,
+# eight captures for 512 sentences, against eager steps
+run nmtkit-decode-b64 60 $NMTKIT --no-train --batch-size 64
+run nmtkit-decode-b64-eager 60 $NMTKIT --no-train --batch-size 64 --set decode.cuda_graphs=false
 step "summary"
 $PY scripts/gpu_summary.py "$W" | tee "$OUT/summary.md"
 pack
