@@ -37,30 +37,23 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_ms(backend: SDPBackend, masked: bool) -> float | None:
+    def time_ms(attend, masked: bool) -> float:
+        """Median milliseconds of forward + backward of attend(masked), after 3 warm-up calls."""
         times = []
-        try:
-            with sdpa_kernel([backend]):
-                for i in range(23):
-                    sync()
-                    t0 = time.perf_counter()
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None, is_causal=not masked)
-                    out.backward(torch.ones_like(out))
-                    sync()
-                    if i >= 3:
-                        times.append(1000 * (time.perf_counter() - t0))
-        except RuntimeError:
-            return None
+        for i in range(23):
+            sync()
+            t0 = time.perf_counter()
+            out = attend(masked)
+            out.backward(torch.ones_like(out))
+            sync()
+            if i >= 3:
+                times.append(1000 * (time.perf_counter() - t0))
         return statistics.median(times)
 
-    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    result = {"batch": args.batch, "length": args.length}
-    for name, backend in backends.items():
-        result[f"{name}_causal_ms"] = time_ms(backend, masked=False)
-        result[f"{name}_masked_ms"] = time_ms(backend, masked=True)
+    def sdpa(masked: bool) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if masked else None, is_causal=not masked)
 
-    def by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool) -> torch.Tensor:
+    def by_matmuls(masked: bool) -> torch.Tensor:
         scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
         if masked:
             scores = scores.masked_fill(~mask, float("-inf"))
@@ -69,19 +62,20 @@ def main() -> None:
             scores = scores.masked_fill(future, float("-inf"))
         return torch.matmul(scores.softmax(dim=-1), v)
 
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    result: dict = {"batch": args.batch, "length": args.length}
+    for name, backend in backends.items():
+        for case in ("causal", "masked"):
+            try:
+                with sdpa_kernel([backend]):
+                    result[f"{name}_{case}_ms"] = time_ms(sdpa, case == "masked")
+            except RuntimeError:  # the backend refuses this case
+                result[f"{name}_{case}_ms"] = None
     compiled = torch.compile(by_matmuls, dynamic=False)
-    for name, fn in (("matmuls", by_matmuls), ("matmuls_compiled", compiled)):
-        for masked in (False, True):
-            times = []
-            for i in range(23):
-                sync()
-                t0 = time.perf_counter()
-                out = fn(q, k, v, masked)
-                out.backward(torch.ones_like(out))
-                sync()
-                if i >= 3:
-                    times.append(1000 * (time.perf_counter() - t0))
-            result[f"{name}_{'masked' if masked else 'causal'}_ms"] = statistics.median(times)
+    for name, attend in (("matmuls", by_matmuls), ("matmuls_compiled", compiled)):
+        for case in ("causal", "masked"):
+            result[f"{name}_{case}_ms"] = time_ms(attend, case == "masked")
     print(json.dumps(result), flush=True)
 
 

@@ -93,7 +93,7 @@ def test_gradient_accumulation_trains_like_one_larger_batch() -> None:
     from nmtkit.device import choose_runtime
     from nmtkit.loss import TrainingObjective
     from nmtkit.model import Transformer
-    from nmtkit.train import train_step
+    from nmtkit.step import train_step
 
     rows = {"src_ids": [[5, 6, 7], [8, 9], [10, 11, 12, 13]], "tgt_ids": [[14, 15], [16, 17, 18], [19]]}
     runtime = choose_runtime("cpu", "fp32")
@@ -123,7 +123,7 @@ def test_a_non_finite_step_leaves_weights_and_adamw_state_as_they_were(fused: bo
     from nmtkit.device import choose_runtime
     from nmtkit.loss import TrainingObjective
     from nmtkit.model import Transformer
-    from nmtkit.train import train_step
+    from nmtkit.step import train_step
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1, dropout=0.0), 60, 60, True)

@@ -33,8 +33,9 @@ from .decode_workers import map_batches, resolve_workers
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
 from .rng import seed_everything
+from .step import SkippedSteps, make_optimizer, train_step
 from .tokenizer import EOS_ID, PAD_ID
-from .train import LateFlag, epoch_batches, make_optimizer, prepare_tokenizer, train_step
+from .train import TrainState, epoch_batches, prepare_tokenizer
 from .translator import Translator, build_model
 
 log = logging.getLogger(__name__)
@@ -110,23 +111,24 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     objective = TrainingObjective(model, cfg.train.label_smoothing, runtime.dtype, compile=cfg.train.compile)
     model.train()
+    # the benchmark writes no checkpoint; a diverging benchmark stops like training would
+    skipped = SkippedSteps(TrainState(), cfg.train.max_bad_steps, Path(cfg.train.run_dir) / "checkpoints" / "last.pt")
 
     def run(group: list[Batch]) -> float:
         _sync(runtime.device)
         t0 = time.perf_counter()
         total = torch.zeros((), device=runtime.device)
-        previous = None  # the non-finite flag of the step before, read back as the training loop does
-        for b in group:
+        for i, b in enumerate(group):
             loss, is_bad = train_step(
                 objective, optimizer, scaler, [b], b.n_tgt_tokens, runtime, cfg.train.lr, cfg.train.clip_norm,
                 check_finite=cfg.train.skip_nonfinite,
             )
             total += loss
-            if is_bad is not None:
-                if previous is not None:
-                    previous.read()
-                previous = LateFlag(is_bad)
+            if is_bad is not None:  # the non-finite flags, read back a step late as the training loop does
+                skipped.add(i, is_bad, b.n_tgt_tokens)
+                skipped.settle(keep_newest=True)
         total.item()  # one sync at the end, as the training loop does per log line
+        skipped.settle()
         return time.perf_counter() - t0
 
     run(batches[: s.warmup_steps])

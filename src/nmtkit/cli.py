@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from .train import DivergenceError, train
+    from .step import DivergenceError
+    from .train import train
 
     cfg = load_config(args.config, args.overrides)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone writes train.log

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .allocator import allocator_in_use
-from .batching import Batch, collate, make_batches, padding_fraction
+from .batching import collate, make_batches, padding_fraction
 from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
@@ -36,16 +36,13 @@ from .rng import restore_rng_states, rng_states, seed_everything
 from .run_lock import RunLock
 from .runinfo import write_run_info
 from .schedule import lr_at
+from .step import SkippedSteps, make_optimizer, train_step
 from .stop_signal import StopSignal
 from .tokenizer import Tokenizer, train_tokenizer
 from .translator import build_model, check_model_matches, tokenizer_from_state
 
 log = logging.getLogger(__name__)
 
-
-
-class DivergenceError(RuntimeError):
-    """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
 @dataclass
@@ -112,86 +109,6 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
             if old != value:
                 diffs.append(f"{section}.{key}: checkpoint {old!r}, config {value!r}")
     return diffs
-
-
-def make_optimizer(model: nn.Module, cfg: Config, runtime: Runtime) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not biases, norms or embeddings' padding)."""
-    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel updates every parameter in one pass, on CUDA and on CPU alike
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=True)
-
-
-def train_step(
-    objective: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batches: list[Batch],
-    n_tokens: int,
-    runtime: Runtime,
-    lr: float,
-    clip_norm: float,
-    *,
-    world_size: int = 1,
-    check_finite: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over `batches` (accumulated micro-batches).
-
-    The summed loss is divided by `n_tokens`, the target tokens of the whole step on all ranks, so
-    accumulation and N ranks train like one batch N times larger (DDP averages gradients over
-    ranks, hence the factor `world_size`). Returns the summed loss and, with `check_finite`, whether
-    the gradient norm was non-finite, both as device tensors: the caller decides when to read them.
-    A non-finite step's update is skipped on the device (the fused AdamW kernel's `found_inf` input,
-    the same mechanism the fp16 grad scaler uses), so the step never waits for the host; reading the
-    flag back every step cost 10% of a compiled GPU step.
-    """
-    total = torch.zeros((), device=runtime.device)
-    for i, batch in enumerate(batches):
-        is_last = i == len(batches) - 1
-        # DDP all-reduces gradients in backward; only the last micro-batch needs to
-        sync = contextlib.nullcontext() if is_last or not hasattr(objective, "no_sync") else objective.no_sync()
-        with sync:
-            with runtime.compute():
-                loss = objective(batch.src, batch.tgt_in, batch.tgt_out)  # summed over target tokens, fp32
-            scaler.scale(loss * (world_size / n_tokens)).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm if clip_norm > 0 else math.inf)
-    is_bad = ~torch.isfinite(grad_norm) if check_finite and not scaler.is_enabled() else None
-    skip_on_device = is_bad is not None and optimizer.defaults.get("fused", False)
-    if is_bad is not None and not skip_on_device and bool(is_bad):  # other optimizers: the host decides
-        optimizer.zero_grad(set_to_none=True)
-        return total, is_bad
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.found_inf = is_bad.float() if skip_on_device else None  # read by the fused kernel: 1 skips the update
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.found_inf = None
-    optimizer.zero_grad(set_to_none=True)
-    return total, is_bad
-
-
-class LateFlag:
-    """A device bool read back one step later without stalling the device: copied to pinned host memory
-    behind a CUDA event, so reading it waits only for the step that produced it (on CPU it is just read)."""
-
-    def __init__(self, flag: torch.Tensor) -> None:
-        self.event = None
-        if flag.device.type == "cuda":
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.host.copy_(flag, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = flag
-
-    def read(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-        return bool(self.host)
 
 
 # Train keys that decide the batch plan (`make_batches`). They may change on resume (a smaller max_tokens after
@@ -347,27 +264,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             return f"no validation improvement in {tc.patience} evaluations (train.patience)"
         return ""
 
-    unread: list[tuple[int, LateFlag, int]] = []  # (step, non-finite flag, its target tokens) not yet read back
-
-    def settle_skipped_steps(keep_newest: bool) -> None:
-        """Reads back the non-finite flags of finished steps (all, or all but the newest, which the device may
-        still be computing) and counts the skipped ones; too many in a row end the run."""
-        nonlocal window_tokens
-        while len(unread) > (1 if keep_newest else 0):
-            step, flag, tokens = unread.pop(0)
-            if not flag.read():
-                state.bad_steps_in_a_row = 0
-                continue
-            state.skipped_steps += 1
-            state.bad_steps_in_a_row += 1
-            window_tokens -= tokens
-            log.warning("step %d: non-finite gradient, update skipped (%d in a row, %d in total)", step, state.bad_steps_in_a_row, state.skipped_steps)
-            if state.bad_steps_in_a_row >= tc.max_bad_steps:
-                raise DivergenceError(
-                    f"training diverged: {state.bad_steps_in_a_row} steps in a row with non-finite gradients "
-                    f"(train.max_bad_steps={tc.max_bad_steps}) at step {step - 1}. The last checkpoint, "
-                    f"{checkpoint_dir(run_dir) / 'last.pt'}, is untouched; lower train.lr or raise train.warmup_steps and resume"
-                )
+    nonfinite = SkippedSteps(state, tc.max_bad_steps, checkpoint_dir(run_dir) / "last.pt")
 
     def validate() -> bool:
         """Validation loss (rank 0); returns True when it is the best so far."""
@@ -441,15 +338,15 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 window_loss += loss_sum
             else:  # the step's bookkeeping waits for its flag: read after the next step is queued
                 window_loss += loss_sum.masked_fill(is_bad, 0.0)
-                unread.append((state.step, LateFlag(is_bad), n_tokens))
-                settle_skipped_steps(keep_newest=True)
+                nonfinite.add(state.step, is_bad, n_tokens)
+                window_tokens -= nonfinite.settle(keep_newest=True)
             state.elapsed_s = time.time() - t_start
             bar.update(1)
 
             stop_reason = should_stop()
             is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason), runtime.device)
             if is_due or state.step % tc.log_every == 0 or state.step % tc.save_every == 0 or state.batch_in_epoch == 0:
-                settle_skipped_steps(keep_newest=False)  # everything logged, evaluated or saved counts every step
+                window_tokens -= nonfinite.settle()  # everything logged, evaluated or saved counts every step
 
             if state.step % tc.log_every == 0:
                 now = time.time()
@@ -471,14 +368,14 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             if dist.any(bool(stop_reason), runtime.device) and not stop_reason:
                 stop_reason = "stopped by rank 0"
             if stop_reason:  # a stop found only now (a signal, the time limit) saves below: count every step first
-                settle_skipped_steps(keep_newest=False)
+                window_tokens -= nonfinite.settle()
             if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
                 save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:
                 break
 
     # ---------------------------------------------------------------- cleanup
-    settle_skipped_steps(keep_newest=False)
+    nonfinite.settle()
     bar.close()
     metrics.close()
     dist.barrier()

@@ -26,7 +26,8 @@ from reliability_helpers import (
 from conftest import tiny_config
 from nmtkit.checkpoint import load_checkpoint
 from nmtkit.model import Transformer
-from nmtkit.train import DivergenceError, train
+from nmtkit.step import DivergenceError
+from nmtkit.train import train
 
 
 def poison_training_steps(monkeypatch: pytest.MonkeyPatch, is_bad: Callable[[int], bool]) -> None:
