@@ -3,6 +3,8 @@ input order, as one batch at a time, and leave torch's thread count as they foun
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import read_pairs
 from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
 from nmtkit.cli import main
 from nmtkit.config import ConfigError, config_from_tree
-from nmtkit.decode_workers import length_sorted_batches, map_batches, resolve_workers
+from nmtkit.decode_workers import length_sorted_batches, map_batches, processes_available, resolve_workers
 from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
 from nmtkit.translator import Translator
@@ -21,7 +23,7 @@ from nmtkit.translator import Translator
 BUNDLED_TEST = Path(__file__).resolve().parents[1] / "data" / "tatoeba-en-zh" / "test.jsonl"
 
 
-def test_map_batches_keeps_input_order_and_gives_each_worker_one_intra_op_thread() -> None:
+def test_map_batches_in_threads_keeps_input_order_and_gives_each_worker_one_intra_op_thread() -> None:
     seen: dict[int, tuple[int, str]] = {}
 
     def fn(i: int) -> int:
@@ -29,10 +31,39 @@ def test_map_batches_keeps_input_order_and_gives_each_worker_one_intra_op_thread
         return i * i
 
     torch.set_num_threads(2)
-    assert map_batches(fn, list(range(7)), workers=2) == [i * i for i in range(7)]
+    assert map_batches(fn, list(range(7)), workers=2, processes=False) == [i * i for i in range(7)]
     assert {threads for threads, _ in seen.values()} == {1}
     assert all(name.startswith("nmtkit-decode") for _, name in seen.values())
     assert torch.get_num_threads() == 2
+
+
+def _pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
+    return os.getpid(), torch.get_num_threads(), torch.tensor([i]) ** 2
+
+
+@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
+def test_map_batches_in_processes_keeps_input_order_and_gives_each_worker_one_intra_op_thread() -> None:
+    torch.set_num_threads(2)
+    results = map_batches(_pid_threads_and_square, list(range(7)), workers=2)
+    assert [int(t) for _, _, t in results] == [i * i for i in range(7)]  # tensors come back whole, in order
+    pids = {pid for pid, _, _ in results}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert {threads for _, threads, _ in results} == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_processes_are_not_used_with_fewer_workers_than_threads_or_without_linux(monkeypatch) -> None:
+    # GNU OpenMP's pool does not survive a fork: a forked worker must run one thread, so 2 workers on 4 threads
+    # are threads of this process (each with 2 intra-op threads)
+    torch.set_num_threads(4)
+    try:
+        assert {pid for pid, threads, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
+        assert {threads for _, threads, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {2}
+    finally:
+        torch.set_num_threads(2)
+    monkeypatch.setattr("nmtkit.decode_workers.sys.platform", "darwin")
+    assert not processes_available()
+    assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
 
 
 def test_map_batches_with_one_worker_or_one_batch_runs_on_the_calling_thread() -> None:
@@ -42,7 +73,8 @@ def test_map_batches_with_one_worker_or_one_batch_runs_on_the_calling_thread() -
     assert map_batches(lambda _: threading.current_thread().name, [0], workers=4) == [caller]
 
 
-def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restored() -> None:
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restored(processes: bool) -> None:
     def fn(i: int) -> int:
         if i == 3:
             raise ValueError("batch 3 is bad")
@@ -50,8 +82,32 @@ def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restor
 
     torch.set_num_threads(2)
     with pytest.raises(ValueError, match="batch 3 is bad"):
-        map_batches(fn, list(range(6)), workers=2)
+        map_batches(fn, list(range(6)), workers=2, processes=processes)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
+def test_a_worker_process_killed_mid_batch_is_an_error_naming_the_settings_not_a_hang() -> None:
+    def fn(i: int) -> int:
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OS's out-of-memory killer does
+        return i
+
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match=r"decoding worker process died.*decode.workers: 1.*decode.processes: false"):
+        map_batches(fn, list(range(4)), workers=2)
+
+
+@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
+def test_worker_processes_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() -> None:
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the caller (training) stops gracefully,
+    # which a dead worker would turn into an error
+    def fn(i: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
+        return i
+
+    torch.set_num_threads(2)
+    assert map_batches(fn, list(range(4)), workers=2) == [0, 1, 2, 3]
 
 
 def test_length_sorted_batches_group_similar_lengths_and_cover_every_index_once() -> None:
@@ -91,23 +147,32 @@ def _sentences(n: int) -> list[str]:
     return [pair["translation"]["en"] for pair in read_pairs(BUNDLED_TEST, n)]
 
 
-def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_run: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_run: Path, monkeypatch, tmp_path: Path, processes: bool) -> None:
     translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
     translator.cfg.decode.batch_size = 3  # 10 sentences: 4 batches, the last one short
     texts = _sentences(10)
     translator.cfg.decode.workers = 1
     one = translator.translate(texts)
-    threads_used = set()
+    where = tmp_path / "where.txt"  # a file, so that forked workers can report too
     decode_batch = translator._translate_batch
 
     def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        threads_used.add(threading.current_thread().name)
+        with where.open("a") as f:
+            f.write(f"{os.getpid()} {threading.current_thread().name}\n")
         return decode_batch(*args, **kwargs)
 
     monkeypatch.setattr(translator, "_translate_batch", recording)
+    torch.set_num_threads(2)
     translator.cfg.decode.workers = 2
+    translator.cfg.decode.processes = processes
     two = translator.translate(texts)
-    assert threads_used and all(name.startswith("nmtkit-decode") for name in threads_used)  # not the calling thread
+    calls = [line.split() for line in where.read_text().splitlines()]
+    assert len(calls) == 4
+    if processes and processes_available():
+        assert all(int(pid) != os.getpid() for pid, _ in calls)
+    else:
+        assert all(int(pid) == os.getpid() and name.startswith("nmtkit-decode") for pid, name in calls)  # not the calling thread
     assert [t.source for t in two] == texts
     assert [[s.id for s in t.tokens] for t in two] == [[s.id for s in t.tokens] for t in one]
     assert [[s.prob for s in t.tokens] for t in two] == [[s.prob for s in t.tokens] for t in one]
@@ -119,9 +184,9 @@ def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_
 
     used = []
 
-    def recording(fn, batches, workers):  # noqa: ANN001, ANN202
+    def recording(fn, batches, workers, processes):  # noqa: ANN001, ANN202
         used.append(workers)
-        return map_batches(fn, batches, workers)
+        return map_batches(fn, batches, workers, processes)
 
     monkeypatch.setattr(nmtkit.decode_workers, "map_batches", recording)
     texts = _sentences(4)
@@ -140,6 +205,7 @@ def test_benchmark_decoding_reports_its_workers(trained_run: Path) -> None:
     translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
     sources = [translator.encode_source(_sentences(4)[i : i + 2]) for i in (0, 2)]
     settings = BenchmarkSettings(repeats=1, new_tokens=3)
+    torch.set_num_threads(2)
     result = benchmark_decoding(translator.model, choose_runtime("cpu", "fp32"), sources, settings, workers=2)
-    assert result["decode_workers"] == 2
+    assert result["decode_workers"] == 2 and result["decode_processes"] == processes_available()
     assert result["decode_tokens_per_s"] > 0 and result["decode_sentences"] == 4

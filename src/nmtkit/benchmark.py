@@ -28,8 +28,8 @@ from .allocator import allocator_in_use
 from .batching import Batch, collate
 from .config import Config, ModelConfig
 from .data import DataError, encode_split, length_arrays, load_split
-from .decode import greedy_decode
-from .decode_workers import map_batches, resolve_workers
+from .decode import GreedyOutput, greedy_decode
+from .decode_workers import map_batches, resolve_workers, uses_processes
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
 from .rng import seed_everything
@@ -103,7 +103,11 @@ def _sync(device: torch.device) -> None:
 def _peak_memory(runtime: Runtime) -> dict[str, float]:
     if runtime.device.type == "cuda":
         return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest decoding worker process
+    if workers:  # its pages are mostly this process's, shared copy-on-write, so the two do not add up
+        peak["peak_rss_worker_mib"] = workers
+    return peak
 
 
 def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: nn.Module, s: BenchmarkSettings) -> dict:
@@ -165,25 +169,32 @@ def write_profile(path: str, work, device: torch.device, rows: int = 40) -> None
 
 
 def benchmark_decoding(
-    model: nn.Module, runtime: Runtime, sources: list[torch.Tensor], s: BenchmarkSettings, workers: int, cuda_graphs: bool = False
+    model: nn.Module,
+    runtime: Runtime,
+    sources: list[torch.Tensor],
+    s: BenchmarkSettings,
+    workers: int,
+    cuda_graphs: bool = False,
+    processes: bool = True,
 ) -> dict:
     """Greedy decoding of `sources` as `nmtkit translate` runs it: weights in the compute dtype, on CPU
-    `workers` batches at once (decode_workers.py), on CUDA each batch's step replayed as a CUDA graph
-    unless decode.cuda_graphs is off."""
+    `workers` batches at once (decode_workers.py; forked processes unless `processes` is off), on CUDA each batch's
+    step replayed as a CUDA graph unless decode.cuda_graphs is off. Each batch's whole output (tokens, and with the log
+    its statistics) comes back to the caller, as `translate` needs it."""
     model = for_inference(copy.deepcopy(model), runtime)
     static = cuda_graphs and runtime.device.type == "cuda"
 
     def run(top_k: int) -> tuple[float, int]:
-        def one_batch(src: torch.Tensor) -> int:
+        def one_batch(src: torch.Tensor) -> GreedyOutput:
             with runtime.compute():
-                out = greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos, static=static)
-            return int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel()
+                return greedy_decode(model, src, s.new_tokens, top_k=top_k, stop_at_eos=s.stop_at_eos, static=static)
 
         _sync(runtime.device)
         t0 = time.perf_counter()
-        n_tokens = sum(map_batches(one_batch, sources, workers))
+        outs = map_batches(one_batch, sources, workers, processes)
         _sync(runtime.device)
-        return time.perf_counter() - t0, n_tokens
+        elapsed = time.perf_counter() - t0
+        return elapsed, sum(int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel() for out in outs)
 
     run(0)  # warm-up
     plain = [run(0) for _ in range(s.repeats)]
@@ -198,6 +209,7 @@ def benchmark_decoding(
         "decode_log_overhead": t_logged / t_plain - 1.0,
         "decode_sentences": n_sent,
         "decode_workers": min(workers, len(sources)),
+        "decode_processes": uses_processes(min(workers, len(sources)), processes) and runtime.device.type == "cpu",
         "decode_cuda_graphs": static,
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
@@ -247,7 +259,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
             rows = [torch.tensor(x[: cfg.model.max_positions - 1] + [EOS_ID]) for x in ids[i : i + s.batch_size]]
             sources.append(nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(runtime.device))
         workers = resolve_workers(cfg.decode.workers, runtime.device)
-        result.update(benchmark_decoding(model, runtime, sources, s, workers, cfg.decode.cuda_graphs))
+        result.update(benchmark_decoding(model, runtime, sources, s, workers, cfg.decode.cuda_graphs, cfg.decode.processes))
 
     peak = measure_matmul_peak(runtime)
     result["matmul_peak_tflops"] = peak / 1e12
@@ -270,9 +282,11 @@ def format_benchmark(r: dict) -> str:
     if "decode_sent_per_s" in r:
         lines.append(
             f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, "
-            f"new tokens: {r['decode_new_tokens']}, {r['decode_workers']} batch(es) at once)"
+            f"new tokens: {r['decode_new_tokens']}, {r['decode_workers']} batch(es) at once{' in processes' if r.get('decode_processes') else ''})"
         )
         lines.append(f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%)")
     mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"
+    if "peak_rss_worker_mib" in r:
+        mem += f" (largest decoding worker process: {r['peak_rss_worker_mib']:,.0f} MiB, shared pages included)"
     lines.append(mem)
     return "\n".join(lines)

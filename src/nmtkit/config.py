@@ -135,6 +135,7 @@ class DecodeConfig:
     max_len_b: int = field(default=10, metadata=_check(min=1))
     top_k: int = field(default=5, metadata=_check(min=1))
     workers: int = field(default=0, metadata=_check(min=0))  # batches decoded at once on CPU (0 = one per thread, up to 8)
+    processes: bool = True  # CPU workers are forked processes on Linux (no shared GIL); false: threads of this process
     cuda_graphs: bool = True  # on CUDA, capture a greedy decoding step once per batch as a CUDA graph and replay it
 
 

@@ -5,17 +5,30 @@ mixing lengths makes every short sentence wait, and pads every source to the lon
 
 A decoding step is about a hundred small ops. Spread over the cores by torch's intra-op threads, each op pays a
 fork/join for little work; given a batch of its own, each core runs its ops back to back. So on CPUs the batches of a
-`translate` or `evaluate` call go to worker threads that each decode whole batches with one intra-op thread (torch
-releases the GIL inside every op, so the workers run in parallel). On 2 cores this measured 435 against 333
-sentences/s (docs/performance.md), with identical outputs. GPUs keep one worker: their kernels are already parallel.
+`translate` or `evaluate` call go to workers that each decode whole batches with one intra-op thread. GPUs keep one
+worker: their kernels are already parallel.
+
+The workers are forked processes where the OS has `fork` (Linux; `decode.processes`), threads elsewhere. Threads
+share the GIL: torch releases it inside an op, but each op's Python side (argument parsing, dispatch) holds it, and a
+step's ops are small enough for that to matter. On 2 cores (bf16, three alternating rounds) threads decoded 399-403
+sentences/s and processes 424-436 (docs/performance.md). A forked worker starts with the caller's model and inputs
+already in its memory (copy-on-write: nothing is pickled on the way in), and sends its results back pickled, so they
+must be picklable: plain Python values and CPU tensors are. Each call forks its own workers (~20 ms), so they always
+see the current weights (a validation during training decodes with the step's model).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,25 +54,81 @@ def length_sorted_batches(texts: Sequence[str], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
-def decode_in_input_order(fn: Callable[[list[int]], list[Result]], texts: Sequence[str], size: int, workers: int) -> list[Result]:
+def decode_in_input_order(
+    fn: Callable[[list[int]], list[Result]], texts: Sequence[str], size: int, workers: int, processes: bool = True
+) -> list[Result]:
     """`fn` (a batch of indices into `texts` -> one result per index) over length-sorted batches of `size`, by
-    `workers` threads; the results come back in the order of `texts`."""
+    `workers` workers (`map_batches`); the results come back in the order of `texts`."""
     batches = length_sorted_batches(texts, size)
     out: list[Result] = [None] * len(texts)  # type: ignore[list-item]  # every slot is filled below
-    for idx, results in zip(batches, map_batches(fn, batches, workers)):
+    for idx, results in zip(batches, map_batches(fn, batches, workers, processes)):
         for i, result in zip(idx, results, strict=True):
             out[i] = result
     return out
 
 
-def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
-    """[fn(b) for b in batches], in order, by up to `workers` threads that share the intra-op threads between them.
+def processes_available() -> bool:
+    """Forked worker processes are used where fork is safe for torch: Linux (macOS's system libraries are not fork-safe)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
 
-    `fn` must enter its own autocast/no_grad contexts: both are per thread in torch.
+
+def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int, processes: bool = True) -> list[Result]:
+    """[fn(b) for b in batches], in order, by up to `workers` workers that share the intra-op threads between them:
+    forked processes of one intra-op thread each where `processes`, the OS and the thread count allow it, threads
+    otherwise.
+
+    `fn` must enter its own autocast/no_grad contexts: both are per thread in torch. With processes, fn's results
+    must be picklable.
     """
     workers = min(workers, len(batches))
     if workers <= 1:
         return [fn(b) for b in batches]
+    if uses_processes(workers, processes):
+        return _map_in_processes(fn, batches, workers)
+    return _map_in_threads(fn, batches, workers)
+
+
+def uses_processes(workers: int, processes: bool = True) -> bool:
+    """Whether `map_batches` runs `workers` (> 1) workers as forked processes. A forked worker runs one intra-op
+    thread: GNU OpenMP's thread pool does not survive a fork, and a child that starts a parallel region hangs. So
+    with fewer workers than threads the workers are threads."""
+    return workers > 1 and processes and processes_available() and torch.get_num_threads() <= workers
+
+
+# What a forked worker runs: set before the fork by the initializer's arguments, which fork hands over unpickled.
+_worker_fn: Callable[[Any], Any] | None = None
+_worker_batches: Sequence[Any] = ()
+
+
+def _start_worker(fn: Callable[[Any], Any], batches: Sequence[Any]) -> None:
+    global _worker_fn, _worker_batches
+    # The caller decides when to stop: Ctrl-C or a scheduler's SIGTERM reach the whole process group, and a worker
+    # that died of them would break the caller's graceful stop (training saves a checkpoint first).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    _worker_fn, _worker_batches = fn, batches
+
+
+def _run_in_worker(i: int) -> bytes:
+    assert _worker_fn is not None
+    # Plain pickle: torch's multiprocessing pickler would send tensors through shared-memory files instead of bytes.
+    return pickle.dumps(_worker_fn(_worker_batches[i]), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _map_in_processes(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
+    context = get_context("fork")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(fn, batches)) as pool:
+            return [pickle.loads(data) for data in pool.map(_run_in_worker, range(len(batches)))]
+    except BrokenProcessPool as e:
+        raise RuntimeError(
+            "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
+            "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
+        ) from e
+
+
+def _map_in_threads(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
     with _THREAD_COUNT:  # a second caller waits rather than restoring a count the first one lowered
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))

@@ -181,7 +181,8 @@ def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, 
             result = translator.translate_ids(src)
         return [translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist()) for row in range(len(idx))]
 
-    return decode_in_input_order(one_batch, texts, translator.cfg.decode.batch_size, translator.workers)
+    d = translator.cfg.decode
+    return decode_in_input_order(one_batch, texts, d.batch_size, translator.workers, d.processes)
 
 
 def format_metrics(m: dict) -> str:

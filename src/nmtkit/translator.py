@@ -138,7 +138,7 @@ class Translator:
             refs = [references[i] for i in idx] if references is not None else None
             return self._translate_batch([texts[i] for i in idx], refs, k, beam_size, nbest, length_penalty)
 
-        return decode_in_input_order(one_batch, texts, self.cfg.decode.batch_size, self.workers)
+        return decode_in_input_order(one_batch, texts, self.cfg.decode.batch_size, self.workers, self.cfg.decode.processes)
 
     @property
     def workers(self) -> int:
