@@ -82,6 +82,10 @@ run hf_decode 120 $PEER_PY scripts/gpu_decode_peer.py $PEER_ARGS --peer-dir .pee
 if [ "${SMOKE:-0}" != 1 ]; then
   # the first steps compile (dynamic shapes); the warm-up steps and the first of the 3 timed runs absorb recompiles
   run nmtkit-16k-compile 200 $NMTKIT --set train.max_tokens=16384 --set train.compile=true --no-decode --profile "$W/profile-16k-compile.txt"
+  # attention as two matmuls and a softmax that Inductor fuses, instead of SDPA's kernels (42% of a compiled step in
+  # the fifth session's run B)
+  run nmtkit-16k-compile-matmul 200 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
+    --set train.attention_kernel=matmul --no-decode --profile "$W/profile-16k-compile-matmul.txt"
 fi
 if [ "$DEV" = cuda ]; then  # the package's numbers on the GPU equal its CPU numbers (tests/test_cuda.py)
   run cuda-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "${CUDA_TESTS_K:-}"
@@ -92,6 +96,8 @@ run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
 if [ "${SMOKE:-0}" != 1 ]; then
   run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
+  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
+    --set train.attention_kernel=matmul --no-decode
   # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
   run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
     --set train.skip_nonfinite=false --no-decode

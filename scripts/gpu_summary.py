@@ -30,7 +30,8 @@ def main(out_dir: str) -> None:
     peers = {r["system"]: r for r in read_lines(out / "peers.jsonl") if "system" in r}  # its first line is the matmul peak
     hf_decode = next(iter(read_lines(out / "hf_decode.jsonl")), None)
     runs = {name: next(iter(read_lines(out / f"{name}.jsonl")), None) for name in
-            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-16k-compile-nocheck", "nmtkit-64k", "nmtkit-64k-compile")}
+            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-16k-compile-matmul", "nmtkit-16k-compile-nocheck", "nmtkit-64k",
+             "nmtkit-64k-compile", "nmtkit-64k-compile-matmul")}
     hf = peers.get("hf_marian")
     hf_64k = next(iter(r for r in read_lines(out / "peers-64k.jsonl") if r.get("system") == "hf_marian"), None)
     nominal = hf["peak_tflops"] if hf else 989.0

@@ -100,6 +100,29 @@ def test_compiled_objective_on_cuda_gives_the_eager_loss_and_gradients() -> None
             assert relative_error(g, w) < 1e-4
 
 
+def test_matmul_attention_kernel_on_cuda_gives_the_sdpa_loss_and_gradients() -> None:
+    from nmtkit.config import ModelConfig
+    from nmtkit.loss import TrainingObjective
+    from nmtkit.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_enc_layers=2, n_dec_layers=2, dropout=0.0, max_positions=64)
+    sdpa = Transformer(cfg, 500, 500, True, attention_kernel="auto").to(CUDA)
+    matmul = Transformer(cfg, 500, 500, True, attention_kernel="matmul").to(CUDA)
+    matmul.load_state_dict(sdpa.state_dict())
+    src, tgt_in, tgt_out = (torch.randint(4, 500, (6, n), device=CUDA) for n in (13, 11, 11))
+    src[0, -3:] = PAD_ID
+    tgt_out[1, -4:] = PAD_ID
+    results = []
+    for model in (sdpa, matmul):
+        loss = TrainingObjective(model, 0.1, torch.float32)(src, tgt_in, tgt_out)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (want, want_grads), (got, got_grads) = results
+    assert relative_error(got, want) < 1e-5
+    for g, w in zip(got_grads, want_grads):
+        assert relative_error(g, w) < 1e-4
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_cuda_graph_decoding_gives_the_tokens_and_probabilities_of_eager_steps(trained_run: Path, corpus: dict[str, Path], top_k: int) -> None:
     from nmtkit.decode import greedy_decode

@@ -36,6 +36,29 @@ def test_padding_does_not_change_outputs_of_real_tokens(norm: str) -> None:
     torch.testing.assert_close(padded[:, :5], plain, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_kernels_sdpa_and_matmul_give_the_same_logits_and_gradients(monkeypatch) -> None:
+    # train.attention_kernel chooses how attention is computed, never what: same weights, same numbers
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, n_enc_layers=2, n_dec_layers=2, dropout=0.0, max_positions=64)
+    models = {kernel: Transformer(cfg, V, V, True, attention_kernel=kernel) for kernel in ("sdpa", "matmul")}
+    models["matmul"].load_state_dict(models["sdpa"].state_dict())
+    src, tgt = random_ids(3, 9), random_ids(3, 7)
+    src[0, -4:] = PAD_ID
+    tgt[1, -2:] = PAD_ID
+    results = {}
+    for kernel, model in models.items():
+        sdpa_calls.clear()
+        logits = model(src, tgt)
+        results[kernel] = (logits, torch.autograd.grad(logits.square().sum(), list(model.parameters())))
+        assert len(sdpa_calls) == (6 if kernel == "sdpa" else 0)  # 2 encoder + 2 x 2 decoder attentions, on this CPU too
+    torch.testing.assert_close(results["matmul"][0], results["sdpa"][0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(results["matmul"][1], results["sdpa"][1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_packed_encoder_layers_give_the_padded_layers_outputs_and_gradients_at_real_positions(norm: str) -> None:
     """On CPU the encoder skips padding by running its layers on packed rows (Transformer.encode); GPUs run

@@ -100,13 +100,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_memory(runtime: Runtime) -> dict[str, float]:
+def _peak_memory(runtime: Runtime, decoded_in_processes: bool = False) -> dict[str, float]:
     if runtime.device.type == "cuda":
         return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest decoding worker process
-    if workers:  # its pages are mostly this process's, shared copy-on-write, so the two do not add up
-        peak["peak_rss_worker_mib"] = workers
+    if decoded_in_processes:  # the largest worker; its pages are mostly this process's, shared copy-on-write
+        peak["peak_rss_worker_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return peak
 
 
@@ -264,7 +263,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     peak = measure_matmul_peak(runtime)
     result["matmul_peak_tflops"] = peak / 1e12
     result["mfu"] = result.pop("_flops_per_s", 0.0) / peak if s.train else None
-    result.update(_peak_memory(runtime))
+    result.update(_peak_memory(runtime, bool(result.get("decode_processes"))))
     return result
 
 

@@ -124,6 +124,10 @@ class TrainConfig:
     # torch.compile the encoder-decoder for training, after a compilation of a minute or two at the start
     # (meant for GPUs; on the 2-core CPU of docs/performance.md it measured 16% slower than eager)
     compile: bool = False
+    # how training and scoring compute attention (no effect on the weights): `auto` is SDPA's fused kernels on GPUs
+    # and two matmuls with a softmax on CPU (model.attention); `matmul` on a GPU lets `compile` fuse the softmax with
+    # its neighbours instead of calling SDPA's kernels, which are slow at sentence lengths (docs/performance.md)
+    attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     # mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard (needs `pip install tensorboard`)
     tensorboard: bool = False
 

@@ -71,16 +71,19 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = No
         return torch.matmul(scores.softmax(dim=-1), values).to(q.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False, dropout: float = 0.0) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False, dropout: float = 0.0, kernel: str = "auto"
+) -> Tensor:
     """Scaled dot-product attention: q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh).
 
-    `mask` (B, 1, 1, Lk) bool, True where a key may be attended to. GPUs use SDPA's fused kernels. On CPU,
-    two matmuls and a softmax in the inputs' own dtype: SDPA's CPU kernels either upcast bf16 to fp32
-    (the math kernel: fp32 matmuls, and fp32 copies of q, k, v kept for backward, 20% of a step's saved
-    activations) or have a slow backward at sentence lengths (the flash kernel: 41 ms vs 9 ms at 14 tokens).
-    A query whose every key is masked gets NaN here (SDPA gives 0); sources always end with EOS, so none is.
+    `mask` (B, 1, 1, Lk) bool, True where a key may be attended to. `kernel` (model.attention_kernel): with
+    `auto`, GPUs use SDPA's fused kernels, and CPUs two matmuls and a softmax in the inputs' own dtype: SDPA's
+    CPU kernels either upcast bf16 to fp32 (the math kernel: fp32 matmuls, and fp32 copies of q, k, v kept for
+    backward, 20% of a step's saved activations) or have a slow backward at sentence lengths (the flash kernel:
+    41 ms vs 9 ms at 14 tokens). `sdpa` and `matmul` choose one path on every device.
+    A query whose every key is masked gets NaN on the matmul path (SDPA gives 0); sources always end with EOS, so none is.
     """
-    if q.device.type != "cpu":
+    if kernel == "sdpa" or (kernel == "auto" and q.device.type != "cpu"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
     scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))  # (B, H, Lq, Lk)
     if is_causal:
@@ -90,17 +93,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_ca
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout > 0.0:
-        probs = cpu_dropout(probs, dropout)
+        probs = cpu_dropout(probs, dropout) if probs.device.type == "cpu" else F.dropout(probs, dropout)
     return torch.matmul(probs, v)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, kernel: str = "auto") -> None:
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
+        self.kernel = kernel  # model.attention_kernel
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -112,7 +116,7 @@ class SelfAttention(nn.Module):
             qkv = unpack_rows(qkv, rows, mask.size(0), mask.size(-1))  # (B, L, 3D), zeros at padding
         q, k, v = (_split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))  # 3 x (B, H, L, Dh)
         p = self.dropout if self.training else 0.0
-        y = _merge_heads(attention(q, k, v, mask, is_causal, dropout=p))
+        y = _merge_heads(attention(q, k, v, mask, is_causal, dropout=p, kernel=self.kernel))
         if rows is not None:
             y = y.flatten(0, 1).index_select(0, rows)
         return self.out(y)
@@ -127,10 +131,11 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention; keys and values come from the encoder memory."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, dropout: float, kernel: str = "auto") -> None:
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
+        self.kernel = kernel  # model.attention_kernel
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -143,7 +148,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], src_mask: Tensor) -> Tensor:
         q = _split_heads(self.q(x), self.n_heads)  # (B, H, T, Dh)
         p = self.dropout if self.training else 0.0
-        y = attention(q, kv[0], kv[1], src_mask, dropout=p)
+        y = attention(q, kv[0], kv[1], src_mask, dropout=p, kernel=self.kernel)
         return self.out(_merge_heads(y))
 
     def step(self, x: Tensor, kv: tuple[Tensor, Tensor], src_bias: Tensor) -> Tensor:
@@ -169,10 +174,10 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention_kernel: str = "auto") -> None:
         super().__init__()
         self.is_pre_norm = cfg.norm == "pre"
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attention_kernel)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
@@ -188,11 +193,11 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention_kernel: str = "auto") -> None:
         super().__init__()
         self.is_pre_norm = cfg.norm == "pre"
-        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attention_kernel)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attention_kernel)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
@@ -238,7 +243,9 @@ class Transformer(nn.Module):
     the output projection are tied.
     """
 
-    def __init__(self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, is_joint_vocab: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, is_joint_vocab: bool, attention_kernel: str = "auto"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.src_vocab_size, self.tgt_vocab_size = src_vocab_size, tgt_vocab_size
@@ -249,8 +256,8 @@ class Transformer(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         self.embed_scale = math.sqrt(cfg.d_model)
         self.embed_drop = Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_enc_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_dec_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, attention_kernel) for _ in range(cfg.n_enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, attention_kernel) for _ in range(cfg.n_dec_layers))
         # pre-norm stacks end with a LayerNorm; post-norm layers already end normalised
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, tokenizer: Tokenizer) -> Transformer:
-    return Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.is_joint)
+    return Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.is_joint, cfg.train.attention_kernel)
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
