@@ -99,6 +99,32 @@ def test_a_worker_process_killed_mid_batch_is_an_error_naming_the_settings_not_a
 
 
 @pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
+def test_ctrl_c_in_the_caller_stops_the_worker_processes_at_once_instead_of_waiting_for_every_batch() -> None:
+    import time
+
+    def fn(i: int) -> int:
+        time.sleep(60)  # every batch is still running or queued when the caller is interrupted
+        return i
+
+    torch.set_num_threads(2)
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        map_batches(fn, list(range(6)), workers=2)
+    assert time.perf_counter() - t0 < 20
+    children = [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
+    assert not [pid for pid in children if _proc_state(pid) != "Z"]  # killed and reaped (or at most a zombie)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return "Z"
+
+
+@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
 def test_worker_processes_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() -> None:
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the caller (training) stops gracefully,
     # which a dead worker would turn into an error

@@ -117,15 +117,29 @@ def _run_in_worker(i: int) -> bytes:
 
 
 def _map_in_processes(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
-    context = get_context("fork")
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker, initargs=(fn, batches))
     try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(fn, batches)) as pool:
-            return [pickle.loads(data) for data in pool.map(_run_in_worker, range(len(batches)))]
+        results = [pickle.loads(data) for data in pool.map(_run_in_worker, range(len(batches)))]
     except BrokenProcessPool as e:
+        _stop_now(pool)
         raise RuntimeError(
             "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
             "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
         ) from e
+    except BaseException:  # an error in one batch, or Ctrl-C here: the other batches are not waited for
+        _stop_now(pool)
+        raise
+    pool.shutdown()
+    return results
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Cancel the batches not started and kill the workers (they ignore SIGINT and SIGTERM)."""
+    processes = list(getattr(pool, "_processes", {}).values())  # no public way to reach them before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
+        process.join()
 
 
 def _map_in_threads(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
