@@ -10,8 +10,8 @@ worker: their kernels are already parallel.
 
 The workers are forked processes where the OS has `fork` (Linux; `decode.processes`), threads elsewhere. Threads
 share the GIL: torch releases it inside an op, but each op's Python side (argument parsing, dispatch) holds it, and a
-step's ops are small enough for that to matter. On 2 cores (bf16, three alternating rounds) threads decoded 399-403
-sentences/s and processes 424-436 (docs/performance.md). A forked worker starts with the caller's model and inputs
+step's ops are small enough for that to matter. On 2 cores (bf16, six alternating pairs) processes decoded 450.5
+sentences/s against 410.4 for threads, every pair 7-12% apart (docs/performance.md). A forked worker starts with the caller's model and inputs
 already in its memory (copy-on-write: nothing is pickled on the way in), and sends its results back pickled, so they
 must be picklable: plain Python values and CPU tensors are. Each call forks its own workers (~20 ms), so they always
 see the current weights (a validation during training decodes with the step's model).
