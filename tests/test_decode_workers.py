@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from conftest import read_pairs
 from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
 from nmtkit.cli import main
 from nmtkit.config import ConfigError, config_from_tree
-from nmtkit.decode_workers import length_sorted_batches, map_batches, processes_available, resolve_workers
+from nmtkit.decode_workers import length_sorted_batches, map_batches, processes_available, resolve_workers, uses_processes
 from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
 from nmtkit.translator import Translator
@@ -52,7 +53,7 @@ def test_map_batches_in_processes_keeps_input_order_and_gives_each_worker_one_in
     assert torch.get_num_threads() == 2
 
 
-def test_processes_are_not_used_with_fewer_workers_than_threads_or_without_linux(monkeypatch) -> None:
+def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_threads_or_without_linux(monkeypatch) -> None:
     # GNU OpenMP's pool does not survive a fork: a forked worker must run one thread, so 2 workers on 4 threads
     # are threads of this process (each with 2 intra-op threads)
     torch.set_num_threads(4)
@@ -61,6 +62,19 @@ def test_processes_are_not_used_with_fewer_workers_than_threads_or_without_linux
         assert {threads for _, threads, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {2}
     finally:
         torch.set_num_threads(2)
+    # a caller with other threads (a server translating from several at once) does not fork: one of them could hold
+    # a lock inside torch that the child would wait for forever
+    torch.set_num_threads(2)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
+    try:
+        assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
+    finally:
+        done.set()
+        other.join()
+    if processes_available():
+        assert os.getpid() not in {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)}
     monkeypatch.setattr("nmtkit.decode_workers.sys.platform", "darwin")
     assert not processes_available()
     assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
@@ -107,11 +121,11 @@ def test_ctrl_c_in_the_caller_stops_the_worker_processes_at_once_instead_of_wait
         return i
 
     torch.set_num_threads(2)
-    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
-    ctrl_c.start()
+    ctrl_c = subprocess.Popen(["sh", "-c", f"sleep 1; kill -INT {os.getpid()}"])  # not a thread: those keep the workers threads
     with pytest.raises(KeyboardInterrupt):
         map_batches(fn, list(range(6)), workers=2)
+    ctrl_c.wait()
     assert time.perf_counter() - t0 < 20
     children = [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
     assert not [pid for pid in children if _proc_state(pid) != "Z"]  # killed and reaped (or at most a zombie)
@@ -133,6 +147,7 @@ def test_worker_processes_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_t
         return i
 
     torch.set_num_threads(2)
+    assert uses_processes(2)  # in threads, the signals would hit this process (and the test run)
     assert map_batches(fn, list(range(4)), workers=2) == [0, 1, 2, 3]
 
 

@@ -89,10 +89,22 @@ def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: 
 
 
 def uses_processes(workers: int, processes: bool = True) -> bool:
-    """Whether `map_batches` runs `workers` (> 1) workers as forked processes. A forked worker runs one intra-op
-    thread: GNU OpenMP's thread pool does not survive a fork, and a child that starts a parallel region hangs. So
-    with fewer workers than threads the workers are threads."""
-    return workers > 1 and processes and processes_available() and torch.get_num_threads() <= workers
+    """Whether `map_batches` runs `workers` (> 1) workers as forked processes. Threads instead:
+    - with fewer workers than intra-op threads: a forked worker must run one thread, since GNU OpenMP's thread pool
+      does not survive a fork (a child that starts a parallel region hangs);
+    - when the caller has other Python threads (a server translating from several threads): one of them could hold
+      a lock inside torch at the moment of the fork, and the child would wait for it forever. The `nmtkit` commands
+      are single-threaded."""
+    return (
+        workers > 1 and processes and processes_available() and torch.get_num_threads() <= workers
+        and not _other_threads()
+    )
+
+
+def _other_threads() -> list[threading.Thread]:
+    """The process's Python threads besides the caller's, leaving out tqdm's progress-bar monitor, which outlives
+    its bars (a training run in the same process leaves one) and only sleeps and redraws: a child never uses it."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and type(t).__name__ != "TMonitor"]
 
 
 # What a forked worker runs: set before the fork by the initializer's arguments, which fork hands over unpickled.
@@ -119,7 +131,8 @@ def _run_in_worker(i: int) -> bytes:
 def _map_in_processes(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
     pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker, initargs=(fn, batches))
     try:
-        results = [pickle.loads(data) for data in pool.map(_run_in_worker, range(len(batches)))]
+        futures = [pool.submit(_run_in_worker, i) for i in range(len(batches))]
+        results = [pickle.loads(future.result()) for future in futures]
     except BrokenProcessPool as e:
         _stop_now(pool)
         raise RuntimeError(
@@ -134,12 +147,12 @@ def _map_in_processes(fn: Callable[[Item], Result], batches: Sequence[Item], wor
 
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:
-    """Cancel the batches not started and kill the workers (they ignore SIGINT and SIGTERM)."""
-    processes = list(getattr(pool, "_processes", {}).values())  # no public way to reach them before Python 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
+    """Kill the workers (they ignore SIGINT and SIGTERM) and drop the batches not started; returns once the pool's
+    own thread has ended too, so that the caller is single-threaded again."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to them before Python 3.14
         process.kill()
         process.join()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _map_in_threads(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
