@@ -4,8 +4,6 @@ input order, as one batch at a time, and leave torch's thread count as they foun
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import threading
 from pathlib import Path
 
@@ -16,9 +14,10 @@ from conftest import read_pairs
 from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
 from nmtkit.cli import main
 from nmtkit.config import ConfigError, config_from_tree
-from nmtkit.decode_workers import length_sorted_batches, map_batches, processes_available, resolve_workers, uses_processes
+from nmtkit.decode_workers import length_sorted_batches, map_batches, resolve_workers, uses_processes
 from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
+from nmtkit.forked_map import fork_available
 from nmtkit.translator import Translator
 
 BUNDLED_TEST = Path(__file__).resolve().parents[1] / "data" / "tatoeba-en-zh" / "test.jsonl"
@@ -42,17 +41,6 @@ def _pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
     return os.getpid(), torch.get_num_threads(), torch.tensor([i]) ** 2
 
 
-@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
-def test_map_batches_in_processes_keeps_input_order_and_gives_each_worker_one_intra_op_thread() -> None:
-    torch.set_num_threads(2)
-    results = map_batches(_pid_threads_and_square, list(range(7)), workers=2)
-    assert [int(t) for _, _, t in results] == [i * i for i in range(7)]  # tensors come back whole, in order
-    pids = {pid for pid, _, _ in results}
-    assert os.getpid() not in pids and 1 <= len(pids) <= 2
-    assert {threads for _, threads, _ in results} == {1}
-    assert torch.get_num_threads() == 2
-
-
 def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_threads_or_without_linux(monkeypatch) -> None:
     # GNU OpenMP's pool does not survive a fork: a forked worker must run one thread, so 2 workers on 4 threads
     # are threads of this process (each with 2 intra-op threads)
@@ -73,10 +61,10 @@ def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_thr
     finally:
         done.set()
         other.join()
-    if processes_available():
+    if fork_available():
         assert os.getpid() not in {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)}
-    monkeypatch.setattr("nmtkit.decode_workers.sys.platform", "darwin")
-    assert not processes_available()
+    monkeypatch.setattr("nmtkit.forked_map.sys.platform", "darwin")
+    assert not fork_available()
     assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
 
 
@@ -95,60 +83,10 @@ def test_an_error_in_one_batch_reaches_the_caller_and_the_thread_count_is_restor
         return i
 
     torch.set_num_threads(2)
+    assert uses_processes(2, processes) == (processes and fork_available())
     with pytest.raises(ValueError, match="batch 3 is bad"):
         map_batches(fn, list(range(6)), workers=2, processes=processes)
     assert torch.get_num_threads() == 2
-
-
-@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
-def test_a_worker_process_killed_mid_batch_is_an_error_naming_the_settings_not_a_hang() -> None:
-    def fn(i: int) -> int:
-        if i == 2:
-            os.kill(os.getpid(), signal.SIGKILL)  # what the OS's out-of-memory killer does
-        return i
-
-    torch.set_num_threads(2)
-    with pytest.raises(RuntimeError, match=r"decoding worker process died.*decode.workers: 1.*decode.processes: false"):
-        map_batches(fn, list(range(4)), workers=2)
-
-
-@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
-def test_ctrl_c_in_the_caller_stops_the_worker_processes_at_once_instead_of_waiting_for_every_batch() -> None:
-    import time
-
-    def fn(i: int) -> int:
-        time.sleep(60)  # every batch is still running or queued when the caller is interrupted
-        return i
-
-    torch.set_num_threads(2)
-    t0 = time.perf_counter()
-    ctrl_c = subprocess.Popen(["sh", "-c", f"sleep 1; kill -INT {os.getpid()}"])  # not a thread: those keep the workers threads
-    with pytest.raises(KeyboardInterrupt):
-        map_batches(fn, list(range(6)), workers=2)
-    ctrl_c.wait()
-    assert time.perf_counter() - t0 < 20
-    children = [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
-    assert not [pid for pid in children if _proc_state(pid) != "Z"]  # killed and reaped (or at most a zombie)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return "Z"
-
-
-@pytest.mark.skipif(not processes_available(), reason="forked workers need Linux")
-def test_worker_processes_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() -> None:
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the caller (training) stops gracefully,
-    # which a dead worker would turn into an error
-    def fn(i: int) -> int:
-        os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
-        return i
-
-    torch.set_num_threads(2)
-    assert uses_processes(2)  # in threads, the signals would hit this process (and the test run)
-    assert map_batches(fn, list(range(4)), workers=2) == [0, 1, 2, 3]
 
 
 def test_length_sorted_batches_group_similar_lengths_and_cover_every_index_once() -> None:
@@ -210,7 +148,7 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
     two = translator.translate(texts)
     calls = [line.split() for line in where.read_text().splitlines()]
     assert len(calls) == 4
-    if processes and processes_available():
+    if processes and fork_available():
         assert all(int(pid) != os.getpid() for pid, _ in calls)
     else:
         assert all(int(pid) == os.getpid() and name.startswith("nmtkit-decode") for pid, name in calls)  # not the calling thread
@@ -242,11 +180,22 @@ def test_cli_workers_flag_overrides_the_run_and_rejects_negative_values(trained_
     assert "--workers: expected a whole number >= 0, got '-1'" in capsys.readouterr().err
 
 
-def test_benchmark_decoding_reports_its_workers(trained_run: Path) -> None:
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_benchmark_decoding_reports_its_workers(trained_run: Path, monkeypatch, processes: bool) -> None:
+    import nmtkit.benchmark
+
+    asked = []
+
+    def recording(fn, batches, workers, processes):  # noqa: ANN001, ANN202
+        asked.append((workers, processes))
+        return map_batches(fn, batches, workers, processes)
+
+    monkeypatch.setattr(nmtkit.benchmark, "map_batches", recording)
     translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
     sources = [translator.encode_source(_sentences(4)[i : i + 2]) for i in (0, 2)]
     settings = BenchmarkSettings(repeats=1, new_tokens=3)
     torch.set_num_threads(2)
-    result = benchmark_decoding(translator.model, choose_runtime("cpu", "fp32"), sources, settings, workers=2)
-    assert result["decode_workers"] == 2 and result["decode_processes"] == processes_available()
+    result = benchmark_decoding(translator.model, choose_runtime("cpu", "fp32"), sources, settings, workers=2, processes=processes)
+    assert set(asked) == {(2, processes)}
+    assert result["decode_workers"] == 2 and result["decode_processes"] == (processes and fork_available())
     assert result["decode_tokens_per_s"] > 0 and result["decode_sentences"] == 4

@@ -8,29 +8,23 @@ fork/join for little work; given a batch of its own, each core runs its ops back
 `translate` or `evaluate` call go to workers that each decode whole batches with one intra-op thread. GPUs keep one
 worker: their kernels are already parallel.
 
-The workers are forked processes where the OS has `fork` (Linux; `decode.processes`), threads elsewhere. Threads
-share the GIL: torch releases it inside an op, but each op's Python side (argument parsing, dispatch) holds it, and a
-step's ops are small enough for that to matter. On 2 cores (bf16, six alternating pairs) processes decoded 450.5
-sentences/s against 410.4 for threads, every pair 7-12% apart (docs/performance.md). A forked worker starts with the caller's model and inputs
-already in its memory (copy-on-write: nothing is pickled on the way in), and sends its results back pickled, so they
-must be picklable: plain Python values and CPU tensors are. Each call forks its own workers (~20 ms), so they always
-see the current weights (a validation during training decodes with the step's model).
+The workers are forked processes where the OS has `fork` (Linux; `decode.processes`; forked_map.py), threads
+elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side (argument parsing,
+dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, six alternating pairs)
+processes decoded 450.5 sentences/s against 410.4 for threads, every pair 7-12% apart (docs/performance.md). Each
+call forks its own workers (~20 ms), so they always see the current weights.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
-from typing import Any, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+from .forked_map import fork_available, map_in_forked_processes
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -67,11 +61,6 @@ def decode_in_input_order(
     return out
 
 
-def processes_available() -> bool:
-    """Forked worker processes are used where fork is safe for torch: Linux (macOS's system libraries are not fork-safe)."""
-    return sys.platform.startswith("linux") and hasattr(os, "fork")
-
-
 def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int, processes: bool = True) -> list[Result]:
     """[fn(b) for b in batches], in order, by up to `workers` workers that share the intra-op threads between them:
     forked processes of one intra-op thread each where `processes`, the OS and the thread count allow it, threads
@@ -84,19 +73,19 @@ def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: 
     if workers <= 1:
         return [fn(b) for b in batches]
     if uses_processes(workers, processes):
-        return _map_in_processes(fn, batches, workers)
+        return map_in_forked_processes(fn, batches, workers)
     return _map_in_threads(fn, batches, workers)
 
 
 def uses_processes(workers: int, processes: bool = True) -> bool:
     """Whether `map_batches` runs `workers` (> 1) workers as forked processes. Threads instead:
-    - with fewer workers than intra-op threads: a forked worker must run one thread, since GNU OpenMP's thread pool
-      does not survive a fork (a child that starts a parallel region hangs);
+    - with fewer workers than intra-op threads (so also `decode.workers: 0` on more than 8 threads): a forked worker
+      must run one thread, since GNU OpenMP's thread pool does not survive a fork;
     - when the caller has other Python threads (a server translating from several threads): one of them could hold
       a lock inside torch at the moment of the fork, and the child would wait for it forever. The `nmtkit` commands
       are single-threaded."""
     return (
-        workers > 1 and processes and processes_available() and torch.get_num_threads() <= workers
+        workers > 1 and processes and fork_available() and torch.get_num_threads() <= workers
         and not _other_threads()
     )
 
@@ -105,54 +94,6 @@ def _other_threads() -> list[threading.Thread]:
     """The process's Python threads besides the caller's, leaving out tqdm's progress-bar monitor, which outlives
     its bars (a training run in the same process leaves one) and only sleeps and redraws: a child never uses it."""
     return [t for t in threading.enumerate() if t is not threading.current_thread() and type(t).__name__ != "TMonitor"]
-
-
-# What a forked worker runs: set before the fork by the initializer's arguments, which fork hands over unpickled.
-_worker_fn: Callable[[Any], Any] | None = None
-_worker_batches: Sequence[Any] = ()
-
-
-def _start_worker(fn: Callable[[Any], Any], batches: Sequence[Any]) -> None:
-    global _worker_fn, _worker_batches
-    # The caller decides when to stop: Ctrl-C or a scheduler's SIGTERM reach the whole process group, and a worker
-    # that died of them would break the caller's graceful stop (training saves a checkpoint first).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    _worker_fn, _worker_batches = fn, batches
-
-
-def _run_in_worker(i: int) -> bytes:
-    assert _worker_fn is not None
-    # Plain pickle: torch's multiprocessing pickler would send tensors through shared-memory files instead of bytes.
-    return pickle.dumps(_worker_fn(_worker_batches[i]), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _map_in_processes(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker, initargs=(fn, batches))
-    try:
-        futures = [pool.submit(_run_in_worker, i) for i in range(len(batches))]
-        results = [pickle.loads(future.result()) for future in futures]
-    except BrokenProcessPool as e:
-        _stop_now(pool)
-        raise RuntimeError(
-            "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
-            "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
-        ) from e
-    except BaseException:  # an error in one batch, or Ctrl-C here: the other batches are not waited for
-        _stop_now(pool)
-        raise
-    pool.shutdown()
-    return results
-
-
-def _stop_now(pool: ProcessPoolExecutor) -> None:
-    """Kill the workers (they ignore SIGINT and SIGTERM) and drop the batches not started; returns once the pool's
-    own thread has ended too, so that the caller is single-threaded again."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to them before Python 3.14
-        process.kill()
-        process.join()
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _map_in_threads(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int) -> list[Result]:
