@@ -10,9 +10,9 @@ worker: their kernels are already parallel.
 
 The workers are forked processes where the OS has `fork` (Linux; `decode.processes`; forked_map.py), threads
 elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side (argument parsing,
-dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, six alternating pairs)
-processes decoded 450.5 sentences/s against 410.4 for threads, every pair 7-12% apart (docs/performance.md). Each
-call forks its own workers (~20 ms), so they always see the current weights.
+dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, 18 alternating pairs)
+processes decoded 7-12% more sentences/s than threads when the machine was busier, as many when it was quiet, never
+fewer (docs/performance.md). Each call forks its own workers (~20 ms), so they always see the current weights.
 """
 
 from __future__ import annotations
