@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import nmtkit.forked_map
 from conftest import read_pairs
 from nmtkit.benchmark import BenchmarkSettings, benchmark_decoding
 from nmtkit.cli import main
@@ -63,7 +65,7 @@ def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_thr
         other.join()
     if fork_available():
         assert os.getpid() not in {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)}
-    monkeypatch.setattr("nmtkit.forked_map.sys.platform", "darwin")
+    monkeypatch.setattr(nmtkit.forked_map, "sys", types.SimpleNamespace(platform="darwin"))  # this module's view only
     assert not fork_available()
     assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmtkit.decode_workers import uses_processes
 from nmtkit.forked_map import fork_available, map_in_forked_processes, signals_held_back
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="forked workers need Linux")
@@ -24,8 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _live_children() -> list[int]:
     """This process's children that are still running (zombies waiting to be reaped don't count)."""
-    pids = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    return [int(pid) for pid in pids if _state(int(pid)) not in ("Z", "gone")]
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(ppid) == os.getpid() and state != "Z":
+            children.append(int(stat.parent.name))
+    return children
 
 
 def _state(pid: int) -> str:
@@ -33,6 +41,14 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises_keyboard_interrupt():
+    """Python's own SIGINT handler, even where the test run was started with SIGINT ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _pool_threads() -> list[threading.Thread]:
@@ -116,6 +132,7 @@ def test_ctrl_c_in_the_caller_kills_the_workers_at_once_and_a_later_call_forks_a
     ctrl_c.wait()
     assert time.perf_counter() - t0 < 20
     assert not _live_children() and not _pool_threads()
+    assert uses_processes(2)  # this process is single-threaded again: decoding forks its workers
     assert map_in_forked_processes(_pid_threads_and_square, [3], workers=1)[0][0] != os.getpid()
 
 
@@ -128,6 +145,29 @@ def test_a_signal_inside_signals_held_back_takes_effect_when_the_block_ends() ->
             reached_the_end = True
     assert reached_the_end
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_every_signal_held_back_is_delivered_in_order_a_double_ctrl_c_included() -> None:
+    # training's handler: the first Ctrl-C asks for a graceful stop, the second aborts; neither may be lost
+    seen: list[str] = []
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signal.Signals(signum).name)
+        if seen.count("SIGINT") == 2:
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held_back():
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.05)
+                assert seen == []
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    assert seen == ["SIGINT", "SIGTERM", "SIGINT"]
 
 
 def test_workers_die_with_a_caller_killed_by_sigterm(tmp_path: Path) -> None:
@@ -184,3 +224,24 @@ def test_log_records_from_the_workers_reach_the_callers_handlers_once_in_order()
     assert map_in_forked_processes(fn, [0, 1, 2], workers=2) == [0, 1, 2]
     assert seen[:3] == ["source 0 truncated", "source 1 truncated", "source 2 truncated"]
     assert len(seen) == 4 and seen[3].startswith("batch 2") and "ValueError: why" in seen[3]
+
+
+def test_a_broken_log_call_in_a_worker_is_reported_and_the_batch_goes_on_as_in_a_thread(capfd) -> None:
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("nmtkit.test_forked_map.broken")
+    logger.addHandler(Keep())
+    logger.propagate = False
+
+    def fn(i: int) -> int:
+        logger.warning("batch %d of %d", i)  # one argument short: logging reports it and goes on
+        logger.warning("with an unpicklable extra", extra={"lock": threading.Lock()})
+        return i
+
+    assert map_in_forked_processes(fn, [0, 1], workers=2) == [0, 1]
+    assert seen == ["with an unpicklable extra"] * 2
+    assert "--- Logging error ---" in capfd.readouterr().err

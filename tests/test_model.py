@@ -59,6 +59,16 @@ def test_attention_kernels_sdpa_and_matmul_give_the_same_logits_and_gradients(mo
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_model_loaded_for_translation_uses_the_default_attention_kernel_whatever_the_run_trained_with(trained_run) -> None:
+    from nmtkit.translator import Translator, build_model
+
+    loaded = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    loaded.cfg.train.attention_kernel = "sdpa"  # as if the run had trained with it
+    kernels = lambda model: {m.kernel for m in model.modules() if hasattr(m, "kernel")}  # noqa: E731
+    assert kernels(build_model(loaded.cfg, loaded.tokenizer)) == {"auto"}
+    assert kernels(build_model(loaded.cfg, loaded.tokenizer, loaded.cfg.train.attention_kernel)) == {"sdpa"}  # training's call
+
+
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_packed_encoder_layers_give_the_padded_layers_outputs_and_gradients_at_real_positions(norm: str) -> None:
     """On CPU the encoder skips padding by running its layers on packed rows (Transformer.encode); GPUs run

@@ -228,7 +228,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
         loaded = Translator.from_checkpoint(checkpoint, "cpu", "fp32")
         model, tokenizer, cfg.model = loaded.model, loaded.tokenizer, loaded.cfg.model
     else:
-        model = build_model(cfg, tokenizer)
+        model = build_model(cfg, tokenizer, cfg.train.attention_kernel)
     model = model.to(runtime.device)
     result: dict = {
         "device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(),

@@ -51,12 +51,12 @@ def fork_available() -> bool:
 
 def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
     """[fn(item) for item in items], in order, by `workers` forked processes; results must be picklable."""
-    pool = None
+    pool, futures = None, []
     try:
         with signals_held_back():
             pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker, initargs=(fn, items, os.getpid()))
             futures = [pool.submit(_run_in_worker, i) for i in range(len(items))]
-        return [_unpack(future.result()) for future in futures]
+        results = [_unpack(future.result()) for future in futures]
     except BaseException as e:  # an error in one item, or Ctrl-C: the other items are not waited for
         if pool is not None:
             with signals_held_back():
@@ -66,10 +66,12 @@ def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item],
                 "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
                 "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
             ) from e
+        if isinstance(e, OSError) and not futures:  # the fork itself failed (no memory, too many processes)
+            raise RuntimeError(f"could not start decoding worker processes ({e}); decode in threads with decode.processes: false") from e
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with signals_held_back():
+        pool.shutdown()
+    return results
 
 
 @contextlib.contextmanager
@@ -80,14 +82,22 @@ def signals_held_back() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A handler set outside Python (getsignal gives None) could not be put back: such a signal is left alone.
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig in dict.fromkeys(arrived):
-            signal.raise_signal(sig)
+        raised: list[BaseException] = []
+        for sig in arrived:  # each one, in order: a second Ctrl-C is what aborts training at once
+            try:
+                signal.raise_signal(sig)
+            except BaseException as e:  # noqa: BLE001 - the first is raised below, after every signal had its turn
+                raised.append(e)
+        if raised:
+            raise raised[0]
 
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:
@@ -119,7 +129,14 @@ def _start_worker(fn: Callable[[Any], Any], items: Sequence[Any], parent: int) -
     # Every log record goes back with its item's result, to be handled by the caller's loggers and handlers: as
     # from a thread, and printed once. (`prepare` formats the message and any traceback into plain text.)
     keep = QueueHandler(_log_records)
-    logging.Logger.handle = lambda self, record: keep.enqueue(keep.prepare(record))  # type: ignore[method-assign]
+
+    def handle(logger: logging.Logger, record: logging.LogRecord) -> None:
+        try:
+            keep.enqueue(keep.prepare(record))
+        except Exception:  # noqa: BLE001 - a bad log call (e.g. wrong arguments) is reported, as logging does, not raised
+            keep.handleError(record)
+
+    logging.Logger.handle = handle  # type: ignore[method-assign]
     _fn, _items = fn, items
 
 
@@ -133,8 +150,19 @@ def _run_in_worker(i: int) -> bytes:
         data = pickle.dumps((False, (_portable(e), traceback.format_exc())), protocol=pickle.HIGHEST_PROTOCOL)
     records = []
     while not _log_records.empty():
-        records.append(_log_records.get())
+        records.append(_picklable(_log_records.get()))
     return pickle.dumps((data, records), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _picklable(record: logging.LogRecord) -> logging.LogRecord:
+    """`record`, or where an attribute of its own (`extra=`) cannot be pickled, the record without them."""
+    try:
+        pickle.dumps(record)
+        return record
+    except Exception:  # noqa: BLE001
+        keep = ("name", "msg", "levelname", "levelno", "pathname", "filename", "module", "lineno", "funcName", "created",
+                "msecs", "relativeCreated", "thread", "threadName", "processName", "process")
+        return logging.makeLogRecord({k: getattr(record, k, None) for k in keep} | {"args": None})
 
 
 def _portable(e: Exception) -> Exception:

@@ -76,7 +76,7 @@ def attention(
 ) -> Tensor:
     """Scaled dot-product attention: q (B, H, Lq, Dh), k/v (B, H, Lk, Dh) -> (B, H, Lq, Dh).
 
-    `mask` (B, 1, 1, Lk) bool, True where a key may be attended to. `kernel` (model.attention_kernel): with
+    `mask` (B, 1, 1, Lk) bool, True where a key may be attended to. `kernel` (train.attention_kernel): with
     `auto`, GPUs use SDPA's fused kernels, and CPUs two matmuls and a softmax in the inputs' own dtype: SDPA's
     CPU kernels either upcast bf16 to fp32 (the math kernel: fp32 matmuls, and fp32 copies of q, k, v kept for
     backward, 20% of a step's saved activations) or have a slow backward at sentence lengths (the flash kernel:
@@ -104,7 +104,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.kernel = kernel  # model.attention_kernel
+        self.kernel = kernel  # train.attention_kernel
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -135,7 +135,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.kernel = kernel  # model.attention_kernel
+        self.kernel = kernel  # train.attention_kernel
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)

@@ -219,7 +219,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         raise DataError(f"data.train ({cfg.data.train}): no pairs left after filtering ({report.summary()}); check data.max_len and data.max_len_ratio")
     src_lens, tgt_lens = length_arrays(train_ds)
 
-    model = build_model(cfg, tokenizer).to(runtime.device)
+    model = build_model(cfg, tokenizer, cfg.train.attention_kernel).to(runtime.device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
     optimizer = make_optimizer(model, cfg, runtime)

@@ -27,8 +27,10 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, TokenizerError
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: Config, tokenizer: Tokenizer) -> Transformer:
-    return Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.is_joint, cfg.train.attention_kernel)
+def build_model(cfg: Config, tokenizer: Tokenizer, attention_kernel: str = "auto") -> Transformer:
+    """The model `cfg.model` describes. `attention_kernel` is how it computes attention: training passes
+    train.attention_kernel; loading for translation keeps `auto`, whatever the run trained with."""
+    return Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, tokenizer.is_joint, attention_kernel)
 
 
 def tokenizer_from_state(state: dict) -> Tokenizer:
