@@ -199,17 +199,23 @@ def test_workers_die_with_a_caller_killed_by_sigterm(tmp_path: Path) -> None:
     assert not survivors
 
 
-def test_log_records_from_the_workers_reach_the_callers_handlers_once_in_order() -> None:
+def _collecting_logger(name: str) -> tuple[logging.Logger, list[str]]:
+    """A logger of its own whose messages land in the returned list (in the calling process)."""
     seen: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record.getMessage())
 
-    logger = logging.getLogger("nmtkit.test_forked_map")
+    logger = logging.getLogger(name)
     logger.addHandler(Keep())
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    return logger, seen
+
+
+def test_log_records_from_the_workers_reach_the_callers_handlers_once_in_order() -> None:
+    logger, seen = _collecting_logger("nmtkit.test_forked_map")
 
     def fn(i: int) -> int:
         logger.debug("not at this level")
@@ -227,15 +233,7 @@ def test_log_records_from_the_workers_reach_the_callers_handlers_once_in_order()
 
 
 def test_a_broken_log_call_in_a_worker_is_reported_and_the_batch_goes_on_as_in_a_thread(capfd) -> None:
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
-    logger = logging.getLogger("nmtkit.test_forked_map.broken")
-    logger.addHandler(Keep())
-    logger.propagate = False
+    logger, seen = _collecting_logger("nmtkit.test_forked_map.broken")
 
     def fn(i: int) -> int:
         logger.warning("batch %d of %d", i)  # one argument short: logging reports it and goes on
