@@ -136,14 +136,14 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
     translator.cfg.decode.workers = 1
     one = translator.translate(texts)
     where = tmp_path / "where.txt"  # a file, so that forked workers can report too
-    decode_batch = translator._translate_batch
+    decode_batch = translator._decode_batch
 
     def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         with where.open("a") as f:
             f.write(f"{os.getpid()} {threading.current_thread().name}\n")
         return decode_batch(*args, **kwargs)
 
-    monkeypatch.setattr(translator, "_translate_batch", recording)
+    monkeypatch.setattr(translator, "_decode_batch", recording)
     torch.set_num_threads(2)
     translator.cfg.decode.workers = 2
     translator.cfg.decode.processes = processes

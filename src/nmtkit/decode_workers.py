@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,13 +49,20 @@ def length_sorted_batches(texts: Sequence[str], size: int) -> list[list[int]]:
 
 
 def decode_in_input_order(
-    fn: Callable[[list[int]], list[Result]], texts: Sequence[str], size: int, workers: int, processes: bool = True
+    fn: Callable[[list[int]], Any],
+    texts: Sequence[str],
+    size: int,
+    workers: int,
+    processes: bool = True,
+    finish: Callable[[list[int], Any], list[Result]] | None = None,
 ) -> list[Result]:
-    """`fn` (a batch of indices into `texts` -> one result per index) over length-sorted batches of `size`, by
-    `workers` workers (`map_batches`); the results come back in the order of `texts`."""
+    """`fn` (a batch of indices into `texts` -> one result per index, or whatever `finish` takes) over length-sorted
+    batches of `size`, by `workers` workers (`map_batches`); `finish(indices, fn's output)` then runs in the caller,
+    batch by batch, for work better done here than in a worker. The results come back in the order of `texts`."""
     batches = length_sorted_batches(texts, size)
     out: list[Result] = [None] * len(texts)  # type: ignore[list-item]  # every slot is filled below
-    for idx, results in zip(batches, map_batches(fn, batches, workers, processes)):
+    for idx, decoded in zip(batches, map_batches(fn, batches, workers, processes)):
+        results = finish(idx, decoded) if finish is not None else decoded
         for i, result in zip(idx, results, strict=True):
             out[i] = result
     return out
