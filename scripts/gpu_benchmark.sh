@@ -95,12 +95,12 @@ run peers 150 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-t
 run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda_graphs=false  # what the graphs buy
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
 if [ "${SMOKE:-0}" != 1 ]; then
-  run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
-  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
-    --set train.attention_kernel=matmul --no-decode
   # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
   run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
     --set train.skip_nonfinite=false --no-decode
+  run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
+  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
+    --set train.attention_kernel=matmul --no-decode
 fi
 run nmtkit-64k 120 $NMTKIT --set train.max_tokens=$(tokens 64k) --no-decode
 run peers-64k 120 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 64k) \
