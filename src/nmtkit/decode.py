@@ -51,8 +51,9 @@ def token_stats(
         x = logits.float()
         p = torch.softmax(x, dim=-1, out=torch.empty_like(x) if work is None else work)  # (B, V)
         lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
-        entropy = lse - torch.linalg.vecdot(p, x)
-        return p.gather(1, chosen[:, None])[:, 0], entropy, p.gather(1, top_ids)
+        p_chosen, p_top = p.gather(1, chosen[:, None])[:, 0], p.gather(1, top_ids)
+        entropy = lse - p.mul_(x).sum(dim=-1)  # p . x in p's own buffer (vecdot writes a (B, V) product of its own)
+        return p_chosen, entropy, p_top
 
 
 _BLOCK = 64  # vocabulary block for `block_topk`
