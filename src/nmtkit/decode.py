@@ -42,9 +42,10 @@ def token_stats(
 
     Written to touch the (B, V) logits as few times as possible (this runs at every decoding step): one
     fused softmax p, then ln Z = m - ln p(argmax) with m the largest logit, and the entropy -sum p ln p =
-    ln Z - p . x (a dot product per row, which writes no (B, V) product). `work` is (B, V) fp32 scratch for p that
-    the caller allocates once: on CPU a fresh 2 MB tensor at every step can be a fresh mmap, whose page faults
-    cost up to a millisecond. The top-k come from the caller, who needs them first.
+    ln Z - p . x (p times x in p's own buffer, once the probabilities are gathered, then a sum per row: no (B, V)
+    tensor besides p). `work` is (B, V) fp32 scratch for p that the caller allocates once: on CPU a fresh 2 MB
+    tensor at every step can be a fresh mmap, whose page faults cost up to a millisecond. With work=None, p is a
+    fresh tensor. The top-k come from the caller, who needs them first.
     """
     # fp32 throughout: under bf16 autocast the dot product would round p and x to bf16 (two copies of the logits)
     with torch.autocast(logits.device.type, enabled=False):
