@@ -91,9 +91,9 @@ def signals_held_back() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         raised: list[BaseException] = []
-        for sig in arrived:  # each one, in order: a second Ctrl-C is what aborts training at once
+        for signum in arrived:  # each one, in order: a second Ctrl-C is what aborts training at once
             try:
-                signal.raise_signal(sig)
+                signal.raise_signal(signum)
             except BaseException as e:  # noqa: BLE001 - the first is raised below, after every signal had its turn
                 raised.append(e)
         if raised:
@@ -136,7 +136,7 @@ def _start_worker(fn: Callable[[Any], Any], items: Sequence[Any], parent: int) -
         except Exception:  # noqa: BLE001 - a bad log call (e.g. wrong arguments) is reported, as logging does, not raised
             keep.handleError(record)
 
-    logging.Logger.handle = handle  # type: ignore[method-assign]
+    logging.Logger.handle = handle  # type: ignore[method-assign,assignment]
     _fn, _items = fn, items
 
 
