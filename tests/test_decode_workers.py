@@ -21,6 +21,7 @@ from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
 from nmtkit.forked_map import fork_available
 from nmtkit.translator import Translator
+from test_forked_map import pid_threads_and_square
 
 BUNDLED_TEST = Path(__file__).resolve().parents[1] / "data" / "tatoeba-en-zh" / "test.jsonl"
 
@@ -39,17 +40,13 @@ def test_map_batches_in_threads_keeps_input_order_and_gives_each_worker_one_intr
     assert torch.get_num_threads() == 2
 
 
-def _pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
-    return os.getpid(), torch.get_num_threads(), torch.tensor([i]) ** 2
-
-
 def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_threads_or_without_linux(monkeypatch) -> None:
     # GNU OpenMP's pool does not survive a fork: a forked worker must run one thread, so 2 workers on 4 threads
     # are threads of this process (each with 2 intra-op threads)
     torch.set_num_threads(4)
     try:
-        assert {pid for pid, threads, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
-        assert {threads for _, threads, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {2}
+        results = map_batches(pid_threads_and_square, [0, 1, 2], workers=2)
+        assert {(pid, threads) for pid, threads, _ in results} == {(os.getpid(), 2)}
     finally:
         torch.set_num_threads(2)
     # a caller with other threads (a server translating from several at once) does not fork: one of them could hold
@@ -59,15 +56,15 @@ def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_thr
     other = threading.Thread(target=done.wait)
     other.start()
     try:
-        assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
+        assert {pid for pid, _, _ in map_batches(pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
     finally:
         done.set()
         other.join()
     if fork_available():
-        assert os.getpid() not in {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)}
+        assert os.getpid() not in {pid for pid, _, _ in map_batches(pid_threads_and_square, [0, 1, 2], workers=2)}
     monkeypatch.setattr(nmtkit.forked_map, "sys", types.SimpleNamespace(platform="darwin"))  # this module's view only
     assert not fork_available()
-    assert {pid for pid, _, _ in map_batches(_pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
+    assert {pid for pid, _, _ in map_batches(pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
 
 
 def test_map_batches_with_one_worker_or_one_batch_runs_on_the_calling_thread() -> None:

@@ -56,13 +56,13 @@ def _pool_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if "Executor" in type(t).__name__]
 
 
-def _pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
+def pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
     return os.getpid(), torch.get_num_threads(), torch.tensor([i]) ** 2
 
 
 def test_results_come_back_whole_and_in_order_from_one_thread_workers_other_than_the_caller() -> None:
     torch.set_num_threads(2)
-    results = map_in_forked_processes(_pid_threads_and_square, list(range(7)), workers=2)
+    results = map_in_forked_processes(pid_threads_and_square, list(range(7)), workers=2)
     assert [int(t) for _, _, t in results] == [i * i for i in range(7)]  # tensors come back whole, in order
     pids = {pid for pid, _, _ in results}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
@@ -133,7 +133,7 @@ def test_ctrl_c_in_the_caller_kills_the_workers_at_once_and_a_later_call_forks_a
     assert time.perf_counter() - t0 < 20
     assert not _live_children() and not _pool_threads()
     assert uses_processes(2)  # this process is single-threaded again: decoding forks its workers
-    assert map_in_forked_processes(_pid_threads_and_square, [3], workers=1)[0][0] != os.getpid()
+    assert map_in_forked_processes(pid_threads_and_square, [3], workers=1)[0][0] != os.getpid()
 
 
 def test_a_signal_inside_signals_held_back_takes_effect_when_the_block_ends() -> None:

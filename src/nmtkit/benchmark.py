@@ -208,7 +208,7 @@ def benchmark_decoding(
         "decode_log_overhead": t_logged / t_plain - 1.0,
         "decode_sentences": n_sent,
         "decode_workers": min(workers, len(sources)),
-        "decode_processes": uses_processes(min(workers, len(sources)), processes) and runtime.device.type == "cpu",
+        "decode_processes": uses_processes(min(workers, len(sources)), processes),  # GPUs have one worker: False
         "decode_cuda_graphs": static,
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
