@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_matmul
+
 log = logging.getLogger(__name__)
 
 # oneDNN (the bf16/AMX matmul path on CPU) caches a compiled kernel per distinct shape, up to 1,024 of
@@ -117,6 +119,8 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DeviceError("train.precision bf16: this GPU has no bf16 support; use fp16 or fp32")
         reasons.append(f"precision {precision} (asked for)")
+    if dev.type == "cpu" and precision == "fp32":
+        reasons.append(f"fp32 matmuls -> {cpu_matmul.describe()}")
     return Runtime(dev, precision, "; ".join(reasons))
 
 

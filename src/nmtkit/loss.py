@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import cpu_matmul
 from .model import DecoderLayer, EncoderLayer, LayerRunner, Transformer, call_layer
 from .tokenizer import PAD_ID
 
@@ -65,7 +66,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             n = h_rows.size(0)
             real = is_real[rows, None].float()  # (n, 1) 0 at padding
             if low is None:
-                logits = torch.mm(h_rows, w.T, out=fp32[:n])  # (n, V)
+                logits = cpu_matmul.mm_nt(h_rows, w, out=fp32[:n])  # (n, V)
             else:
                 logits = fp32[:n].copy_(torch.mm(h_rows, w.T, out=low[:n]))
             target_logit = logits.gather(1, safe_targets[rows, None])  # (n, 1)
@@ -82,8 +83,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
                 g.scatter_add_(1, safe_targets[rows, None], -(1.0 - smoothing) * real)
                 if low is None:
-                    torch.mm(g, w, out=grad_h[rows])
-                    grad_w.addmm_(g.T, h_rows)  # (V, n) @ (n, D), accumulated in place
+                    grad_h[rows] = cpu_matmul.mm_nn(g, w)
+                    grad_w += cpu_matmul.mm_tn(g, h_rows)  # (V, n) @ (n, D)
                 else:  # bf16 matmuls; their products summed over chunks in fp32
                     g = low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])

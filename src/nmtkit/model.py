@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .cpu_matmul import Linear, linear
 from .dropout import Dropout, cpu_dropout
 from .kv_cache import KVCache
 from .tokenizer import PAD_ID
@@ -105,8 +106,8 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.kernel = kernel  # train.attention_kernel
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.out = Linear(d_model, d_model)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = False, rows: Tensor | None = None) -> Tensor:
         """x (B, L, D), or with `rows` packed (N, D): the real positions only, `rows` their indices into B * L
@@ -136,9 +137,9 @@ class CrossAttention(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.kernel = kernel  # train.attention_kernel
-        self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.q = Linear(d_model, d_model)
+        self.kv = Linear(d_model, 2 * d_model)
+        self.out = Linear(d_model, d_model)
 
     def memory_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S, D) -> keys and values, each (B, H, S, Dh). Computed once per sentence when decoding."""
@@ -160,8 +161,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff)
-        self.down = nn.Linear(d_ff, d_model)
+        self.up = Linear(d_model, d_ff)
+        self.down = Linear(d_ff, d_model)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.drop = Dropout(dropout)
 
@@ -252,7 +253,7 @@ class Transformer(nn.Module):
         self.tgt_embed = nn.Embedding(tgt_vocab_size, cfg.d_model, padding_idx=PAD_ID)
         share_src = cfg.tie_embeddings and is_joint_vocab and src_vocab_size == tgt_vocab_size
         self.src_embed = self.tgt_embed if share_src else nn.Embedding(src_vocab_size, cfg.d_model, padding_idx=PAD_ID)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, tgt_vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.d_model, tgt_vocab_size, bias=False)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
         self.embed_scale = math.sqrt(cfg.d_model)
         self.embed_drop = Dropout(cfg.dropout)
@@ -319,7 +320,7 @@ class Transformer(nn.Module):
 
     def project(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits over the target vocabulary."""
-        return F.linear(hidden, self.output_weight)
+        return linear(hidden, self.output_weight)
 
     def hidden_states(self, src: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection.

@@ -1,0 +1,105 @@
+"""fp32 CPU matmuls through oneDNN (cpu_matmul.py): the same values and gradients as torch's own ops, taken only
+where they should be, and a choice of backend that is measured, or named by NMTKIT_CPU_MATMUL, or refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmtkit import cpu_matmul
+from nmtkit.loss import projected_cross_entropy
+from nmtkit.tokenizer import PAD_ID
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Force the oneDNN backend and record the shape of every product that takes it."""
+    calls: list[tuple[int, ...]] = []
+    real = cpu_matmul._lp
+
+    def counting(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append((*x.shape, w.size(0)))
+        return real(x, w, b)
+
+    monkeypatch.setattr(cpu_matmul, "_lp", counting)
+    monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
+    return calls
+
+
+def test_onednn_linear_matches_torch_linear_in_value_and_gradients(onednn_calls: list) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    layer = cpu_matmul.Linear(16, 24)
+    y = layer(x)
+    (gx, gw, gb) = torch.autograd.grad(y.square().sum(), [x, layer.weight, layer.bias])
+    assert onednn_calls, "the oneDNN path was not taken"
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, layer.weight, layer.bias)
+    want = torch.autograd.grad(y_ref.square().sum(), [x_ref, layer.weight, layer.bias])
+    torch.testing.assert_close(y, y_ref)
+    for got, expected in zip((gx, gw, gb), want):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 32), (40, 32, 8)])  # the weight gradient formed either way round
+def test_weight_gradient_product_equals_transposed_matmul_both_ways_round(onednn_calls: list, shape: tuple) -> None:
+    k, m, n = shape
+    a, b = torch.randn(k, m), torch.randn(k, n)
+    torch.testing.assert_close(cpu_matmul.mm_tn(a, b), a.T @ b)
+    torch.testing.assert_close(cpu_matmul.mm_nn(a.T.contiguous(), b), a.T @ b)
+    assert len(onednn_calls) == 2
+
+
+def test_bf16_autocast_and_blas_backend_use_torchs_own_linear(onednn_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, x = cpu_matmul.Linear(8, 8), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast's bf16 op, not an fp32 product
+    layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert onednn_calls == []
+    monkeypatch.setattr(cpu_matmul, "_chosen", "blas")
+    layer.float()(x)
+    assert onednn_calls == []
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_loss_through_onednn_equals_the_blas_loss(monkeypatch: pytest.MonkeyPatch, smoothing: float) -> None:
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    targets = torch.randint(1, 20, (10,))
+    targets[[1, 6]] = PAD_ID
+    results = []
+    for choice in ("blas", "onednn"):
+        monkeypatch.setattr(cpu_matmul, "_chosen", choice)
+        loss = projected_cross_entropy(hidden, weight, targets, ignore_index=PAD_ID, label_smoothing=smoothing, chunk_rows=3)
+        results.append((loss, *torch.autograd.grad(loss, [hidden, weight])))
+    for blas, onednn in zip(*results):
+        torch.testing.assert_close(onednn, blas)
+
+
+def test_auto_measures_and_keeps_onednn_only_when_clearly_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NMTKIT_CPU_MATMUL", raising=False)
+    for timings, expected in [((2.0, 1.0), "onednn"), ((1.2, 1.0), "blas"), ((1.0, 2.0), "blas")]:
+        monkeypatch.setattr(cpu_matmul, "_chosen", None)
+        monkeypatch.setattr(cpu_matmul, "probe", lambda t=timings: t)
+        assert cpu_matmul.backend() == expected
+        assert "measured" in cpu_matmul.describe()
+
+
+def test_environment_names_the_backend_without_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_probe() -> tuple[float, float]:
+        raise AssertionError("probed although NMTKIT_CPU_MATMUL named the backend")
+
+    monkeypatch.setattr(cpu_matmul, "probe", no_probe)
+    for choice in ("onednn", "blas"):
+        monkeypatch.setattr(cpu_matmul, "_chosen", None)
+        monkeypatch.setenv("NMTKIT_CPU_MATMUL", choice)
+        assert cpu_matmul.backend() == choice
+        assert "NMTKIT_CPU_MATMUL" in cpu_matmul.describe()
+
+
+def test_unknown_backend_in_the_environment_is_refused_with_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_matmul, "_chosen", None)
+    monkeypatch.setenv("NMTKIT_CPU_MATMUL", "mkl")
+    with pytest.raises(cpu_matmul.MatmulChoiceError, match=r"NMTKIT_CPU_MATMUL='mkl'.*auto, onednn, blas"):
+        cpu_matmul.backend()
