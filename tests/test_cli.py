@@ -446,6 +446,13 @@ def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corp
     assert ("aten::mm" in table or "mkldnn::_linear_pointwise" in table) and "Self CPU" in table
 
 
+def test_unknown_cpu_matmul_backend_exits_2_naming_the_variable(corpus: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("NMTKIT_CPU_MATMUL", "mkl")
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    assert main(["benchmark", "--config", str(config), "--device", "cpu", "--precision", "bf16", "--steps", "1", "--no-decode"]) == 2
+    assert "nmtkit benchmark: error: NMTKIT_CPU_MATMUL='mkl': expected one of auto, onednn, blas" in capsys.readouterr().err
+
+
 def test_benchmark_with_no_training_pair_left_exits_2_naming_the_filters(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", data={"max_len": 1})
     assert main(["benchmark", "--config", str(config), "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-decode"]) == 2

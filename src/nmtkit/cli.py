@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .cpu_matmul import MatmulChoiceError
 from .data import DataError
 from .device import DeviceError
 from .metrics import TensorBoardMissingError
@@ -24,7 +25,9 @@ from .run_lock import RunLockedError
 from .tokenizer import TokenizerError
 
 log = logging.getLogger("nmtkit")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, RunLockedError, PlotError, TensorBoardMissingError)
+USER_ERRORS = (
+    ConfigError, DataError, CheckpointError, TokenizerError, DeviceError, MatmulChoiceError, RunLockedError, PlotError, TensorBoardMissingError,
+)
 
 
 def _setup_logging(verbose: bool) -> None:

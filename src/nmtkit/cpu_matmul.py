@@ -62,13 +62,19 @@ def probe(m: int = 1024, k: int = 256, n: int = 1024) -> tuple[float, float]:
     return _best_seconds(lambda: F.linear(x, w)), _best_seconds(lambda: _lp(x, w))
 
 
+def wanted() -> str:
+    """NMTKIT_CPU_MATMUL's value ('auto' when unset), or a MatmulChoiceError naming what it holds."""
+    wish = os.environ.get("NMTKIT_CPU_MATMUL", "auto")
+    if wish not in CHOICES:
+        raise MatmulChoiceError(f"NMTKIT_CPU_MATMUL={wish!r}: expected one of {', '.join(CHOICES)} (unset means auto)")
+    return wish
+
+
 def backend() -> str:
     """'onednn' or 'blas': the fp32 CPU matmul path of this process, chosen on the first call (see module doc)."""
     global _chosen, _reason
     if _chosen is None:
-        wish = os.environ.get("NMTKIT_CPU_MATMUL", "auto")
-        if wish not in CHOICES:
-            raise MatmulChoiceError(f"NMTKIT_CPU_MATMUL={wish!r}: expected one of {', '.join(CHOICES)} (unset means auto)")
+        wish = wanted()
         if not _onednn_available():
             _chosen, _reason = "blas", "blas (this torch has no oneDNN linear)"
         elif wish != "auto":

@@ -119,8 +119,10 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DeviceError("train.precision bf16: this GPU has no bf16 support; use fp16 or fp32")
         reasons.append(f"precision {precision} (asked for)")
-    if dev.type == "cpu" and precision == "fp32":
-        reasons.append(f"fp32 matmuls -> {cpu_matmul.describe()}")
+    if dev.type == "cpu":
+        cpu_matmul.wanted()  # a bad NMTKIT_CPU_MATMUL fails here, whatever the precision
+        if precision == "fp32":
+            reasons.append(f"fp32 matmuls -> {cpu_matmul.describe()}")
     return Runtime(dev, precision, "; ".join(reasons))
 
 
