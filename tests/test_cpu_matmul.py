@@ -51,6 +51,17 @@ def test_weight_gradient_product_equals_transposed_matmul_both_ways_round(onednn
     assert len(onednn_calls) == 2
 
 
+def test_empty_operands_take_torchs_op_which_handles_them(onednn_calls: list) -> None:
+    # oneDNN refuses a product with a zero-sized side ("could not create a primitive descriptor")
+    layer = cpu_matmul.Linear(8, 4)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (2, 0, 4) and x.grad.shape == x.shape
+    assert torch.equal(cpu_matmul.mm_tn(torch.randn(0, 3), torch.randn(0, 5)), torch.zeros(3, 5))
+    assert onednn_calls == []
+
+
 def test_bf16_autocast_and_blas_backend_use_torchs_own_linear(onednn_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
     layer, x = cpu_matmul.Linear(8, 8), torch.randn(4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):

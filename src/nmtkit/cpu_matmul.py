@@ -94,10 +94,11 @@ def describe() -> str:
     return _reason
 
 
-def _takes_onednn(x: Tensor) -> bool:
+def _takes_onednn(*operands: Tensor) -> bool:
+    """Whether a product of these operands goes through oneDNN: fp32 CPU tensors, none of them empty (oneDNN refuses
+    a product with a zero-sized side, which torch's op handles), outside autocast and `torch.compile`."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in operands)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and backend() == "onednn"
@@ -107,14 +108,14 @@ def _takes_onednn(x: Tensor) -> bool:
 def mm_nt(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a (M, K) @ b (N, K).T. `out`, a buffer for torch's op, is written on that path only: oneDNN returns a
     tensor of its own (a copy into `out` would cost another pass over the product). Use the result."""
-    if _takes_onednn(a) and b.dtype == torch.float32:
+    if _takes_onednn(a, b):
         return _lp(a, b)
     return torch.mm(a, b.T, out=out) if out is not None else a @ b.T
 
 
 def mm_nn(a: Tensor, b: Tensor) -> Tensor:
     """a (M, K) @ b (K, N)."""
-    return _lp(a, b.T) if _takes_onednn(a) and b.dtype == torch.float32 else a @ b
+    return _lp(a, b.T) if _takes_onednn(a, b) else a @ b
 
 
 def mm_tn(a: Tensor, b: Tensor) -> Tensor:
@@ -123,7 +124,7 @@ def mm_tn(a: Tensor, b: Tensor) -> Tensor:
     oneDNN is fastest when the result's longer side is its columns, so the narrower result is formed and
     transposed back when that is the way round (measured: 410 against 150-280 GFLOP/s the other way).
     """
-    if not (_takes_onednn(a) and b.dtype == torch.float32):
+    if not _takes_onednn(a, b):
         return a.T @ b
     if a.size(1) >= b.size(1):
         return _lp(b.T, a.T).T
@@ -151,7 +152,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, through oneDNN for fp32 CPU tensors where `backend()` chose it."""
-    if _takes_onednn(x) and weight.dtype == torch.float32:
+    if _takes_onednn(x, weight):
         return _OneDnnLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
