@@ -51,6 +51,13 @@ def test_weight_gradient_product_equals_transposed_matmul_both_ways_round(onednn
     assert len(onednn_calls) == 2
 
 
+def test_a_second_derivative_through_the_onednn_linear_fails_loudly(onednn_calls: list) -> None:
+    layer, x = cpu_matmul.Linear(4, 4), torch.randn(3, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        gx.sum().backward()
+
+
 def test_empty_operands_take_torchs_op_which_handles_them(onednn_calls: list) -> None:
     # oneDNN refuses a product with a zero-sized side ("could not create a primitive descriptor")
     layer = cpu_matmul.Linear(8, 4)

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class _OneDnnLinear(torch.autograd.Function):
         return _lp(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative of its own: a second derivative must fail loudly
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.size(-1))
