@@ -1,5 +1,6 @@
 """fp32 CPU matmuls through oneDNN (cpu_matmul.py): the same values and gradients as torch's own ops, taken only
-where they should be, and a choice of backend that is measured, or named by NMTKIT_CPU_MATMUL, or refused clearly."""
+where they should be, and a choice of backend made by rule (where MKL would leave AVX-512 unused), or named by
+NMTKIT_CPU_MATMUL, or refused clearly."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from nmtkit.tokenizer import PAD_ID
 
 
 @pytest.fixture
-def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """Force the oneDNN backend and record the shape of every product that takes it."""
-    calls: list[tuple[int, ...]] = []
-    real = cpu_matmul._lp
+def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Force the oneDNN backend and record the strides of both operands of every product that takes it."""
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = cpu_matmul._onednn_linear
 
-    def counting(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        calls.append((*x.shape, w.size(0)))
+    def recording(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.stride(), w.stride()))
         return real(x, w, b)
 
-    monkeypatch.setattr(cpu_matmul, "_lp", counting)
+    monkeypatch.setattr(cpu_matmul, "_onednn_linear", recording)
     monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
     return calls
 
@@ -95,20 +96,55 @@ def test_chunked_loss_through_onednn_equals_the_blas_loss(monkeypatch: pytest.Mo
         torch.testing.assert_close(onednn, blas)
 
 
-def test_auto_measures_and_keeps_onednn_only_when_clearly_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("vendor", "isa", "allocator", "expected"),
+    [
+        ("AuthenticAMD", "AVX512", "jemalloc", "onednn"),  # MKL would run its AVX2 code
+        ("AuthenticAMD", "AVX512", "system malloc", "blas"),  # oneDNN's products fragment glibc's heap
+        ("GenuineIntel", "AVX512", "jemalloc", "blas"),  # MKL has AVX-512 code for Intel CPUs
+        ("AuthenticAMD", "AVX2", "jemalloc", "blas"),  # nothing to gain without AVX-512
+        ("", "AVX512", "jemalloc", "blas"),  # vendor unknown: torch's default
+    ],
+)
+def test_auto_takes_onednn_exactly_where_mkl_would_leave_avx512_unused_under_jemalloc(
+    monkeypatch: pytest.MonkeyPatch, vendor: str, isa: str, allocator: str, expected: str
+) -> None:
     monkeypatch.delenv("NMTKIT_CPU_MATMUL", raising=False)
-    for timings, expected in [((2.0, 1.0), "onednn"), ((1.2, 1.0), "blas"), ((1.0, 2.0), "blas")]:
-        monkeypatch.setattr(cpu_matmul, "_chosen", None)
-        monkeypatch.setattr(cpu_matmul, "probe", lambda t=timings: t)
-        assert cpu_matmul.backend() == expected
-        assert "measured" in cpu_matmul.describe()
+    monkeypatch.setattr(cpu_matmul, "_chosen", None)
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_matmul, "allocator_in_use", lambda: allocator)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    assert cpu_matmul.backend() == expected
+    assert cpu_matmul.describe().startswith(expected) and isa in cpu_matmul.describe()
 
 
-def test_environment_names_the_backend_without_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_probe() -> tuple[float, float]:
-        raise AssertionError("probed although NMTKIT_CPU_MATMUL named the backend")
+def test_output_of_the_onednn_linear_can_be_modified_in_place_like_nn_linear(onednn_calls: list) -> None:
+    layer, x = cpu_matmul.Linear(8, 6), torch.randn(2, 3, 8, requires_grad=True)
+    y = layer(x)
+    y[..., 0].mul_(2)
+    y.relu_()
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.linear(x_ref, layer.weight, layer.bias)
+    y_ref[..., 0].mul_(2)
+    y_ref.relu_().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert onednn_calls
 
-    monkeypatch.setattr(cpu_matmul, "probe", no_probe)
+
+def test_expanded_gradients_reach_onednn_as_contiguous_copies(onednn_calls: list) -> None:
+    # the gradient of y.sum() is an expanded tensor (stride 0), which oneDNN reads ~1,000x slower as a weight operand
+    layer, x = cpu_matmul.Linear(16, 32), torch.randn(40, 16)
+    layer(x).sum().backward()
+    assert all(0 not in stride for operands in onednn_calls for stride in operands)
+    torch.testing.assert_close(layer.weight.grad, torch.ones(40, 32).T @ x)
+
+
+def test_environment_names_the_backend_over_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_rule() -> str:
+        raise AssertionError("looked at the CPU although NMTKIT_CPU_MATMUL named the backend")
+
+    monkeypatch.setattr(cpu_matmul, "cpu_vendor", no_rule)
     for choice in ("onednn", "blas"):
         monkeypatch.setattr(cpu_matmul, "_chosen", None)
         monkeypatch.setenv("NMTKIT_CPU_MATMUL", choice)

@@ -1,34 +1,46 @@
-"""fp32 matrix products on CPU through oneDNN, on CPUs where it is faster than torch's default BLAS.
+"""fp32 matrix products on CPU through oneDNN, on CPUs where torch's default BLAS leaves half the CPU unused.
 
 torch sends fp32 `F.linear` and `torch.mm` on CPU to MKL, which chooses its kernels by the CPU's vendor: on
-AMD CPUs it runs its AVX2 code even where AVX-512 is there, half the multiply-adds per cycle. oneDNN, which torch
-ships as well (it runs the bf16 path), chooses by instruction set. On a 2-core AMD EPYC (Zen 5), 2 threads, at the
-SMALL model's shapes: MKL 190-214 GFLOP/s, oneDNN 460-480, in the same fp32 arithmetic (no reduced-precision
-mode; the results differ from MKL's only by summation order). Where MKL has AVX-512 kernels (Intel CPUs) the two
-are close, so nmtkit measures rather than guesses: `backend()` times one product of each once per process and
-keeps the faster. NMTKIT_CPU_MATMUL=onednn or =blas chooses without measuring.
+non-Intel CPUs it runs its AVX2 code even where AVX-512 is there, half the multiply-adds per cycle. oneDNN, which
+torch ships as well (it runs the bf16 path), chooses by instruction set. On a 2-core AMD EPYC (Zen 5), 2 threads, at
+the SMALL model's shapes: MKL 190-214 GFLOP/s, oneDNN 460-490, in the same fp32 arithmetic (no reduced-precision
+mode; the results differ from MKL's only by summation order, ~1e-7 relative).
 
-`Linear` (the model's projections) and `mm_nt`/`mm_nn`/`mm_tn` (the loss's chunked projection) take the oneDNN
-path only for fp32 CPU tensors outside autocast and outside `torch.compile`; everything else is torch's own op.
+The choice is a rule, not a timing: oneDNN where torch runs AVX-512 code and the CPU is not Intel's (exactly where
+MKL falls back to AVX2) and the process runs under jemalloc (allocator.py), MKL elsewhere. Under glibc's malloc the
+oneDNN path fragments the heap as batch shapes vary: 90 seconds of the fp32 quick start peaked at 3.1 GB of RSS
+against 1.3 GB with MKL's products (and ~1.1 GB with oneDNN's under jemalloc). A timed probe was tried first; its cold BLAS timing is bimodal under glibc's
+malloc, so two identical processes could choose differently, and a resumed run would then sum in another order
+than the run it resumes. NMTKIT_CPU_MATMUL=onednn or =blas overrides the rule.
+
+`Linear` (the model's projections) and `mm_nt`/`mm_nn`/`mm_tn` (the loss's chunked projection) take the oneDNN path
+only for fp32 CPU tensors outside autocast and outside `torch.compile`; everything else is torch's own op.
+`Linear` keeps nn.Linear's parameters and state dict; `torch.func` transforms and `quantize_dynamic({nn.Linear})`
+do not see through it (use `torch.nn.Linear` models, or NMTKIT_CPU_MATMUL=blas, for those).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .allocator import allocator_in_use
+
 log = logging.getLogger(__name__)
 
+# oneDNN (this module's fp32 path and the bf16 path) caches a compiled kernel per distinct shape, up to 1,024 of
+# them. Length-bucketed batches have hundreds of shapes, and the cache alone grew a 10-minute CPU run to 5 GB of
+# RSS; 32 entries keep it bounded at the same speed. Read lazily by oneDNN, so setting it at import (before the
+# first kernel) works; a value the user set wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+
 CHOICES = ("auto", "onednn", "blas")  # values of NMTKIT_CPU_MATMUL
-# oneDNN must be this much faster in the probe to be chosen: where the two are close, timing noise must not flip
-# the choice from one process to the next (a resumed run would then sum in another order)
-_MARGIN = 1.25
 _chosen: str | None = None  # "onednn" or "blas" once decided
 _reason = ""
 
@@ -42,25 +54,25 @@ def _onednn_available() -> bool:
 
 
 def _lp(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x (M, K) @ w (N, K).T + b through oneDNN; strided x and w are read as they are."""
+    """x (M, K) @ w (N, K).T + b through oneDNN. Strided operands are read as they are, except zero strides (an
+    expanded tensor, such as the gradient of a sum), which oneDNN reads ~1,000x slower than a contiguous copy."""
+    x, w = (t.contiguous() if 0 in t.stride() else t for t in (x, w))
+    return _onednn_linear(x, w, b)
+
+
+def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
 
 
-def _best_seconds(fn, repeats: int = 5) -> float:
-    fn()  # oneDNN builds its kernel on the first call
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def probe(m: int = 1024, k: int = 256, n: int = 1024) -> tuple[float, float]:
-    """Seconds for one (m, k) @ (k, n) fp32 product through torch's BLAS and through oneDNN (best of 5)."""
-    gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
-    return _best_seconds(lambda: F.linear(x, w)), _best_seconds(lambda: _lp(x, w))
+def cpu_vendor() -> str:
+    """The CPU's vendor string ('GenuineIntel', 'AuthenticAMD', ...) from /proc/cpuinfo, or '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def wanted() -> str:
@@ -81,16 +93,22 @@ def backend() -> str:
         elif wish != "auto":
             _chosen, _reason = wish, f"{wish} (NMTKIT_CPU_MATMUL)"
         else:
-            blas, onednn = probe()
-            _chosen = "onednn" if blas > _MARGIN * onednn else "blas"
-            flops = 2 * 1024 * 256 * 1024 / 1e9
-            _reason = f"{_chosen} (measured: BLAS {flops / blas:.0f}, oneDNN {flops / onednn:.0f} GFLOP/s)"
+            isa, vendor = torch.backends.cpu.get_cpu_capability(), cpu_vendor()
+            if not (isa.startswith("AVX512") and vendor and vendor != "GenuineIntel"):
+                _chosen, _reason = "blas", f"blas ({vendor or 'unknown'} CPU, {isa}: MKL uses what the CPU has)"
+            elif allocator_in_use() != "jemalloc":
+                _chosen, _reason = "blas", (
+                    f"blas ({vendor} CPU with {isa}, but under glibc's malloc oneDNN's fp32 products fragment the heap "
+                    "(3.1 GB of RSS against 1.3 in 90 s of training); install libjemalloc2 for the faster oneDNN path)"
+                )
+            else:
+                _chosen, _reason = "onednn", f"onednn ({vendor} CPU with {isa}: MKL would run its AVX2 code)"
         log.debug("fp32 CPU matmuls: %s", _reason)
     return _chosen
 
 
 def describe() -> str:
-    """The choice and why, for the runtime's log line ('fp32 CPU matmuls -> ...')."""
+    """The choice and why, for the runtime's log line ('fp32 matmuls -> ...')."""
     backend()
     return _reason
 
@@ -133,29 +151,31 @@ def mm_tn(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _OneDnnLinear(torch.autograd.Function):
+    """x (M, K), weight (N, K), bias (N,) or None -> (M, N); 2-D only, so that its output is a fresh tensor (a view made
+    inside a Function could not be modified in place afterwards, as nn.Linear's output can)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _lp(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
+        return _lp(x, weight, bias)
 
     @staticmethod
     @once_differentiable  # oneDNN's op has no derivative of its own: a second derivative must fail loudly
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.size(-1))
+        x, weight = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad
-        grad_x = _lp(g2, weight.T).view(*grad.shape[:-1], weight.size(1)) if needs_x else None
-        grad_w = mm_tn(g2, x2) if needs_w else None
-        grad_b = g2.sum(0) if needs_b and ctx.has_bias else None
+        grad_x = _lp(grad, weight.T) if needs_x else None
+        grad_w = mm_tn(grad, x) if needs_w else None
+        grad_b = grad.sum(0) if needs_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear`, through oneDNN for fp32 CPU tensors where `backend()` chose it."""
     if _takes_onednn(x, weight):
-        return _OneDnnLinear.apply(x, weight, bias)
+        y = _OneDnnLinear.apply(x.reshape(-1, x.size(-1)), weight, bias)
+        return y.view(*x.shape[:-1], weight.size(0))
     return F.linear(x, weight, bias)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -12,12 +11,6 @@ import torch
 from . import cpu_matmul
 
 log = logging.getLogger(__name__)
-
-# oneDNN (the bf16/AMX matmul path on CPU) caches a compiled kernel per distinct shape, up to 1,024 of
-# them. Length-bucketed batches have hundreds of shapes, and the cache alone grew a 10-minute CPU run
-# to 5 GB of RSS; 32 entries keep it bounded at the same speed. Read lazily by oneDNN, so setting it
-# here (before the first kernel) works; a value the user set wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
