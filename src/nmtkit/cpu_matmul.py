@@ -137,6 +137,22 @@ def mm_nn(a: Tensor, b: Tensor) -> Tensor:
     return _lp(a, b.T) if _takes_onednn(a, b) else a @ b
 
 
+def mm_nn_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (M, N) = a (M, K) @ b (K, N), written in place (torch's op writes it directly, oneDNN's result is copied)."""
+    if _takes_onednn(a, b):
+        out.copy_(_lp(a, b.T))
+    else:
+        torch.mm(a, b, out=out)
+
+
+def add_mm_tn_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (M, N) += a (K, M).T @ b (K, N), in place: a weight gradient summed over chunks of rows."""
+    if _takes_onednn(a, b):
+        acc += mm_tn(a, b)
+    else:
+        acc.addmm_(a.T, b)
+
+
 def mm_tn(a: Tensor, b: Tensor) -> Tensor:
     """a (K, M).T @ b (K, N): a weight gradient, reducing over the K rows of both.
 

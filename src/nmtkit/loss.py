@@ -83,8 +83,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
                 g.scatter_add_(1, safe_targets[rows, None], -(1.0 - smoothing) * real)
                 if low is None:
-                    grad_h[rows] = cpu_matmul.mm_nn(g, w)
-                    grad_w += cpu_matmul.mm_tn(g, h_rows)  # (V, n) @ (n, D)
+                    cpu_matmul.mm_nn_into(grad_h[rows], g, w)
+                    cpu_matmul.add_mm_tn_(grad_w, g, h_rows)  # (V, n) @ (n, D), accumulated in place
                 else:  # bf16 matmuls; their products summed over chunks in fp32
                     g = low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])
