@@ -157,3 +157,67 @@ def test_unknown_backend_in_the_environment_is_refused_with_the_choices(monkeypa
     monkeypatch.setenv("NMTKIT_CPU_MATMUL", "mkl")
     with pytest.raises(cpu_matmul.MatmulChoiceError, match=r"NMTKIT_CPU_MATMUL='mkl'.*auto, onednn, blas"):
         cpu_matmul.backend()
+
+
+# -- weights packed for inference (PackedWeight) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weight_gives_the_plain_products_and_fuses_the_relu(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
+    torch.manual_seed(2)
+    layer = cpu_matmul.Linear(32, 48).to(dtype).eval()
+    x = torch.randn(5, 1, 32, dtype=dtype)  # a decoding step's (B, 1, D)
+    with torch.no_grad():
+        plain, plain_relu = layer(x), layer.relu(x)
+        layer.pack()
+        packed = layer.packed.product(x, layer.bias)
+        assert packed is not None, "the packed path was not taken"
+        torch.testing.assert_close(packed, plain)
+        torch.testing.assert_close(layer(x), plain)
+        torch.testing.assert_close(layer.relu(x), plain_relu)
+        assert (layer.relu(x) >= 0).all() and (plain < 0).any()
+
+
+def test_packed_weight_follows_in_place_updates_and_replacements_of_its_weight() -> None:
+    torch.manual_seed(3)
+    layer = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
+    layer.pack()
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+
+    def expect_fresh() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(layer.packed.product(x, layer.bias), F.linear(x, layer.weight, layer.bias))
+
+    expect_fresh()
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # an optimizer step changes the weight in place
+    expect_fresh()
+    other = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
+    layer.load_state_dict(other.state_dict())
+    expect_fresh()
+    layer.float().to(torch.bfloat16)  # .to() replaces the weight's tensor
+    expect_fresh()
+
+
+def test_packed_weight_leaves_autograd_other_dtypes_and_the_blas_backend_to_the_plain_product(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
+    layer = cpu_matmul.Linear(8, 8)
+    layer.pack()
+    x = torch.randn(3, 8, requires_grad=True)
+    assert layer.packed.product(x, layer.bias) is None  # autograd records: the plain path has a backward
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.packed.product(x, layer.bias) is None  # bf16 compute on fp32 weights: autocast's op
+            assert layer(x).dtype == torch.bfloat16
+        assert layer.packed.product(x.to(torch.float64), layer.bias) is None
+        assert layer.packed.product(x[:0], layer.bias) is None
+        monkeypatch.setattr(cpu_matmul, "_chosen", "blas")
+        assert layer.packed.product(x, layer.bias) is None  # fp32 products stay with MKL where it was chosen
+        bf16 = cpu_matmul.Linear(8, 8).to(torch.bfloat16)
+        bf16.pack()
+        assert bf16.packed.product(x.to(torch.bfloat16), bf16.bias) is not None  # bf16 products are oneDNN's anyway

@@ -4,13 +4,18 @@ equals −Σ p log p."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from nmtkit import cpu_matmul
+from nmtkit.beam import beam_search
+from nmtkit.cpu_matmul import PackedWeight
 from nmtkit.decode import block_argmax, block_topk, greedy_decode, max_new_tokens, score_reference, token_stats
+from nmtkit.device import choose_runtime, for_inference
 from nmtkit.model import padding_mask
 from nmtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from test_model import make_model, random_ids
@@ -164,3 +169,35 @@ def test_block_argmax_and_topk_equal_torch_including_ties(vocab: int) -> None:
     tied_values, tied_ids = block_topk(tied, 5)
     assert torch.equal(tied_values, tied.topk(5, dim=-1).values)
     assert torch.equal(tied.gather(1, tied_ids), tied_values)  # the ids point at those values
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_weights_packed_for_cpu_decode_like_the_plain_weights(monkeypatch: pytest.MonkeyPatch, precision: str, tie: bool) -> None:
+    monkeypatch.setattr(cpu_matmul, "_chosen", "onednn")
+    packed_products = []
+    real = PackedWeight.product
+
+    def counting(self, *args, **kwargs):
+        y = real(self, *args, **kwargs)
+        packed_products.append(y is not None)
+        return y
+
+    monkeypatch.setattr(PackedWeight, "product", counting)
+    runtime = choose_runtime("cpu", precision)
+    model = make_model(tie=tie)
+    packed = for_inference(copy.deepcopy(model), runtime)  # packs on CPU
+    plain = copy.deepcopy(model).to(runtime.dtype).eval()
+    assert packed.output_packed is not None and plain.output_packed is None
+    src = random_ids(4, 9)
+    src[1, 6:] = PAD_ID
+    with runtime.compute():
+        want = greedy_decode(plain, src, 10, top_k=3, stop_at_eos=False)
+        want_beam = beam_search(plain, src, 10, beam_size=3)
+        assert packed_products == []
+        got = greedy_decode(packed, src, 10, top_k=3, stop_at_eos=False)
+        got_beam = beam_search(packed, src, 10, beam_size=3)
+    assert packed_products and all(packed_products), "a product of the packed model left the packed path"
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got_beam.tokens, want_beam.tokens)
+    torch.testing.assert_close(got.probs, want.probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_beam.scores, want_beam.scores, atol=1e-5, rtol=1e-5)

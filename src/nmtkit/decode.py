@@ -145,18 +145,17 @@ def greedy_decode(
     # copied to fp32 for the argmax (bf16 argmax has no fast CPU kernel: 0.87 ms vs 0.18 ms per step).
     weight_t = model.output_weight.t()  # (D, V)
     logits_lp = torch.empty(B, weight_t.size(1), dtype=weight_t.dtype, device=src.device)
-    logits = logits_lp if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
-    work = torch.empty_like(logits) if record else None  # token_stats' scratch
+    logits32 = None if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
+    work = torch.empty(logits_lp.shape, device=src.device) if record else None  # token_stats' scratch
     graph = capture_step(model, token, cache, weight_t, logits_lp) if static and src.device.type == "cuda" else None
 
     for t in range(n_steps):
         if graph is not None:
             graph.replay()  # reads `token`, writes logits_lp
-        else:
-            hidden = model.decode_step(token, cache)  # (B, D)
-            torch.mm(hidden.to(weight_t.dtype), weight_t, out=logits_lp)
-        if logits is not logits_lp:
-            logits.copy_(logits_lp)
+            step_logits = logits_lp
+        else:  # into logits_lp, or a fresh tensor from packed weights (CPU)
+            step_logits = model.project_into(model.decode_step(token, cache), logits_lp)
+        logits = step_logits if logits32 is None else logits32.copy_(step_logits)
         if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
             top_logits, top_ids[:, t] = block_topk(logits, top_k)
             nxt = top_ids[:, t, 0]  # a view; column t is never written again

