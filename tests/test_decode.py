@@ -16,6 +16,7 @@ from nmtkit.beam import beam_search
 from nmtkit.cpu_matmul import PackedWeight
 from nmtkit.decode import block_argmax, block_topk, greedy_decode, max_new_tokens, score_reference, token_stats
 from nmtkit.device import choose_runtime, for_inference
+from nmtkit.kv_cache import KVCache
 from nmtkit.model import padding_mask
 from nmtkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from test_model import make_model, random_ids
@@ -201,3 +202,13 @@ def test_weights_packed_for_cpu_decode_like_the_plain_weights(monkeypatch: pytes
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got_beam.tokens, want_beam.tokens)
     torch.testing.assert_close(got.probs, want.probs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_beam.scores, want_beam.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_returns_what_was_appended_from_one_gapless_block() -> None:
+    cache = KVCache(n_layers=2, batch=3, n_heads=4, max_len=10, head_dim=8, device=torch.device("cpu"), dtype=torch.float32)
+    written = [torch.randn(3, 4, 1, 8) for _ in range(3)]
+    for k in written:
+        keys, values = cache.append(1, k, -k)
+        cache.advance()
+    assert torch.equal(keys, torch.cat(written, dim=2)) and torch.equal(values, -keys)  # (B, H, t, Dh)
+    assert keys.permute(2, 0, 1, 3).is_contiguous()  # the written positions: one block, no unwritten slots inside

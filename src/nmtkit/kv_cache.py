@@ -1,7 +1,12 @@
 """Key/value cache for incremental (token-by-token) decoding.
 
 Self-attention keys and values go into buffers allocated once for the longest output, so a step
-writes one position instead of concatenating (and reallocating) the whole history. The buffers have
+writes one position instead of concatenating (and reallocating) the whole history. The buffers are
+position-major, (n_layers, max_len, B, H, Dh): the positions written so far are one contiguous block,
+with no unwritten slots between one sentence's and head's keys and the next's, and a step's write is one
+contiguous (B, H, Dh) slab. On CPU the attention's batched matmuls read such a block faster when it is not
+in cache (keys and values of 64 sentences at 24 positions: 209 us against 339 for the batch-major layout
+that leaves gaps, one thread). The buffers have
 their own dtype: `Transformer.start_cache` keeps them in fp32 on CPU, where batched matmuls of a
 single query are several times faster in fp32 than in bf16. The
 cross-attention keys and values depend only on the encoder memory, so they are computed once per
@@ -24,12 +29,12 @@ class KVCache:
         self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device: torch.device, dtype: torch.dtype,
         static: bool = False,
     ) -> None:
-        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        shape = (n_layers, max_len, batch, n_heads, head_dim)
         self.max_len = max_len
         self.length = 0  # positions already decoded
         self.static = static
         make = torch.zeros if static else torch.empty  # unwritten slots take part in a static step's matmuls
-        self.keys = make(shape, device=device, dtype=dtype)  # (n_layers, B, H, max_len, Dh)
+        self.keys = make(shape, device=device, dtype=dtype)  # (n_layers, max_len, B, H, Dh)
         self.values = make(shape, device=device, dtype=dtype)
         self.memory_kv: list[tuple[Tensor, Tensor]] = []  # per layer: (B, H, S, Dh) keys and values
         self.memory_bias: Tensor | None = None  # (B, 1, 1, S): 0 at source tokens, -inf at padding
@@ -49,15 +54,15 @@ class KVCache:
         """Store k, v (B, H, 1, Dh) at the current position; return all keys/values so far (B, H, t+1, Dh),
         or with a static cache all `max_len` slots (B, H, max_len, Dh), to be read with `self_bias`."""
         if self.static:
-            self.keys[layer].index_copy_(2, self.position, k)
-            self.values[layer].index_copy_(2, self.position, v)
-            return self.keys[layer], self.values[layer]
+            self.keys[layer].index_copy_(0, self.position, k.permute(2, 0, 1, 3))
+            self.values[layer].index_copy_(0, self.position, v.permute(2, 0, 1, 3))
+            return _by_sentence(self.keys[layer]), _by_sentence(self.values[layer])
         t = self.length
         if t >= self.max_len:
             raise IndexError(f"KV cache is full ({self.max_len} positions)")
-        self.keys[layer, :, :, t : t + 1] = k
-        self.values[layer, :, :, t : t + 1] = v
-        return self.keys[layer, :, :, : t + 1], self.values[layer, :, :, : t + 1]
+        self.keys[layer, t] = k[:, :, 0]
+        self.values[layer, t] = v[:, :, 0]
+        return _by_sentence(self.keys[layer, : t + 1]), _by_sentence(self.values[layer, : t + 1])
 
     def advance(self) -> None:
         """Called once per step, after every layer has appended its position."""
@@ -69,8 +74,13 @@ class KVCache:
         """Keep rows `index` (B',) of the batch, e.g. to drop finished sentences or follow beams."""
         if self.static:  # a captured graph holds the old tensors
             raise RuntimeError("a static KV cache cannot be reordered; use a dynamic one (static=False) for beam search")
-        self.keys = self.keys.index_select(1, index)
-        self.values = self.values.index_select(1, index)
+        self.keys = self.keys.index_select(2, index)
+        self.values = self.values.index_select(2, index)
         self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
         if self.memory_bias is not None:
             self.memory_bias = self.memory_bias.index_select(0, index)
+
+
+def _by_sentence(block: Tensor) -> Tensor:
+    """(L, B, H, Dh) position-major keys or values -> a (B, H, L, Dh) view, as attention reads them."""
+    return block.permute(1, 2, 0, 3)
