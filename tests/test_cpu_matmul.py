@@ -4,6 +4,9 @@ NMTKIT_CPU_MATMUL, or refused clearly."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,11 +196,52 @@ def test_packed_weight_follows_in_place_updates_and_replacements_of_its_weight()
     with torch.no_grad():
         layer.weight.mul_(-2)  # an optimizer step changes the weight in place
     expect_fresh()
-    other = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
-    layer.load_state_dict(other.state_dict())
+    layer.load_state_dict(cpu_matmul.Linear(16, 8).to(torch.bfloat16).state_dict())
+    expect_fresh()
+    layer.load_state_dict(cpu_matmul.Linear(16, 8).to(torch.bfloat16).state_dict(), assign=True)  # new Parameters
+    expect_fresh()
+    layer.weight = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16))
     expect_fresh()
     layer.float().to(torch.bfloat16)  # .to() replaces the weight's tensor
     expect_fresh()
+    for _ in range(3):  # new tensors with no product in between: a freed address must not pass for the packed one
+        layer.weight.data = torch.randn(8, 16, dtype=torch.bfloat16)
+    expect_fresh()
+
+
+def test_packing_works_for_a_model_prepared_under_inference_mode() -> None:
+    # tensors made under inference_mode have no version counter
+    with torch.inference_mode():
+        layer = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
+        layer.pack()
+        x = torch.randn(4, 16, dtype=torch.bfloat16)
+        assert layer.packed.product(x, layer.bias) is not None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_trainable_bias_of_a_packed_layer_gets_its_gradient() -> None:
+    layer = cpu_matmul.Linear(8, 4).to(torch.bfloat16)
+    layer.pack()
+    layer.weight.requires_grad_(False)  # bias-only fine-tuning
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert layer.packed.product(x, layer.bias) is None
+    layer(x).float().sum().backward()
+    torch.testing.assert_close(layer.bias.grad.float(), torch.full((4,), 3.0))
+
+
+def test_copies_of_a_packed_model_compute_alike_and_pack_their_own_weights() -> None:
+    torch.manual_seed(4)
+    layer = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
+    layer.pack()
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    for copy_ in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copy_.packed.owner is copy_ and copy_.packed is not layer.packed
+        with torch.no_grad():
+            copy_.weight.mul_(2)  # the copy's weight, not the original's
+            torch.testing.assert_close(copy_(x), F.linear(x, copy_.weight, copy_.bias))
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    on_meta = copy.deepcopy(layer).to("meta")  # a copy off the CPU is not packed (oneDNN's reorder is CPU-only)
+    assert on_meta(torch.randn(4, 16, dtype=torch.bfloat16, device="meta")).device.type == "meta"
 
 
 def test_packed_weight_leaves_autograd_other_dtypes_and_the_blas_backend_to_the_plain_product(
@@ -217,7 +261,10 @@ def test_packed_weight_leaves_autograd_other_dtypes_and_the_blas_backend_to_the_
         assert layer.packed.product(x.to(torch.float64), layer.bias) is None
         assert layer.packed.product(x[:0], layer.bias) is None
         monkeypatch.setattr(cpu_matmul, "_chosen", "blas")
-        assert layer.packed.product(x, layer.bias) is None  # fp32 products stay with MKL where it was chosen
+        mkl = cpu_matmul.Linear(8, 8)
+        mkl.pack()
+        assert mkl.packed.product(x, mkl.bias) is None  # fp32 products stay with MKL where it was chosen
+        assert mkl.packed._state[4] is None  # and no packed copy is kept for them
         bf16 = cpu_matmul.Linear(8, 8).to(torch.bfloat16)
         bf16.pack()
         assert bf16.packed.product(x.to(torch.bfloat16), bf16.bias) is not None  # bf16 products are oneDNN's anyway

@@ -196,42 +196,59 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class PackedWeight:
-    """A (N, K) weight reordered once into oneDNN's blocked layout, for products outside autograd: decoding on CPU.
+    """The weight `owner.<name>`, (N, K), reordered once into oneDNN's blocked layout, for products outside autograd:
+    decoding on CPU.
 
     torch's bf16 `F.linear`, and `linear`'s fp32 oneDNN path, reorder the weight into that layout inside every call.
     Packed once (`Transformer.pack_for_cpu`, which `for_inference` calls), the products of a greedy decoding step ran
     7-15% faster alone at batch 64 on one thread, with identical results, and a ReLU that follows can be fused in.
-    The packed copy follows its weight: when the weight is changed in place (an optimizer step, `load_state_dict`) or
-    replaced (`.to(dtype)`), the next product packs it again.
+    Only weights whose products take oneDNN are packed: bf16 ones on CPU, and fp32 ones where `backend()` chose it.
+
+    The packed copy follows the weight. It is packed again at the next product when the owner holds another tensor
+    (`load_state_dict(assign=True)`, `.to()`) or the same one changed in place (an optimizer step, `load_state_dict`),
+    which its version counter records. A change made through `.data` bypasses that counter and is not seen: call
+    `pack_for_cpu()` again after one. A copy (`copy.deepcopy`, pickle) packs again at its first product.
     """
 
-    def __init__(self, weight: Tensor) -> None:
-        self.weight = weight
-        self._pack()
+    def __init__(self, owner: nn.Module, name: str = "weight", pack_now: bool = True) -> None:
+        self.owner, self.name = owner, name
+        # (the weight, its data pointer, its version, its storage kept alive, the blocked copy or None where the weight
+        # is not packed). Replaced whole, never changed: a thread reads it once and sees one consistent state. Holding
+        # the storage keeps its address from being reused by a new tensor that the key could not tell apart.
+        self._state: tuple | None = None
+        if pack_now:
+            self._refresh(getattr(owner, name))
 
-    def __reduce__(self) -> tuple:  # deepcopy and pickle pack the copied weight again (the blocked copy is opaque)
-        return (PackedWeight, (self.weight,))
+    def __reduce__(self) -> tuple:  # the blocked copy is opaque: a copy packs again at its first product
+        return (PackedWeight, (self.owner, self.name, False))
 
-    def _pack(self) -> None:
-        w = self.weight.detach()
-        self._key = (w.data_ptr(), w.dtype, self.weight._version)
-        self._blocked = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    def _refresh(self, w: Tensor) -> tuple:
+        packs = w.device.type == "cpu" and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and backend() == "onednn"))
+        blocked = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs else None
+        self._state = state = (w, w.data_ptr(), _version(w), w.detach(), blocked)
+        return state
 
     def product(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor | None:
         """x (..., K) @ weight.T + bias, then ReLU if asked, on the packed weight; None where it does not apply: a
-        tensor off the CPU or empty, autograd recording, `torch.compile`, or a compute dtype (x's, or autocast's
-        where it is on) other than the weight's. It serves bf16, and fp32 where `backend()` chose oneDNN."""
-        w = self.weight
+        tensor off the CPU or empty, autograd recording (for x, the weight or the bias), `torch.compile`, a compute
+        dtype (x's, or autocast's where it is on) other than the weight's, or a weight that is not packed."""
+        w = getattr(self.owner, self.name)
         if x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling():
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
             return None
+        state = self._state
+        if state is None or state[0] is not w or state[1] != w.data_ptr() or state[2] != _version(w):
+            state = self._refresh(w)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype != w.dtype or not (dtype == torch.bfloat16 or (dtype == torch.float32 and backend() == "onednn")):
+        if state[4] is None or dtype != w.dtype:
             return None
-        if self._key != (w.data_ptr(), w.dtype, w._version):
-            self._pack()
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), self._blocked, bias, "relu" if relu else "none", [None], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), state[4], bias, "relu" if relu else "none", [None], "")
+
+
+def _version(t: Tensor) -> int | None:
+    """The version counter of t, or None for a tensor made under `torch.inference_mode`, which has none."""
+    return None if t.is_inference() else t._version
 
 
 class Linear(nn.Linear):
@@ -241,13 +258,14 @@ class Linear(nn.Linear):
     packed: PackedWeight | None = None
 
     def pack(self) -> None:
-        self.packed = PackedWeight(self.weight)
+        self.packed = PackedWeight(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._product(x, relu=False)
 
     def relu(self, x: Tensor) -> Tensor:
-        """`relu(self(x))`, with the ReLU fused into the product where the weight is packed."""
+        """`relu(self(x))`, with the ReLU fused into the product where the weight is packed (oneDNN's ReLU gives 0 for
+        a NaN, where `torch.relu` keeps it)."""
         return self._product(x, relu=True)
 
     def _product(self, x: Tensor, relu: bool) -> Tensor:

@@ -344,7 +344,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        self.output_packed = self.output.packed if self.output is not None else PackedWeight(self.output_weight)
+        self.output_packed = self.output.packed if self.output is not None else PackedWeight(self.tgt_embed, "weight")
 
     def hidden_states(self, src: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection.
