@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from .decode import GreedyOutput, greedy_decode
 from .decode_workers import map_batches, resolve_workers, uses_processes
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective
+from .model import Transformer
 from .rng import seed_everything
 from .step import SkippedSteps, make_optimizer, train_step
 from .tokenizer import EOS_ID, PAD_ID
@@ -111,7 +113,7 @@ def _peak_memory(runtime: Runtime, decoded_in_processes: bool = False) -> dict[s
     return peak
 
 
-def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: nn.Module, s: BenchmarkSettings) -> dict:
+def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], vocab: int, model: Transformer, s: BenchmarkSettings) -> dict:
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     objective = TrainingObjective(model, cfg.train.label_smoothing, runtime.dtype, compile=cfg.train.compile)
@@ -170,7 +172,7 @@ def write_profile(path: str, work, device: torch.device, rows: int = 40) -> None
 
 
 def benchmark_decoding(
-    model: nn.Module,
+    model: Transformer,
     runtime: Runtime,
     sources: list[torch.Tensor],
     s: BenchmarkSettings,
@@ -242,7 +244,8 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
         train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
         lengths = length_arrays(train_ds)
         needed = s.warmup_steps + s.timed_steps
-        index, epoch = [], 0
+        index: list[np.ndarray] = []
+        epoch = 0
         while len(index) < needed:  # large batches: a small corpus has fewer per epoch than the steps asked for
             plan = epoch_batches(cfg.train, *lengths, epoch=epoch)
             if not plan:

@@ -48,6 +48,7 @@ class KVCache:
     def begin_step(self) -> None:
         """Static caches: hide the slots after this step's position (a bias of 0 up to it, -inf after)."""
         if self.static:
+            assert self.self_bias is not None
             self.self_bias.zero_().masked_fill_(self.slots > self.position, float("-inf"))
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

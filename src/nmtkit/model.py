@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,7 @@ class SelfAttention(nn.Module):
         (the attention itself runs padded, the projections on the N rows)."""
         qkv = self.qkv(x)
         if rows is not None:
+            assert mask is not None, "packed rows come with their (B, 1, 1, L) mask"
             qkv = unpack_rows(qkv, rows, mask.size(0), mask.size(-1))  # (B, L, 3D), zeros at padding
         q, k, v = (_split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))  # 3 x (B, H, L, Dh)
         p = self.dropout if self.training else 0.0
@@ -152,7 +154,7 @@ class CrossAttention(nn.Module):
         y = attention(q, kv[0], kv[1], src_mask, dropout=p, kernel=self.kernel)
         return self.out(_merge_heads(y))
 
-    def step(self, x: Tensor, kv: tuple[Tensor, Tensor], src_bias: Tensor) -> Tensor:
+    def step(self, x: Tensor, kv: tuple[Tensor, Tensor], src_bias: Tensor | None) -> Tensor:
         """One decoding position: x (B, 1, D) attends to the cached memory keys/values."""
         q = _split_heads(self.q(x), self.n_heads)  # (B, H, 1, Dh)
         return self.out(_merge_heads(attend_one(q, kv[0], kv[1], src_bias)))
@@ -248,6 +250,8 @@ class Transformer(nn.Module):
     the output projection are tied.
     """
 
+    positions: Tensor  # (max_positions, D), a buffer registered in __init__
+
     def __init__(
         self, cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, is_joint_vocab: bool, attention_kernel: str = "auto"
     ) -> None:
@@ -268,6 +272,9 @@ class Transformer(nn.Module):
         self.dec_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.output_packed: PackedWeight | None = None  # pack_for_cpu
         self._init_weights()
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return cast("list[DecoderLayer]", self.decoder)  # a ModuleList of them, typed for the checker
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -371,7 +378,9 @@ class Transformer(nn.Module):
         dtype = torch.float32 if memory.device.type == "cpu" else self.output_weight.dtype
         cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype, static)
         # contiguous copies: every decoding step reads them, and strided ones would be copied each time
-        cache.memory_kv = [tuple(t.to(dtype).contiguous() for t in layer.cross_attn.memory_kv(memory)) for layer in self.decoder]
+        cache.memory_kv = [
+            (k.to(dtype).contiguous(), v.to(dtype).contiguous()) for k, v in (layer.cross_attn.memory_kv(memory) for layer in self._decoder_layers())
+        ]
         zeros = torch.zeros(src_mask.shape, dtype=dtype, device=memory.device)
         cache.memory_bias = zeros.masked_fill(~src_mask, float("-inf"))  # (B, 1, 1, S)
         return cache
@@ -386,7 +395,7 @@ class Transformer(nn.Module):
             x = self.tgt_embed(tokens) * self.embed_scale + self.positions.index_select(0, cache.position)
         else:
             x = self._embed(self.tgt_embed, tokens, offset=cache.length)
-        for i, layer in enumerate(self.decoder):
+        for i, layer in enumerate(self._decoder_layers()):
             x = layer.step(x, cache, i)
         cache.advance()
         return self.dec_norm(x[:, 0])
