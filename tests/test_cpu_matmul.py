@@ -209,14 +209,27 @@ def test_packed_weight_follows_in_place_updates_and_replacements_of_its_weight()
     expect_fresh()
 
 
-def test_packing_works_for_a_model_prepared_under_inference_mode() -> None:
-    # tensors made under inference_mode have no version counter
+def test_a_layer_made_under_inference_mode_is_not_packed_and_follows_in_place_changes() -> None:
+    # tensors made under inference_mode have no version counter: a packed copy could not see an in-place change
     with torch.inference_mode():
         layer = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
         layer.pack()
         x = torch.randn(4, 16, dtype=torch.bfloat16)
-        assert layer.packed.product(x, layer.bias) is not None
+        assert layer.packed.product(x, layer.bias) is None
+        layer.weight.mul_(-3)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_to_drops_the_packed_copy_and_the_next_product_packs_again() -> None:
+    layer = cpu_matmul.Linear(16, 8).to(torch.bfloat16)
+    layer.pack()
+    assert layer.packed._state is not None
+    layer.float().to(torch.bfloat16)
+    assert layer.packed._state is None  # the old copy (and the storage it was made from) is not kept
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer.packed._state[4] is not None
 
 
 def test_a_trainable_bias_of_a_packed_layer_gets_its_gradient() -> None:

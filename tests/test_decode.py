@@ -212,3 +212,17 @@ def test_kv_cache_returns_what_was_appended_from_one_gapless_block() -> None:
         cache.advance()
     assert torch.equal(keys, torch.cat(written, dim=2)) and torch.equal(values, -keys)  # (B, H, t, Dh)
     assert keys.permute(2, 0, 1, 3).is_contiguous()  # the written positions: one block, no unwritten slots inside
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_output_projection_follows_a_replaced_output_layer_or_embedding(tie: bool) -> None:
+    model = for_inference(make_model(tie=tie), choose_runtime("cpu", "bf16"))
+    hidden = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.project(hidden)  # the packed copy is in use
+        if tie:
+            model.tgt_embed = model.src_embed = nn.Embedding(model.tgt_vocab_size, 32).to(torch.bfloat16)
+        else:
+            model.output = nn.Linear(32, model.tgt_vocab_size, bias=False).to(torch.bfloat16)
+        torch.testing.assert_close(model.project(hidden), hidden @ model.output_weight.T)
+

@@ -205,9 +205,11 @@ class PackedWeight:
     Only weights whose products take oneDNN are packed: bf16 ones on CPU, and fp32 ones where `backend()` chose it.
 
     The packed copy follows the weight. It is packed again at the next product when the owner holds another tensor
-    (`load_state_dict(assign=True)`, `.to()`) or the same one changed in place (an optimizer step, `load_state_dict`),
-    which its version counter records. A change made through `.data` bypasses that counter and is not seen: call
-    `pack_for_cpu()` again after one. A copy (`copy.deepcopy`, pickle) packs again at its first product.
+    (`load_state_dict(assign=True)`, a replaced layer) or the same one changed in place (an optimizer step,
+    `load_state_dict`), which its version counter records. A change made through `.data` bypasses that counter and is
+    not seen: call `pack_for_cpu()` again after one. Tensors made under `torch.inference_mode` have no version counter,
+    so they are not packed. `.to()` and its kind drop the packed copy (`Linear._apply`, `Transformer._apply`), and a
+    copy (`copy.deepcopy`, pickle) starts without one: both pack again at their next product on CPU.
     """
 
     def __init__(self, owner: nn.Module, name: str = "weight", pack_now: bool = True) -> None:
@@ -222,8 +224,16 @@ class PackedWeight:
     def __reduce__(self) -> tuple:  # the blocked copy is opaque: a copy packs again at its first product
         return (PackedWeight, (self.owner, self.name, False))
 
+    def drop(self) -> None:
+        """Forget the packed copy (and the storage it was made from); the next product packs again."""
+        self._state = None
+
     def _refresh(self, w: Tensor) -> tuple:
-        packs = w.device.type == "cpu" and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and backend() == "onednn"))
+        packs = (
+            w.device.type == "cpu"
+            and not w.is_inference()  # no version counter: an in-place change could not be seen
+            and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and backend() == "onednn"))
+        )
         blocked = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs else None
         self._state = state = (w, w.data_ptr(), _version(w), w.detach(), blocked)
         return state
@@ -259,6 +269,12 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         self.packed = PackedWeight(self)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()`, `.cuda()`, ...: the packed copy is dropped and made again at the next product on CPU."""
+        if self.packed is not None:
+            self.packed.drop()
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._product(x, relu=False)

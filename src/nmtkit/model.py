@@ -349,9 +349,17 @@ class Transformer(nn.Module):
         blocked layout (cpu_matmul.PackedWeight), which the products of a decoding step read ~10% faster. Products
         that autograd records, or that run in a dtype other than the weights', keep the plain weights."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and module is not self.output:  # the output projection is packed below
                 module.pack()
-        self.output_packed = self.output.packed if self.output is not None else PackedWeight(self.tgt_embed, "weight")
+        # through `output_weight`, so that it follows a replaced output layer or embedding
+        self.output_packed = PackedWeight(self, "output_weight")
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()`, `.cuda()`, ...: the output projection's packed copy is dropped and made again at the next
+        product on CPU (each `Linear` drops its own)."""
+        if getattr(self, "output_packed", None) is not None:
+            self.output_packed.drop()
+        return super()._apply(fn, recurse)
 
     def hidden_states(self, src: Tensor, tgt_in: Tensor, run_layer: LayerRunner = call_layer) -> Tensor:
         """(B, S), (B, T) -> the decoder's last hidden states (B, T, D): everything before the output projection.
