@@ -234,8 +234,9 @@ class PackedWeight:
             and not w.is_inference()  # no version counter: an in-place change could not be seen
             and (w.dtype == torch.bfloat16 or (w.dtype == torch.float32 and backend() == "onednn"))
         )
-        blocked = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs else None
-        self._state = state = (w, w.data_ptr(), _version(w), w.detach(), blocked)
+        storage = w.detach()
+        blocked = torch.ops.mkldnn._reorder_linear_weight(storage, None) if packs else None
+        self._state = state = (w, w.data_ptr(), _version(w), storage, blocked)
         return state
 
     def product(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor | None:

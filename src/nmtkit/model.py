@@ -386,9 +386,9 @@ class Transformer(nn.Module):
         dtype = torch.float32 if memory.device.type == "cpu" else self.output_weight.dtype
         cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype, static)
         # contiguous copies: every decoding step reads them, and strided ones would be copied each time
-        cache.memory_kv = [
-            (k.to(dtype).contiguous(), v.to(dtype).contiguous()) for k, v in (layer.cross_attn.memory_kv(memory) for layer in self._decoder_layers())
-        ]
+        for layer in self._decoder_layers():
+            k, v = layer.cross_attn.memory_kv(memory)
+            cache.memory_kv.append((k.to(dtype).contiguous(), v.to(dtype).contiguous()))
         zeros = torch.zeros(src_mask.shape, dtype=dtype, device=memory.device)
         cache.memory_bias = zeros.masked_fill(~src_mask, float("-inf"))  # (B, 1, 1, S)
         return cache
