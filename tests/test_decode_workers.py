@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from nmtkit.device import choose_runtime
 from nmtkit.evaluate import translate_all
 from nmtkit.forked_map import fork_available
 from nmtkit.translator import Translator
-from test_forked_map import pid_threads_and_square
+from test_forked_map import pid_threads_and_square, pid_threads_and_square_slowly
 
 BUNDLED_TEST = Path(__file__).resolve().parents[1] / "data" / "tatoeba-en-zh" / "test.jsonl"
 
@@ -60,8 +61,8 @@ def test_processes_are_not_used_with_fewer_workers_than_threads_other_caller_thr
     finally:
         done.set()
         other.join()
-    if fork_available():
-        assert os.getpid() not in {pid for pid, _, _ in map_batches(pid_threads_and_square, [0, 1, 2], workers=2)}
+    if fork_available():  # the caller and a forked helper
+        assert len({pid for pid, _, _ in map_batches(pid_threads_and_square_slowly, [0, 1, 2], workers=2)}) == 2
     monkeypatch.setattr(nmtkit.forked_map, "sys", types.SimpleNamespace(platform="darwin"))  # this module's view only
     assert not fork_available()
     assert {pid for pid, _, _ in map_batches(pid_threads_and_square, [0, 1, 2], workers=2)} == {os.getpid()}
@@ -132,12 +133,15 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
     texts = _sentences(10)
     translator.cfg.decode.workers = 1
     one = translator.translate(texts)
-    where = tmp_path / "where.txt"  # a file, so that forked workers can report too
+    where = tmp_path / "where.txt"  # a file, so that forked helpers can report too
     decode_batch = translator._decode_batch
+    caller = os.getpid()
 
     def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         with where.open("a") as f:
             f.write(f"{os.getpid()} {threading.current_thread().name}\n")
+        if os.getpid() == caller and processes:
+            time.sleep(0.3)  # so that the helper decodes some of the batches
         return decode_batch(*args, **kwargs)
 
     monkeypatch.setattr(translator, "_decode_batch", recording)
@@ -147,8 +151,8 @@ def test_translations_with_two_workers_equal_one_worker_token_for_token(trained_
     two = translator.translate(texts)
     calls = [line.split() for line in where.read_text().splitlines()]
     assert len(calls) == 4
-    if processes and fork_available():
-        assert all(int(pid) != os.getpid() for pid, _ in calls)
+    if processes and fork_available():  # the caller and one forked helper, each on its main thread
+        assert len({pid for pid, _ in calls}) == 2 and {name for _, name in calls} == {"MainThread"}
     else:
         assert all(int(pid) == os.getpid() and name.startswith("nmtkit-decode") for pid, name in calls)  # not the calling thread
     assert [t.source for t in two] == texts

@@ -1,5 +1,5 @@
-"""Forked worker processes (forked_map.py): results in order, errors and log records back in the caller, and no worker
-outliving its caller, whether it ends normally, by an error, by Ctrl-C or by SIGTERM."""
+"""Forked helper processes beside the caller (forked_map.py): results in order, errors and log records back in the
+caller, and no helper outliving its caller, whether it ends normally, by an error, by Ctrl-C or by SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,17 +23,28 @@ pytestmark = pytest.mark.skipif(not fork_available(), reason="forked workers nee
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _live_children() -> list[int]:
-    """This process's children that are still running (zombies waiting to be reaped don't count)."""
+def _children(state: str | None = None) -> list[int]:
+    """This process's children, or those in one state ("Z": exited, waiting to be reaped)."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            pstate, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(ppid) == os.getpid() and state != "Z":
+        if int(ppid) == os.getpid() and (state is None or pstate == state):
             children.append(int(stat.parent.name))
     return children
+
+
+def _live_children(within: float = 5.0) -> list[int]:
+    """This process's children still running after `within` seconds (zombies waiting to be reaped don't count: a
+    helper whose results are in may still be exiting when the call returns)."""
+    deadline = time.time() + within
+    while True:
+        live = [pid for pid in _children() if pid not in _children("Z")]
+        if not live or time.time() > deadline:
+            return live
+        time.sleep(0.05)
 
 
 def _state(pid: int) -> str:
@@ -51,39 +62,76 @@ def _ctrl_c_raises_keyboard_interrupt():
     signal.signal(signal.SIGINT, previous)
 
 
-def _pool_threads() -> list[threading.Thread]:
-    """Threads a process pool left running in this process (the caller must be alone again to fork next time)."""
-    return [t for t in threading.enumerate() if "Executor" in type(t).__name__]
-
-
 def pid_threads_and_square(i: int) -> tuple[int, int, torch.Tensor]:
     return os.getpid(), torch.get_num_threads(), torch.tensor([i]) ** 2
 
 
-def test_results_come_back_whole_and_in_order_from_one_thread_workers_other_than_the_caller() -> None:
+def pid_threads_and_square_slowly(i: int) -> tuple[int, int, torch.Tensor]:
+    """Slow enough that a helper, forked before the caller starts on the items, gets some of them."""
+    time.sleep(0.2)
+    return pid_threads_and_square(i)
+
+
+def _in_caller(caller: int) -> bool:
+    return os.getpid() == caller
+
+
+def test_results_come_back_whole_and_in_order_from_the_caller_and_its_helpers_each_on_one_thread() -> None:
     torch.set_num_threads(2)
-    results = map_in_forked_processes(pid_threads_and_square, list(range(7)), workers=2)
+    results = map_in_forked_processes(pid_threads_and_square_slowly, list(range(7)), workers=2)
     assert [int(t) for _, _, t in results] == [i * i for i in range(7)]  # tensors come back whole, in order
     pids = {pid for pid, _, _ in results}
-    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert os.getpid() in pids and len(pids) == 2  # the caller is one of the two workers
     assert {threads for _, threads, _ in results} == {1}
-    assert torch.get_num_threads() == 2
-    assert not _live_children() and not _pool_threads()
+    assert torch.get_num_threads() == 2  # the caller's own count is back
+    assert not _live_children()
 
 
-def test_an_error_comes_back_with_the_workers_traceback_and_the_other_workers_are_stopped() -> None:
+def test_every_item_is_taken_exactly_once_however_the_workers_race_for_them() -> None:
+    results = map_in_forked_processes(pid_threads_and_square, list(range(500)), workers=3)
+    assert [int(t) for _, _, t in results] == [i * i for i in range(500)]
+    assert not _live_children()
+
+
+def test_a_helper_still_exiting_when_the_call_returns_is_reaped_by_a_later_call() -> None:
+    for _ in range(4):
+        map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2], workers=3)
+    assert len(_children()) <= 2  # the last call's helpers at most (exiting, or waiting to be reaped), not every call's
+    time.sleep(1)  # long enough for them to have ended
+    map_in_forked_processes(pid_threads_and_square, [0], workers=1)  # a call without helpers reaps them too
+    assert not _children()
+
+
+def test_an_error_in_a_helper_comes_back_with_its_traceback_and_the_caller_takes_no_further_item() -> None:
+    caller, ran_here = os.getpid(), []
+
     def fn(i: int) -> int:
-        if i == 0:
-            raise ValueError("batch 0 is bad")
-        time.sleep(60)
+        if not _in_caller(caller):
+            raise ValueError(f"batch {i} is bad")
+        ran_here.append(i)
+        time.sleep(0.3)
         return i
 
-    t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="batch 0 is bad") as info:
-        map_in_forked_processes(fn, list(range(6)), workers=2)
-    assert time.perf_counter() - t0 < 20  # not 60 s per remaining batch
+    with pytest.raises(ValueError, match="batch .* is bad") as info:
+        map_in_forked_processes(fn, list(range(10)), workers=2)
     assert "raised in a decoding worker process" in "".join(getattr(info.value, "__notes__", [])) + str(info.value.__cause__)
-    assert not _live_children() and not _pool_threads()
+    assert len(ran_here) < 9  # the caller stopped after its item at the time, not after every remaining one
+    assert not _live_children()
+
+
+def test_an_error_in_the_callers_own_item_stops_the_helpers_at_once() -> None:
+    caller = os.getpid()
+
+    def fn(i: int) -> int:
+        if not _in_caller(caller):
+            time.sleep(60)
+        raise ValueError("the caller's batch is bad")
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="the caller's batch is bad"):
+        map_in_forked_processes(fn, list(range(6)), workers=2)
+    assert time.perf_counter() - t0 < 20  # not 60 s for the helper's batch
+    assert not _live_children()
 
 
 class NeedsTwoArguments(Exception):
@@ -92,18 +140,26 @@ class NeedsTwoArguments(Exception):
 
 
 def test_an_error_that_cannot_cross_the_process_boundary_is_named_not_mistaken_for_a_dead_worker() -> None:
+    caller = os.getpid()
+
     def fn(i: int) -> int:
+        if _in_caller(caller):
+            time.sleep(0.3)
+            return i
         raise NeedsTwoArguments("odd failure", i)
 
-    with pytest.raises(RuntimeError, match="NeedsTwoArguments: odd failure at 0") as info:
-        map_in_forked_processes(fn, [0, 1], workers=2)
+    with pytest.raises(RuntimeError, match="NeedsTwoArguments: odd failure at") as info:
+        map_in_forked_processes(fn, list(range(4)), workers=2)
     assert "died" not in str(info.value)
 
 
-def test_a_worker_killed_mid_batch_is_an_error_naming_the_settings_not_a_hang() -> None:
+def test_a_helper_killed_mid_batch_is_an_error_naming_the_settings_not_a_hang() -> None:
+    caller = os.getpid()
+
     def fn(i: int) -> int:
-        if i == 2:
+        if not _in_caller(caller):
             os.kill(os.getpid(), signal.SIGKILL)  # what the OS's out-of-memory killer does
+        time.sleep(0.3)
         return i
 
     with pytest.raises(RuntimeError, match=r"decoding worker process died.*decode.workers: 1.*decode.processes: false"):
@@ -111,16 +167,23 @@ def test_a_worker_killed_mid_batch_is_an_error_naming_the_settings_not_a_hang() 
     assert not _live_children()
 
 
-def test_workers_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() -> None:
+def test_helpers_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() -> None:
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the caller decides what they mean
+    caller, by_helpers = os.getpid(), []
+
     def fn(i: int) -> int:
-        os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
-        return i
+        if _in_caller(caller):
+            time.sleep(0.3)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
+        return os.getpid()
 
-    assert map_in_forked_processes(fn, list(range(4)), workers=2) == [0, 1, 2, 3]
+    pids = map_in_forked_processes(fn, list(range(6)), workers=2)
+    by_helpers = [pid for pid in pids if pid != caller]
+    assert len(pids) == 6 and by_helpers  # the helper took items, signalled itself and went on
 
 
-def test_ctrl_c_in_the_caller_kills_the_workers_at_once_and_a_later_call_forks_again() -> None:
+def test_ctrl_c_in_the_caller_kills_the_helpers_at_once_and_a_later_call_forks_again() -> None:
     def fn(i: int) -> int:
         time.sleep(60)  # every batch is still running or queued when the caller is interrupted
         return i
@@ -131,9 +194,10 @@ def test_ctrl_c_in_the_caller_kills_the_workers_at_once_and_a_later_call_forks_a
         map_in_forked_processes(fn, list(range(6)), workers=2)
     ctrl_c.wait()
     assert time.perf_counter() - t0 < 20
-    assert not _live_children() and not _pool_threads()
-    assert uses_processes(2)  # this process is single-threaded again: decoding forks its workers
-    assert map_in_forked_processes(pid_threads_and_square, [3], workers=1)[0][0] != os.getpid()
+    assert not _live_children()
+    assert uses_processes(2)  # this process is single-threaded again: decoding forks its helpers
+    pids = {pid for pid, _, _ in map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2, 3], workers=2)}
+    assert len(pids) == 2
 
 
 def test_a_signal_inside_signals_held_back_takes_effect_when_the_block_ends() -> None:
@@ -170,8 +234,8 @@ def test_every_signal_held_back_is_delivered_in_order_a_double_ctrl_c_included()
     assert seen == ["SIGINT", "SIGTERM", "SIGINT"]
 
 
-def test_workers_die_with_a_caller_killed_by_sigterm(tmp_path: Path) -> None:
-    # `timeout 10 nmtkit translate ... | cat` must end: workers left behind would hold the pipe open for ever
+def test_helpers_die_with_a_caller_killed_by_sigterm(tmp_path: Path) -> None:
+    # `timeout 10 nmtkit translate ... | cat` must end: helpers left behind would hold the pipe open for ever
     pids = tmp_path / "pids"
     script = textwrap.dedent(f"""
         import os, time
@@ -186,7 +250,7 @@ def test_workers_die_with_a_caller_killed_by_sigterm(tmp_path: Path) -> None:
     deadline = time.time() + 30
     while (not pids.exists() or len(pids.read_text().split()) < 2) and time.time() < deadline:
         time.sleep(0.1)
-    workers = [int(pid) for pid in pids.read_text().split()]
+    workers = [int(pid) for pid in pids.read_text().split()]  # the caller's and its helper's
     assert len(workers) == 2
     caller.send_signal(signal.SIGTERM)
     caller.wait(timeout=30)
@@ -214,32 +278,44 @@ def _collecting_logger(name: str) -> tuple[logging.Logger, list[str]]:
     return logger, seen
 
 
-def test_log_records_from_the_workers_reach_the_callers_handlers_once_in_order() -> None:
+def test_log_records_from_a_helper_reach_the_callers_handlers_once_each_in_the_helpers_order() -> None:
     logger, seen = _collecting_logger("nmtkit.test_forked_map")
+    caller = os.getpid()
 
     def fn(i: int) -> int:
         logger.debug("not at this level")
         logger.warning("source %d truncated", i)
-        if i == 2:
+        if _in_caller(caller):
+            time.sleep(0.2)
+        else:
             try:
                 raise ValueError("why")
             except ValueError:
                 logger.exception("batch %d", i)
         return i
 
-    assert map_in_forked_processes(fn, [0, 1, 2], workers=2) == [0, 1, 2]
-    assert seen[:3] == ["source 0 truncated", "source 1 truncated", "source 2 truncated"]
-    assert len(seen) == 4 and seen[3].startswith("batch 2") and "ValueError: why" in seen[3]
+    assert map_in_forked_processes(fn, list(range(6)), workers=2) == list(range(6))
+    assert sorted(m for m in seen if m.startswith("source")) == [f"source {i} truncated" for i in range(6)]
+    from_helper = [m for m in seen if m.startswith("batch")]
+    assert from_helper and all("ValueError: why" in m for m in from_helper)  # the traceback, as text
+    items = [int(m.split()[1].splitlines()[0]) for m in from_helper]
+    assert items == sorted(items)
+    for i in items:  # each of the helper's items: its warning, then its error, as the helper logged them
+        assert seen.index(f"source {i} truncated") + 1 == seen.index(next(m for m in from_helper if m.startswith(f"batch {i}\n")))
 
 
-def test_a_broken_log_call_in_a_worker_is_reported_and_the_batch_goes_on_as_in_a_thread(capfd) -> None:
+def test_a_broken_log_call_in_a_helper_is_reported_and_the_batch_goes_on_as_in_a_thread(capfd) -> None:
     logger, seen = _collecting_logger("nmtkit.test_forked_map.broken")
+    caller = os.getpid()
 
     def fn(i: int) -> int:
+        if _in_caller(caller):
+            time.sleep(0.3)
+            return i
         logger.warning("batch %d of %d", i)  # one argument short: logging reports it and goes on
         logger.warning("with an unpicklable extra", extra={"lock": threading.Lock()})
         return i
 
-    assert map_in_forked_processes(fn, [0, 1], workers=2) == [0, 1]
-    assert seen == ["with an unpicklable extra"] * 2
+    assert map_in_forked_processes(fn, [0, 1, 2], workers=2) == [0, 1, 2]
+    assert seen and seen == ["with an unpicklable extra"] * len(seen)
     assert "--- Logging error ---" in capfd.readouterr().err

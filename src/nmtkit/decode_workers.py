@@ -8,11 +8,11 @@ fork/join for little work; given a batch of its own, each core runs its ops back
 `translate` or `evaluate` call go to workers that each decode whole batches with one intra-op thread. GPUs keep one
 worker: their kernels are already parallel.
 
-The workers are forked processes where the OS has `fork` (Linux; `decode.processes`; forked_map.py), threads
-elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side (argument parsing,
+The workers are the caller and forked helper processes where the OS has `fork` (Linux; `decode.processes`;
+forked_map.py), threads elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side (argument parsing,
 dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, 18 alternating pairs)
 processes decoded 7-12% more sentences/s than threads when the machine was busier, as many when it was quiet, never
-fewer (docs/performance.md). Each call forks its own workers (~20 ms), so they always see the current weights.
+fewer (docs/performance.md). Each call forks its own helpers (~7 ms each), so they always see the current weights.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def decode_in_input_order(
 
 def map_batches(fn: Callable[[Item], Result], batches: Sequence[Item], workers: int, processes: bool = True) -> list[Result]:
     """[fn(b) for b in batches], in order, by up to `workers` workers that share the intra-op threads between them:
-    forked processes of one intra-op thread each where `processes`, the OS and the thread count allow it, threads
-    otherwise.
+    the caller and forked helper processes, one intra-op thread each, where `processes`, the OS and the thread count
+    allow it; threads otherwise.
 
     `fn` must enter its own autocast/no_grad contexts: both are per thread in torch. With processes, fn's results
     must be picklable.
