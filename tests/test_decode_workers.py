@@ -202,3 +202,16 @@ def test_benchmark_decoding_reports_its_workers(trained_run: Path, monkeypatch, 
     assert set(asked) == {(2, processes)}
     assert result["decode_workers"] == 2 and result["decode_processes"] == (processes and fork_available())
     assert result["decode_tokens_per_s"] > 0 and result["decode_sentences"] == 4
+
+
+def test_a_batch_scored_against_references_sends_back_no_logits(trained_run: Path) -> None:
+    # a helper pickles each batch's tensors back to the caller: the (B, T, V) reference logits, unused there, must
+    # not travel with them (a [:0] view of them would still pickle their whole storage)
+    import pickle
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    texts = _sentences(4)
+    decoded = translator._decode_batch(texts, texts, 5, 1, 1, 1.0)
+    assert decoded.scores is not None and decoded.scores.logits.numel() == 0
+    full_logits = decoded.scores.probs.numel() * translator.tokenizer.tgt_vocab_size * 4
+    assert len(pickle.dumps(decoded)) < full_logits / 4

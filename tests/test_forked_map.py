@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nmtkit.forked_map
 from nmtkit.decode_workers import uses_processes
 from nmtkit.forked_map import fork_available, map_in_forked_processes, signals_held_back
 
@@ -87,19 +88,86 @@ def test_results_come_back_whole_and_in_order_from_the_caller_and_its_helpers_ea
     assert not _live_children()
 
 
-def test_every_item_is_taken_exactly_once_however_the_workers_race_for_them() -> None:
-    results = map_in_forked_processes(pid_threads_and_square, list(range(500)), workers=3)
-    assert [int(t) for _, _, t in results] == [i * i for i in range(500)]
+def test_every_item_is_taken_exactly_once_however_the_workers_race_for_them(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"  # every run of fn, from any process: appends of one short line each are atomic
+
+    def fn(i: int) -> int:
+        fd = os.open(ran, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{i} {os.getpid()}\n".encode())
+        os.close(fd)
+        time.sleep(0.002)  # long enough for the helpers to start while items are left
+        return i * i
+
+    assert map_in_forked_processes(fn, list(range(500)), workers=3) == [i * i for i in range(500)]
+    runs = [line.split() for line in ran.read_text().splitlines()]
+    assert sorted(int(i) for i, _ in runs) == list(range(500))  # none twice, none left out
+    assert len({pid for _, pid in runs}) > 1  # the helpers took some too
     assert not _live_children()
 
 
+def test_more_items_than_a_default_pipe_holds_come_back_whole_also_when_split_in_parts(monkeypatch) -> None:
+    n = 20_000  # 80 kB of item numbers: more than a pipe's default 64 KiB, so the pipe is enlarged
+    assert map_in_forked_processes(abs, list(range(-n, 0)), workers=2) == list(range(n, 0, -1))
+    parts = []
+    work_pipe = nmtkit.forked_map._work_pipe
+
+    def small_pipe(count: int) -> int | None:  # a pipe that cannot be enlarged beyond 8 numbers
+        parts.append(count)
+        return None if count > 8 else work_pipe(count)
+
+    monkeypatch.setattr(nmtkit.forked_map, "_work_pipe", small_pipe)
+    assert map_in_forked_processes(abs, list(range(-25, 0)), workers=2) == list(range(25, 0, -1))
+    assert sum(c for c in parts if c <= 8) == 25
+
+
 def test_a_helper_still_exiting_when_the_call_returns_is_reaped_by_a_later_call() -> None:
+    helpers: set[int] = set()
     for _ in range(4):
-        map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2], workers=3)
-    assert len(_children()) <= 2  # the last call's helpers at most (exiting, or waiting to be reaped), not every call's
+        results = map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2], workers=3)
+        helpers |= {pid for pid, _, _ in results} - {os.getpid()}
+    assert len(helpers) >= 4
+    assert len([pid for pid in helpers if _state(pid) != "gone"]) <= 2  # the last call's at most, not every call's
     time.sleep(1)  # long enough for them to have ended
     map_in_forked_processes(pid_threads_and_square, [0], workers=1)  # a call without helpers reaps them too
-    assert not _children()
+    assert all(_state(pid) == "gone" for pid in helpers)
+
+
+def test_a_failed_fork_is_an_error_naming_the_setting_and_leaves_no_helper_or_open_pipe(monkeypatch) -> None:
+    real_fork, forks = os.fork, []
+
+    def fork_once() -> int:  # the second fork fails, as with too many processes
+        forks.append(1)
+        if len(forks) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    open_fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", fork_once)
+    with pytest.raises(RuntimeError, match=r"could not start decoding worker processes.*decode.processes: false"):
+        map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2], workers=3)
+    monkeypatch.undo()
+    assert len(forks) == 2 and not _live_children()
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+def test_helpers_work_in_a_process_with_more_than_1024_open_files() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("this process may not open 1,200 files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:  # the helpers' pipes get numbers above 1023
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        results = map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2, 3], workers=2)
+        assert [int(t) for _, _, t in results] == [0, 1, 4, 9] and len({pid for pid, _, _ in results}) == 2
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_an_error_in_a_helper_comes_back_with_its_traceback_and_the_caller_takes_no_further_item() -> None:
@@ -117,6 +185,37 @@ def test_an_error_in_a_helper_comes_back_with_its_traceback_and_the_caller_takes
     assert "raised in a decoding worker process" in "".join(getattr(info.value, "__notes__", [])) + str(info.value.__cause__)
     assert len(ran_here) < 9  # the caller stopped after its item at the time, not after every remaining one
     assert not _live_children()
+
+
+def test_an_error_in_one_helper_is_raised_without_waiting_for_another_helpers_batch() -> None:
+    caller = os.getpid()
+
+    def fn(i: int) -> int:
+        # three slow items for three workers: each takes one. The first helper forked is the slow one: it is the one
+        # the caller would wait on first if it waited on helpers in order
+        if _in_caller(caller):
+            time.sleep(0.3)
+        elif _helper_number() == 0:
+            time.sleep(5)
+        else:
+            time.sleep(0.5)
+            raise ValueError("the second helper's batch is bad")
+        return i
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="the second helper's batch is bad"):
+        map_in_forked_processes(fn, [0, 1, 2], workers=3)
+    assert time.perf_counter() - t0 < 4  # not after the first helper's 5 s
+    assert not _live_children()
+
+
+def _helper_number() -> int:
+    """In a helper: 0 for the first one forked, 1 for the second, ... (read from the caller's frame, which the fork
+    copied while the caller was appending helpers to its list)."""
+    frame = sys._getframe()
+    while frame.f_code.co_name != "map_in_forked_processes":
+        frame = frame.f_back  # type: ignore[assignment]
+    return len(frame.f_locals["helpers"])
 
 
 def test_an_error_in_the_callers_own_item_stops_the_helpers_at_once() -> None:
@@ -314,8 +413,9 @@ def test_a_broken_log_call_in_a_helper_is_reported_and_the_batch_goes_on_as_in_a
             return i
         logger.warning("batch %d of %d", i)  # one argument short: logging reports it and goes on
         logger.warning("with an unpicklable extra", extra={"lock": threading.Lock()})
+        logger.warning("with an extra that pickles but cannot be rebuilt", extra={"why": NeedsTwoArguments("odd", i)})
         return i
 
     assert map_in_forked_processes(fn, [0, 1, 2], workers=2) == [0, 1, 2]
-    assert seen and seen == ["with an unpicklable extra"] * len(seen)
+    assert seen and seen == ["with an unpicklable extra", "with an extra that pickles but cannot be rebuilt"] * (len(seen) // 2)
     assert "--- Logging error ---" in capfd.readouterr().err

@@ -17,8 +17,11 @@ What makes this safe to use from a command line program:
 - Ctrl-C in the caller, or an error in its own item, kills the helpers at once. The steps that must not be cut
   halfway (forking the helpers, killing them) hold SIGINT and SIGTERM back until done.
 - An error in a helper is raised again in the caller, with the helper's traceback as a note; one that cannot cross
-  the process boundary arrives as a RuntimeError naming it. The caller notices it after its own current item, and
-  takes no further item.
+  the process boundary arrives as a RuntimeError naming it. The caller notices it after its own current item (or at
+  once when it has none left, whichever helper fails first) and takes no further item.
+- A helper that dies (killed by the OS) or cannot be forked is a RuntimeError that names the settings to use instead.
+  A helper's message carries its own length, so a process that `fn` forks and that keeps the pipe open cannot make
+  the caller wait for the pipe's end.
 - Log records from a helper reach the caller's handlers, each once and in the helper's order, when the helper's
   results arrive (as late as from a thread that is slow to report).
 
@@ -52,6 +55,7 @@ Result = TypeVar("Result")
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NUMBER = 4  # bytes per item number in the work pipe
+_LENGTH = 8  # bytes of the length that comes before a helper's message
 DIED = (
     "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
     "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
@@ -78,29 +82,30 @@ class _Helper:
 def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
     """[fn(item) for item in items], in order, by the caller and `workers - 1` forked helpers; the helpers' results
     must be picklable."""
+    _flush_std_streams()  # a helper must not write out the caller's buffered output again (before signals are held)
     work = _work_pipe(len(items))
     if work is None:  # more items than a pipe can hold: in parts
         half = len(items) // 2
         return map_in_forked_processes(fn, items[:half], workers) + map_in_forked_processes(fn, items[half:], workers)
-    _reap_exited()
     results: list[Any] = [None] * len(items)
     helpers: list[_Helper] = []
     try:
+        _reap_exited()
         with signals_held_back():
-            _flush_std_streams()  # a helper must not write out the caller's buffered output again
             for _ in range(workers - 1):
                 helpers.append(_fork_helper(fn, items, work))
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
+            torch.set_num_threads(1)
             while (i := _take(work)) is not None:
                 results[i] = fn(items[i])
-                for helper in _finished(helpers):  # a helper's error or death stops the caller here
+                for helper in _finished(helpers, wait=False):  # a helper's error or death stops the caller here
                     _collect(helper, helpers, results)
         finally:
             torch.set_num_threads(threads)
-        while helpers:
-            _collect(helpers[0], helpers, results)
+        while helpers:  # whichever is ready first, so that an error is not kept waiting behind another's batch
+            for helper in _finished(helpers, wait=True):
+                _collect(helper, helpers, results)
     except BaseException:  # an error in one item, or Ctrl-C: the other items are not waited for
         with signals_held_back():
             _stop_now(helpers)
@@ -123,10 +128,13 @@ def _work_pipe(n: int) -> int | None:
         if n * _NUMBER > size:
             os.close(read)
             return None
-        data = b"".join(i.to_bytes(_NUMBER, "little") for i in range(n))
+        data = memoryview(b"".join(i.to_bytes(_NUMBER, "little") for i in range(n)))
         while data:
             data = data[os.write(write, data) :]
         return read
+    except BaseException:
+        os.close(read)
+        raise
     finally:
         os.close(write)
 
@@ -141,7 +149,12 @@ def _take(work: int) -> int | None:
 def _fork_helper(fn: Callable[[Any], Any], items: Sequence[Any], work: int) -> _Helper:
     parent = os.getpid()
     read, write = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # no memory, too many processes
+        os.close(read)
+        os.close(write)
+        raise RuntimeError(f"could not start decoding worker processes ({e}); decode in threads with decode.processes: false") from e
     if pid == 0:  # the helper: never returns into the caller's code
         status = 1
         try:
@@ -161,28 +174,33 @@ def _flush_std_streams() -> None:
             stream.flush()
 
 
-def _finished(helpers: list[_Helper]) -> list[_Helper]:
-    """The helpers whose results (or end) can be read now."""
+def _finished(helpers: list[_Helper], wait: bool) -> list[_Helper]:
+    """The helpers whose results (or end) can be read now; with `wait`, waits until there is one. (poll, not select:
+    select cannot watch a file descriptor above 1023, which a process with many open files hands out.)"""
     if not helpers:
         return []
-    ready, _, _ = select.select([h.results for h in helpers], [], [], 0)
+    watch = select.poll()
+    for helper in helpers:
+        watch.register(helper.results, select.POLLIN)
+    ready = {fd for fd, _ in watch.poll(None if wait else 0)}  # POLLIN, or POLLHUP/POLLERR when a helper died
     return [h for h in helpers if h.results in ready]
 
 
 def _collect(helper: _Helper, helpers: list[_Helper], results: list[Any]) -> None:
-    """Wait for `helper`'s results and put them in `results` after replaying its log records here; raise its error, or
-    a RuntimeError if it died first. Reaps the helper, or leaves that to the next call while it is still exiting."""
-    chunks = []
-    while chunk := os.read(helper.results, 1 << 20):
-        chunks.append(chunk)
-    os.close(helper.results)
-    helpers.remove(helper)
-    if not _reap(helper.pid, wait=False):
-        _exiting.append(helper.pid)
+    """Read `helper`'s results and put them in `results` after replaying its log records here; raise its error, or a
+    RuntimeError if it died first. Reaps the helper, or leaves that to a later call while it is still exiting."""
+    message = _read_message(helper.results)
+    with signals_held_back():  # Ctrl-C here would leave the helper half forgotten (its pipe closed, not reaped)
+        helpers.remove(helper)
+        os.close(helper.results)
+        if not _reap(helper.pid, wait=False):
+            _exiting.append(helper.pid)
+    if message is None:
+        raise RuntimeError(DIED)
     try:
-        done = pickle.loads(b"".join(chunks))
-    except (pickle.UnpicklingError, EOFError, ValueError):  # nothing sent, or cut off midway: it died
-        raise RuntimeError(DIED) from None
+        done = pickle.loads(message)
+    except Exception as e:  # noqa: BLE001 - a log record or error that pickled but cannot be rebuilt here
+        raise RuntimeError(f"could not read the results of a decoding worker process: {type(e).__name__}: {e}") from e
     for i, data, records in done:
         for record in records:
             logging.getLogger(record.name).handle(record)
@@ -190,6 +208,26 @@ def _collect(helper: _Helper, helpers: list[_Helper], results: list[Any]) -> Non
         if not ok:
             _raise_remote(*value)
         results[i] = value
+
+
+def _read_message(fd: int) -> bytes | None:
+    """A helper's length-prefixed message, or None if the pipe ends first (the helper died). The length, not the
+    end of the pipe, says when it is complete: a process that fn itself forked could hold the pipe open."""
+    header = _read_exactly(fd, _LENGTH)
+    if header is None:
+        return None
+    return _read_exactly(fd, int.from_bytes(header, "little"))
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _raise_remote(error: BaseException, remote_traceback: str) -> None:
@@ -201,12 +239,14 @@ def _raise_remote(error: BaseException, remote_traceback: str) -> None:
 
 
 def _stop_now(helpers: list[_Helper]) -> None:
-    """Kill the helpers (they ignore SIGINT and SIGTERM) and reap them."""
+    """Kill the helpers (they ignore SIGINT and SIGTERM), then reap them and close their pipes."""
     for helper in helpers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(helper.pid, signal.SIGKILL)
+    for helper in helpers:
         _reap(helper.pid, wait=True)
-        os.close(helper.results)
+        with contextlib.suppress(OSError):
+            os.close(helper.results)
     helpers.clear()
 
 
@@ -268,7 +308,8 @@ def _run_helper(fn: Callable[[Any], Any], items: Sequence[Any], work: int, out: 
         done.append((i, data, [_picklable(records.get()) for _ in range(records.qsize())]))
         if not ok:
             break
-    message = memoryview(pickle.dumps(done, protocol=pickle.HIGHEST_PROTOCOL))
+    body = pickle.dumps(done, protocol=pickle.HIGHEST_PROTOCOL)
+    message = memoryview(len(body).to_bytes(_LENGTH, "little") + body)
     while message:
         message = message[os.write(out, message) :]
     os.close(out)  # the caller reads the end of the results now, not once this process has finished exiting
@@ -300,9 +341,9 @@ def _keep_log_records() -> queue.SimpleQueue[logging.LogRecord]:
 
 
 def _picklable(record: logging.LogRecord) -> logging.LogRecord:
-    """`record`, or where an attribute of its own (`extra=`) cannot be pickled, the record without them."""
+    """`record`, or where an attribute of its own (`extra=`) cannot be pickled and rebuilt, the record without them."""
     try:
-        pickle.dumps(record)
+        pickle.loads(pickle.dumps(record))
         return record
     except Exception:  # noqa: BLE001
         keep = ("name", "msg", "levelname", "levelno", "pathname", "filename", "module", "lineno", "funcName", "created",

@@ -186,7 +186,9 @@ class Translator:
             tgt_in, tgt_out = self.encode_target(references)
             with self.runtime.compute():
                 scores = score_reference(self.model, src, tgt_in, tgt_out)
-            scores = dataclasses.replace(scores, logits=scores.logits[:0])  # (B, T, V): not needed, and large to send
+            # (B, T, V): not needed, and large to send back from a helper; a fresh empty tensor, since a [:0] view
+            # pickles its whole storage
+            scores = dataclasses.replace(scores, logits=scores.logits.new_empty((0, *scores.logits.shape[1:])))
         return DecodedBatch(out, beam if nbest > 1 else None, scores)
 
     def _records(self, texts: list[str], references: list[str] | None, decoded: DecodedBatch) -> list[Translation]:
