@@ -10,7 +10,7 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .config import DataConfig
 
@@ -109,7 +109,7 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
     """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
     for _ in read_lines(path):
         pass
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # the csv.QUOTE_* values, as stubbed
     stray = "tab" if sep == "\t" else "separator or quote"
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)

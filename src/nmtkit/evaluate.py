@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -129,7 +130,8 @@ def evaluate_checkpoint(
         cfg.decode.batch_size = batch_size
     if workers is not None:
         cfg.decode.workers = workers
-    data_cfg = dataclasses.replace(cfg.data, **{split: data_file}) if data_file else cfg.data
+    overrides: dict[str, Any] = {split: data_file}  # mypy checks a str-keyed ** against every field's type
+    data_cfg = dataclasses.replace(cfg.data, **overrides) if data_file else cfg.data
     cache_dir = cfg.data.cache_dir or Path(resolve_checkpoint(checkpoint)).parent.parent / "cache"
     raw = load_split(data_cfg, split, cache_dir)
     if limit:

@@ -24,10 +24,19 @@ from .model import DecoderLayer, EncoderLayer, LayerRunner, Transformer, call_la
 from .tokenizer import PAD_ID
 
 
+class _Ctx(torch.autograd.function.FunctionCtx):
+    """The ctx torch passes to forward and backward (a BackwardCFunction) as this Function uses it: FunctionCtx's
+    stubs lack the attributes set in C++ and `dtypes`, which forward stores for backward."""
+
+    needs_input_grad: tuple[bool, ...]
+    saved_tensors: tuple[Tensor, ...]
+    dtypes: tuple[torch.dtype, torch.dtype]
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: _Ctx,
         hidden: Tensor,
         weight: Tensor,
         targets: Tensor,
@@ -42,7 +51,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         V = w.size(0)
         is_real = targets != ignore_index
         safe_targets = targets.masked_fill(~is_real, 0)
-        want_grads = any(ctx.needs_input_grad[:2])  # type: ignore[attr-defined]
+        want_grads = any(ctx.needs_input_grad[:2])
+        grad_h: Tensor | None
+        grad_w: Tensor | None
         if fused_chunk is not None and want_grads:
             grad_h, grad_w, total = _compiled_chunks(h, w, safe_targets, is_real, smoothing, chunk_rows, fused_chunk)
             ctx.save_for_backward(grad_h, grad_w)
@@ -58,6 +69,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # a low-precision chunk's weight gradient and its fp32 copy, before it joins the fp32 sum (fresh ones
         # per chunk cost 0.7 ms a chunk in page faults)
         if low is not None and want_grads:
+            assert grad_w is not None  # allocated above whenever want_grads
             chunk_grad_w_low, chunk_grad_w_fp32 = torch.empty_like(w), torch.empty_like(grad_w)
         fp32 = torch.empty(n_max, V, dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
@@ -79,6 +91,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             loss = lse - (1.0 - smoothing) * target_logit - smoothing * mean_logit
             total += (loss * real).sum()
             if want_grads:
+                assert grad_h is not None and grad_w is not None  # allocated above whenever want_grads
                 # d loss / d logits = softmax - (1 - eps) * onehot(target) - eps / V, zero at padding
                 g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
                 g.scatter_add_(1, safe_targets[rows, None], -(1.0 - smoothing) * real)
@@ -89,13 +102,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     g = low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])
                     grad_w += chunk_grad_w_fp32.copy_(torch.mm(g.T, h_rows, out=chunk_grad_w_low))
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)  # type: ignore[arg-type]  # None without want_grads: allowed, not in the stub
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 
     @staticmethod
     @once_differentiable  # the gradients were formed in forward: a second derivative must fail loudly, not vanish
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: _Ctx, grad_total: Tensor) -> tuple:
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_h * grad_total).to(hidden_dtype), (grad_w * grad_total).to(weight_dtype), None, None, None, None, None, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_states() -> dict[str, Any]:
     """All generator states as tensors and plain values, so they load with weights_only=True."""
-    kind, keys, *rest = np.random.get_state()
+    # the global generator is an MT19937, whose legacy state is the tuple (the stubs also allow a dict)
+    kind, keys, *rest = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     states: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.copy()), *rest),

@@ -11,10 +11,11 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .batching import Batch
 from .config import Config
@@ -67,7 +68,7 @@ def train_step(
     for i, batch in enumerate(batches):
         is_last = i == len(batches) - 1
         # DDP all-reduces gradients in backward; only the last micro-batch needs to
-        sync = contextlib.nullcontext() if is_last or not hasattr(objective, "no_sync") else objective.no_sync()
+        sync = contextlib.nullcontext() if is_last or not hasattr(objective, "no_sync") else cast(DDP, objective).no_sync()
         with sync:
             with runtime.compute():
                 loss = objective(batch.src, batch.tgt_in, batch.tgt_out)  # summed over target tokens, fp32
@@ -82,10 +83,12 @@ def train_step(
         return total, is_bad
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.found_inf = is_bad.float() if skip_on_device else None  # read by the fused kernel: 1 skips the update
+    # read by the fused kernel: 1 skips the update; skip_on_device implies is_bad. Not in Optimizer's stubs: torch
+    # reads it with getattr (its own GradScaler ignores the same error)
+    optimizer.found_inf = cast(torch.Tensor, is_bad).float() if skip_on_device else None  # type: ignore[attr-defined]
     scaler.step(optimizer)
     scaler.update()
-    optimizer.found_inf = None
+    optimizer.found_inf = None  # type: ignore[attr-defined]
     optimizer.zero_grad(set_to_none=True)
     return total, is_bad
 

@@ -32,6 +32,7 @@ from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
 from .loss import TrainingObjective
 from .metrics import MetricsLog
+from .model import Transformer
 from .rng import restore_rng_states, rng_states, seed_everything
 from .run_lock import RunLock
 from .runinfo import write_run_info
@@ -144,8 +145,8 @@ def _follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: Trai
 
 
 def _resume(
-    run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    lengths: tuple[np.ndarray, np.ndarray],
+    run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: Transformer, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, lengths: tuple[np.ndarray, np.ndarray],
 ) -> TrainState:
     """Restore everything from last.pt when the run directory has one; refuse a changed config (weight sections),
     follow a changed batch plan (`_follow_batch_plan`)."""
