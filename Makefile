@@ -33,6 +33,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy src
 
 clean-venv:
 	rm -rf $(VENV)
