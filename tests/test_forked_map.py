@@ -55,6 +55,23 @@ def _state(pid: int) -> str:
         return "gone"
 
 
+class Hung(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _a_hang_fails_the_test():
+    """A call that would wait for ever fails after 60 s instead of holding up the suite."""
+    def fail(signum: int, frame: object) -> None:
+        raise Hung("still waiting after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(autouse=True)
 def _ctrl_c_raises_keyboard_interrupt():
     """Python's own SIGINT handler, even where the test run was started with SIGINT ignored (a background job)."""
@@ -107,6 +124,10 @@ def test_every_item_is_taken_exactly_once_however_the_workers_race_for_them(tmp_
 
 def test_more_items_than_a_default_pipe_holds_come_back_whole_also_when_split_in_parts(monkeypatch) -> None:
     n = 20_000  # 80 kB of item numbers: more than a pipe's default 64 KiB, so the pipe is enlarged
+    if int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= n * 4:
+        work = nmtkit.forked_map._work_pipe(n)
+        assert work is not None  # enlarged, not split
+        os.close(work)
     assert map_in_forked_processes(abs, list(range(-n, 0)), workers=2) == list(range(n, 0, -1))
     parts = []
     work_pipe = nmtkit.forked_map._work_pipe
@@ -228,8 +249,8 @@ def test_an_error_in_the_callers_own_item_stops_the_helpers_at_once() -> None:
 
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="the caller's batch is bad"):
-        map_in_forked_processes(fn, list(range(6)), workers=2)
-    assert time.perf_counter() - t0 < 20  # not 60 s for the helper's batch
+        map_in_forked_processes(fn, list(range(6)), workers=3)
+    assert time.perf_counter() - t0 < 20  # not 60 s for each helper's batch
     assert not _live_children()
 
 
@@ -270,16 +291,16 @@ def test_helpers_ignore_ctrl_c_and_sigterm_so_the_caller_decides_when_to_stop() 
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group; the caller decides what they mean
     caller, by_helpers = os.getpid(), []
 
-    def fn(i: int) -> int:
+    def fn(i: int) -> tuple[int, bool]:
         if _in_caller(caller):
             time.sleep(0.3)
-        else:
-            os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
-        return os.getpid()
+            return os.getpid(), False
+        os.kill(os.getpid(), signal.SIGTERM if i % 2 else signal.SIGINT)
+        return os.getpid(), signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
-    pids = map_in_forked_processes(fn, list(range(6)), workers=2)
-    by_helpers = [pid for pid in pids if pid != caller]
-    assert len(pids) == 6 and by_helpers  # the helper took items, signalled itself and went on
+    done = map_in_forked_processes(fn, list(range(6)), workers=2)
+    by_helpers = [ignoring for pid, ignoring in done if pid != caller]
+    assert len(done) == 6 and by_helpers and all(by_helpers)  # the helper took items, signalled itself and went on
 
 
 def test_ctrl_c_in_the_caller_kills_the_helpers_at_once_and_a_later_call_forks_again() -> None:
@@ -297,6 +318,105 @@ def test_ctrl_c_in_the_caller_kills_the_helpers_at_once_and_a_later_call_forks_a
     assert uses_processes(2)  # this process is single-threaded again: decoding forks its helpers
     pids = {pid for pid, _, _ in map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2, 3], workers=2)}
     assert len(pids) == 2
+
+
+def test_the_caller_goes_on_with_its_own_items_while_a_helper_is_busy() -> None:
+    caller, ran_here = os.getpid(), []
+
+    def fn(i: int) -> int:
+        if _in_caller(caller):
+            ran_here.append(i)
+            time.sleep(0.05)
+        else:
+            time.sleep(1.5)
+        return i
+
+    assert map_in_forked_processes(fn, list(range(12)), workers=2) == list(range(12))
+    assert len(ran_here) >= 8  # not one item, then a wait for the helper's
+
+
+def test_a_process_forked_by_a_helper_and_holding_its_pipe_neither_delays_the_results_nor_hides_a_death() -> None:
+    caller = os.getpid()
+
+    def fn(i: int) -> int:  # a helper's item forks a process that outlives it, holding the helper's pipe open
+        if not _in_caller(caller):
+            if os.fork() == 0:
+                time.sleep(8)
+                os._exit(0)
+            if i < 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.3)
+        return i
+
+    t0 = time.perf_counter()
+    assert map_in_forked_processes(fn, [0, 1, 2], workers=2) == [0, 1, 2]
+    assert time.perf_counter() - t0 < 4  # the message's length says it is complete, not the pipe's end
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="decoding worker process died"):
+        map_in_forked_processes(fn, [-1, -2, -3], workers=2)
+    assert time.perf_counter() - t0 < 4  # the helper's exit is seen, though its pipe stays open
+
+
+def test_sys_exit_in_a_helper_is_raised_in_the_caller_not_reported_as_a_dead_worker() -> None:
+    caller = os.getpid()
+
+    def fn(i: int) -> int:
+        if _in_caller(caller):
+            time.sleep(0.3)
+            return i
+        sys.exit(f"batch {i} asked to stop")
+
+    with pytest.raises(SystemExit, match="asked to stop"):
+        map_in_forked_processes(fn, [0, 1, 2], workers=2)
+    assert not _live_children()
+
+
+class NeedsTwo:
+    def __init__(self, a: int, b: int) -> None:
+        self.a, self.b = a, b
+
+    def __reduce__(self):  # noqa: ANN204 - pickles, but rebuilding it fails
+        return (NeedsTwo, (self.a,))
+
+
+def test_a_helpers_result_that_cannot_be_rebuilt_is_an_error_naming_the_setting() -> None:
+    caller = os.getpid()
+
+    def fn(i: int) -> object:
+        if _in_caller(caller):
+            time.sleep(0.3)
+            return i
+        return NeedsTwo(i, i)
+
+    with pytest.raises(RuntimeError, match=r"could not be rebuilt here \(TypeError.*decode.processes: false"):
+        map_in_forked_processes(fn, [0, 1, 2], workers=2)
+    assert not _live_children()
+
+
+def test_output_buffered_before_the_call_is_written_once_and_a_helpers_prints_arrive(tmp_path: Path) -> None:
+    # stdout to a file is block-buffered: a helper forked with the caller's unwritten buffer, or exiting without
+    # writing its own, would duplicate or lose lines
+    script = textwrap.dedent("""
+        import os, time
+        from nmtkit.forked_map import map_in_forked_processes
+        caller = os.getpid()
+        def fn(i):
+            if os.getpid() == caller:
+                time.sleep(0.3)
+            else:
+                print(f"from a helper {i}")
+            return i
+        print("before the call")
+        map_in_forked_processes(fn, [0, 1, 2], workers=2)
+        print("after the call")
+    """)
+    out = tmp_path / "out.txt"
+    with out.open("w") as f:
+        subprocess.run([sys.executable, "-c", script], stdout=f, check=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    lines = out.read_text().splitlines()
+    assert lines.count("before the call") == 1 and lines.count("after the call") == 1
+    assert any(line.startswith("from a helper") for line in lines)
 
 
 def test_a_signal_inside_signals_held_back_takes_effect_when_the_block_ends() -> None:

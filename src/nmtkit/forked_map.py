@@ -14,14 +14,16 @@ What makes this safe to use from a command line program:
 - Helpers ignore SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and the caller decides what it means.
   They die with the caller (PR_SET_PDEATHSIG), so a caller killed by SIGTERM or `timeout` leaves none behind
   holding its stdout open.
-- Ctrl-C in the caller, or an error in its own item, kills the helpers at once. The steps that must not be cut
-  halfway (forking the helpers, killing them) hold SIGINT and SIGTERM back until done.
+- Ctrl-C in the caller (a second one too), or an error in its own item, kills the helpers at once. The steps that
+  must not be cut halfway (forking the helpers, forgetting a finished one, killing them) hold SIGINT and SIGTERM back
+  until done.
 - An error in a helper is raised again in the caller, with the helper's traceback as a note; one that cannot cross
   the process boundary arrives as a RuntimeError naming it. The caller notices it after its own current item (or at
   once when it has none left, whichever helper fails first) and takes no further item.
-- A helper that dies (killed by the OS) or cannot be forked is a RuntimeError that names the settings to use instead.
-  A helper's message carries its own length, so a process that `fn` forks and that keeps the pipe open cannot make
-  the caller wait for the pipe's end.
+- A helper that dies (killed by the OS) or cannot be forked is a RuntimeError that names the settings to use instead,
+  never a hang. The caller watches each helper's exit through a pidfd (Linux 5.3+), and a helper's message carries
+  its own length: a process that `fn` forks and that keeps the pipe open can neither delay the results nor hide the
+  helper's death. The pidfd also keeps a pid that the OS reused from being taken for a helper's.
 - Log records from a helper reach the caller's handlers, each once and in the helper's order, when the helper's
   results arrive (as late as from a thread that is slow to report).
 
@@ -44,7 +46,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging.handlers import QueueHandler
 from typing import Any, TypeVar
 
@@ -70,13 +72,26 @@ def fork_available() -> bool:
 # Helpers that had sent their results but were still exiting when the caller went on: a process's exit tears down
 # its copy of the page tables (~7 ms for 300 MB), which need not keep the caller waiting. Reaped when a later call
 # starts or ends, so at most the last call's helpers are left as zombies meanwhile.
-_exiting: list[int] = []
+_exiting: list[_Process] = []
 
 
 @dataclass
-class _Helper:
+class _Process:
     pid: int
-    results: int  # read end of the pipe its results come through
+    ended: int | None  # a pidfd, readable once the process has exited (None where the kernel has none: Linux < 5.3)
+
+
+@dataclass
+class _Helper(_Process):
+    results: int = -1  # read end of the pipe its results come through, non-blocking
+    received: bytearray = field(default_factory=bytearray)
+
+    def message(self) -> bytes | None:
+        """Its message (which starts with its own length) once every byte of it has arrived."""
+        if len(self.received) < _LENGTH:
+            return None
+        end = _LENGTH + int.from_bytes(self.received[:_LENGTH], "little")
+        return bytes(self.received[_LENGTH:end]) if len(self.received) >= end else None
 
 
 def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
@@ -99,19 +114,17 @@ def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item],
             torch.set_num_threads(1)
             while (i := _take(work)) is not None:
                 results[i] = fn(items[i])
-                for helper in _finished(helpers, wait=False):  # a helper's error or death stops the caller here
-                    _collect(helper, helpers, results)
+                _progress(helpers, results, wait=False)  # a helper's error or death stops the caller here
         finally:
             torch.set_num_threads(threads)
-        while helpers:  # whichever is ready first, so that an error is not kept waiting behind another's batch
-            for helper in _finished(helpers, wait=True):
-                _collect(helper, helpers, results)
-    except BaseException:  # an error in one item, or Ctrl-C: the other items are not waited for
-        with signals_held_back():
-            _stop_now(helpers)
-        raise
+        while helpers:  # on all of them at once, so that an error is not kept waiting behind another's batch
+            _progress(helpers, results, wait=True)
     finally:
-        os.close(work)
+        try:
+            if helpers:  # an error in one item, or Ctrl-C (a second one too): the other items are not waited for
+                _stop_now(helpers)
+        finally:
+            os.close(work)
     _reap_exited()  # the previous call's helpers have surely ended by now
     return results
 
@@ -165,7 +178,12 @@ def _fork_helper(fn: Callable[[Any], Any], items: Sequence[Any], work: int) -> _
             _flush_std_streams()  # what fn printed; os._exit skips Python's own shutdown
             os._exit(status)
     os.close(write)
-    return _Helper(pid, read)
+    os.set_blocking(read, False)
+    try:
+        ended: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3: a death is seen when the pipe ends
+        ended = None
+    return _Helper(pid, ended, read)
 
 
 def _flush_std_streams() -> None:
@@ -174,60 +192,65 @@ def _flush_std_streams() -> None:
             stream.flush()
 
 
-def _finished(helpers: list[_Helper], wait: bool) -> list[_Helper]:
-    """The helpers whose results (or end) can be read now; with `wait`, waits until there is one. (poll, not select:
-    select cannot watch a file descriptor above 1023, which a process with many open files hands out.)"""
+def _progress(helpers: list[_Helper], results: list[Any], wait: bool) -> None:
+    """Read what the helpers have sent (with `wait`, wait until one has sent or ended) and finish each helper whose
+    message is complete, or which has ended without completing it. (poll, not select: select cannot watch a file
+    descriptor above 1023, which a process with many open files hands out.)"""
     if not helpers:
-        return []
+        return
     watch = select.poll()
     for helper in helpers:
-        watch.register(helper.results, select.POLLIN)
-    ready = {fd for fd, _ in watch.poll(None if wait else 0)}  # POLLIN, or POLLHUP/POLLERR when a helper died
-    return [h for h in helpers if h.results in ready]
+        watch.register(helper.results, select.POLLIN)  # POLLHUP and POLLERR come anyway
+        if helper.ended is not None:
+            watch.register(helper.ended, select.POLLIN)
+    ready = {fd for fd, _ in watch.poll(None if wait else 0)}
+    for helper in [h for h in helpers if h.results in ready or h.ended in ready]:
+        pipe_ended = _drain(helper)
+        message = helper.message()
+        # A helper writes its whole message before it exits, so once it has exited (or its pipe has ended) an
+        # incomplete message means it died. The pidfd sees the exit even when a process that fn forked holds the
+        # pipe open.
+        if message is not None or pipe_ended or helper.ended in ready:
+            _finish(helper, helpers, message, results)
 
 
-def _collect(helper: _Helper, helpers: list[_Helper], results: list[Any]) -> None:
-    """Read `helper`'s results and put them in `results` after replaying its log records here; raise its error, or a
-    RuntimeError if it died first. Reaps the helper, or leaves that to a later call while it is still exiting."""
-    message = _read_message(helper.results)
+def _drain(helper: _Helper) -> bool:
+    """Append what can be read from `helper`'s pipe now to what it sent before; whether the pipe has ended."""
+    while True:
+        try:
+            chunk = os.read(helper.results, 1 << 20)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return True
+        helper.received += chunk
+
+
+def _finish(helper: _Helper, helpers: list[_Helper], message: bytes | None, results: list[Any]) -> None:
+    """Forget `helper` (reaping it, or leaving that to a later call while it is still exiting), then put its results
+    in `results` after replaying its log records here; raise its error, or a RuntimeError if it died first."""
     with signals_held_back():  # Ctrl-C here would leave the helper half forgotten (its pipe closed, not reaped)
         helpers.remove(helper)
         os.close(helper.results)
-        if not _reap(helper.pid, wait=False):
-            _exiting.append(helper.pid)
+        if _reap(helper, wait=False):
+            _close_pidfd(helper)
+        else:
+            _exiting.append(_Process(helper.pid, helper.ended))
     if message is None:
         raise RuntimeError(DIED)
-    try:
-        done = pickle.loads(message)
-    except Exception as e:  # noqa: BLE001 - a log record or error that pickled but cannot be rebuilt here
-        raise RuntimeError(f"could not read the results of a decoding worker process: {type(e).__name__}: {e}") from e
-    for i, data, records in done:
+    for i, data, records in pickle.loads(message):  # bytes and records that were rebuilt in the helper already
         for record in records:
             logging.getLogger(record.name).handle(record)
-        ok, value = pickle.loads(data)
+        try:
+            ok, value = pickle.loads(data)
+        except Exception as e:  # noqa: BLE001 - a result or error that pickles but cannot be rebuilt here
+            raise RuntimeError(
+                f"the result of a decoding worker process could not be rebuilt here ({type(e).__name__}: {e}); "
+                "decode in threads with decode.processes: false"
+            ) from e
         if not ok:
             _raise_remote(*value)
         results[i] = value
-
-
-def _read_message(fd: int) -> bytes | None:
-    """A helper's length-prefixed message, or None if the pipe ends first (the helper died). The length, not the
-    end of the pipe, says when it is complete: a process that fn itself forked could hold the pipe open."""
-    header = _read_exactly(fd, _LENGTH)
-    if header is None:
-        return None
-    return _read_exactly(fd, int.from_bytes(header, "little"))
-
-
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _raise_remote(error: BaseException, remote_traceback: str) -> None:
@@ -239,54 +262,112 @@ def _raise_remote(error: BaseException, remote_traceback: str) -> None:
 
 
 def _stop_now(helpers: list[_Helper]) -> None:
-    """Kill the helpers (they ignore SIGINT and SIGTERM), then reap them and close their pipes."""
-    for helper in helpers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(helper.pid, signal.SIGKILL)
-    for helper in helpers:
-        _reap(helper.pid, wait=True)
-        with contextlib.suppress(OSError):
-            os.close(helper.results)
-    helpers.clear()
+    """Kill the helpers (they ignore SIGINT and SIGTERM), then reap them and close their pipes, with SIGINT and SIGTERM
+    blocked until done (they are delivered afterwards): a second Ctrl-C must not leave a helper running."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD) if _on_main_thread() else None
+    try:
+        for helper in helpers:
+            with contextlib.suppress(ProcessLookupError):
+                if helper.ended is not None:
+                    signal.pidfd_send_signal(helper.ended, signal.SIGKILL)
+                else:
+                    os.kill(helper.pid, signal.SIGKILL)
+        for helper in helpers:
+            _reap(helper, wait=True)
+            _close_pidfd(helper)
+            with contextlib.suppress(OSError):
+                os.close(helper.results)
+        helpers.clear()
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _reap_exited() -> None:
-    _exiting[:] = [pid for pid in _exiting if not _reap(pid, wait=False)]
+    still = []
+    for process in _exiting:
+        if _reap(process, wait=False):
+            _close_pidfd(process)
+        else:
+            still.append(process)
+    _exiting[:] = still
 
 
-def _reap(pid: int, wait: bool) -> bool:
-    """Collect the exit status of helper `pid` (waiting for it to end if `wait`); whether it has ended. A helper that
+def _reap(process: _Process, wait: bool) -> bool:
+    """Collect the exit status of `process` (waiting for it to end if `wait`); whether it has ended. Through its pidfd
+    where there is one, so that a pid the application reaped and the OS reused is never mistaken for it; one that
     something else already reaped (an application's os.wait(), SIGCHLD ignored) counts as ended."""
     try:
-        return os.waitpid(pid, 0 if wait else os.WNOHANG)[0] != 0
+        if process.ended is not None:
+            return os.waitid(os.P_PIDFD, process.ended, os.WEXITED | (0 if wait else os.WNOHANG)) is not None
+        return os.waitpid(process.pid, 0 if wait else os.WNOHANG)[0] != 0
     except ChildProcessError:
         return True
 
 
+def _close_pidfd(process: _Process) -> None:
+    if process.ended is not None:
+        with contextlib.suppress(OSError):
+            os.close(process.ended)
+        process.ended = None
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def signals_held_back() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block take effect when it ends, under the handlers that were in place
-    (a KeyboardInterrupt, training's graceful stop, ...). Only the main thread receives signals; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends, each one and in order, under the
+    handlers that were in place (a KeyboardInterrupt, training's graceful stop, ...). Only the main thread receives
+    signals; elsewhere a no-op. The handlers are swapped with both signals blocked, so that one arriving mid-swap
+    reaches a whole set of handlers, never a half-restored one."""
+    if not _on_main_thread():
         yield
         return
     arrived: list[int] = []
     # A handler set outside Python (getsignal gives None) could not be put back: such a signal is left alone.
-    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in held}
+    held = [sig for sig in _HELD if signal.getsignal(sig) is not None]
+    previous: dict[int, Any] = {}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:  # a signal that came just before the block runs its own handler here, which may raise: then undo
+        for sig in held:
+            previous[sig] = signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    except BaseException:
+        _restore(previous, blocked)
+        raise
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            _restore(previous, blocked)  # a signal blocked meanwhile reaches the restored handlers
+        finally:
+            _replay(arrived)
+
+
+def _restore(previous: dict[int, Any], blocked: set[int | signal.Signals]) -> None:
+    """Put the handlers back (with the signals blocked; then the mask as it was)."""
+    try:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        raised: list[BaseException] = []
-        for signum in arrived:  # each one, in order: a second Ctrl-C is what aborts training at once
-            try:
-                signal.raise_signal(signum)
-            except BaseException as e:  # noqa: BLE001 - the first is raised below, after every signal had its turn
-                raised.append(e)
-        if raised:
-            raise raised[0]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _replay(arrived: list[int]) -> None:
+    raised: list[BaseException] = []
+    for signum in arrived:  # each one, in order: a second Ctrl-C is what aborts training at once
+        try:
+            signal.raise_signal(signum)
+        except BaseException as e:  # noqa: BLE001 - the first is raised below, after every signal had its turn
+            raised.append(e)
+    if raised:
+        raise raised[0]
 
 
 # -- inside a helper -------------------------------------------------------------------------------------------
@@ -320,7 +401,7 @@ def _outcome(fn: Callable[[Any], Any], item: Any) -> tuple[bytes, bool]:
     pickler would send tensors through shared-memory files, not bytes)."""
     try:
         return pickle.dumps((True, fn(item)), protocol=pickle.HIGHEST_PROTOCOL), True
-    except Exception as e:  # noqa: BLE001 - every error goes back to the caller
+    except BaseException as e:  # noqa: BLE001 - every error goes back to the caller, sys.exit() too
         return pickle.dumps((False, (_portable(e), traceback.format_exc())), protocol=pickle.HIGHEST_PROTOCOL), False
 
 
@@ -351,7 +432,7 @@ def _picklable(record: logging.LogRecord) -> logging.LogRecord:
         return logging.makeLogRecord({k: getattr(record, k, None) for k in keep} | {"args": None})
 
 
-def _portable(e: Exception) -> Exception:
+def _portable(e: BaseException) -> BaseException:
     """`e` if it survives a pickle round trip, else a RuntimeError that names it."""
     try:
         pickle.loads(pickle.dumps(e))
