@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,19 @@ def pid_threads_and_square_slowly(i: int) -> tuple[int, int, torch.Tensor]:
 
 def _in_caller(caller: int) -> bool:
     return os.getpid() == caller
+
+
+def only_in_a_helper(act: Callable[[int], object]) -> Callable[[int], object]:
+    """An fn that runs act(i) in a helper, and in the caller an item slow enough for the helper to take some."""
+    caller = os.getpid()
+
+    def fn(i: int) -> object:
+        if _in_caller(caller):
+            time.sleep(0.3)
+            return i
+        return act(i)
+
+    return fn
 
 
 def test_results_come_back_whole_and_in_order_from_the_caller_and_its_helpers_each_on_one_thread() -> None:
@@ -260,16 +274,11 @@ class NeedsTwoArguments(Exception):
 
 
 def test_an_error_that_cannot_cross_the_process_boundary_is_named_not_mistaken_for_a_dead_worker() -> None:
-    caller = os.getpid()
-
-    def fn(i: int) -> int:
-        if _in_caller(caller):
-            time.sleep(0.3)
-            return i
+    def fail(i: int) -> int:
         raise NeedsTwoArguments("odd failure", i)
 
     with pytest.raises(RuntimeError, match="NeedsTwoArguments: odd failure at") as info:
-        map_in_forked_processes(fn, list(range(4)), workers=2)
+        map_in_forked_processes(only_in_a_helper(fail), list(range(4)), workers=2)
     assert "died" not in str(info.value)
 
 
@@ -358,16 +367,11 @@ def test_a_process_forked_by_a_helper_and_holding_its_pipe_neither_delays_the_re
 
 
 def test_sys_exit_in_a_helper_is_raised_in_the_caller_not_reported_as_a_dead_worker() -> None:
-    caller = os.getpid()
-
-    def fn(i: int) -> int:
-        if _in_caller(caller):
-            time.sleep(0.3)
-            return i
+    def stop(i: int) -> int:
         sys.exit(f"batch {i} asked to stop")
 
     with pytest.raises(SystemExit, match="asked to stop"):
-        map_in_forked_processes(fn, [0, 1, 2], workers=2)
+        map_in_forked_processes(only_in_a_helper(stop), [0, 1, 2], workers=2)
     assert not _live_children()
 
 
@@ -380,16 +384,8 @@ class NeedsTwo:
 
 
 def test_a_helpers_result_that_cannot_be_rebuilt_is_an_error_naming_the_setting() -> None:
-    caller = os.getpid()
-
-    def fn(i: int) -> object:
-        if _in_caller(caller):
-            time.sleep(0.3)
-            return i
-        return NeedsTwo(i, i)
-
     with pytest.raises(RuntimeError, match=r"could not be rebuilt here \(TypeError.*decode.processes: false"):
-        map_in_forked_processes(fn, [0, 1, 2], workers=2)
+        map_in_forked_processes(only_in_a_helper(lambda i: NeedsTwo(i, i)), [0, 1, 2], workers=2)
     assert not _live_children()
 
 
