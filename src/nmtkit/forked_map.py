@@ -69,12 +69,6 @@ def fork_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
-# Helpers that had sent their results but were still exiting when the caller went on: a process's exit tears down
-# its copy of the page tables (~7 ms for 300 MB), which need not keep the caller waiting. Reaped when a later call
-# starts or ends, so at most the last call's helpers are left as zombies meanwhile.
-_exiting: list[_Process] = []
-
-
 @dataclass
 class _Process:
     pid: int
@@ -92,6 +86,12 @@ class _Helper(_Process):
             return None
         end = _LENGTH + int.from_bytes(self.received[:_LENGTH], "little")
         return bytes(self.received[_LENGTH:end]) if len(self.received) >= end else None
+
+
+# Helpers that had sent their results but were still exiting when the caller went on: a process's exit tears down
+# its copy of the page tables (~7 ms for 300 MB), which need not keep the caller waiting. Reaped when a later call
+# starts or ends, so at most the last call's helpers are left as zombies meanwhile.
+_exiting: list[_Process] = []
 
 
 def map_in_forked_processes(fn: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
