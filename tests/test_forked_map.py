@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -413,6 +414,16 @@ def test_output_buffered_before_the_call_is_written_once_and_a_helpers_prints_ar
     lines = out.read_text().splitlines()
     assert lines.count("before the call") == 1 and lines.count("after the call") == 1
     assert any(line.startswith("from a helper") for line in lines)
+
+
+def test_forking_beside_torchs_own_threads_warns_nothing() -> None:
+    # Python 3.12+ warns at any fork from a process with OS threads; torch's idle intra-op threads are no risk here
+    torch.set_num_threads(2)
+    torch.ones(4096, 4096).sum()  # starts torch's intra-op threads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len({pid for pid, _, _ in map_in_forked_processes(pid_threads_and_square_slowly, [0, 1, 2], workers=2)}) == 2
+    assert not [w for w in caught if "multi-threaded" in str(w.message)]
 
 
 def test_a_signal_inside_signals_held_back_takes_effect_when_the_block_ends() -> None:

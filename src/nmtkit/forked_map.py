@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from logging.handlers import QueueHandler
@@ -163,7 +164,12 @@ def _fork_helper(fn: Callable[[Any], Any], items: Sequence[Any], work: int) -> _
     parent = os.getpid()
     read, write = os.pipe()
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that a process with OS threads may deadlock a forked child. Here those threads are
+            # torch's idle intra-op (OpenMP) workers, which the helper never uses (one thread), and a caller with
+            # Python threads of its own decodes in threads instead (decode_workers.uses_processes).
+            warnings.filterwarnings("ignore", r"This process \(pid=\d+\) is multi-threaded", DeprecationWarning)
+            pid = os.fork()
     except OSError as e:  # no memory, too many processes
         os.close(read)
         os.close(write)
