@@ -26,7 +26,7 @@ from .tokenizer import PAD_ID
 
 class _Ctx(torch.autograd.function.FunctionCtx):
     """The ctx torch passes to forward and backward (a BackwardCFunction) as this Function uses it: FunctionCtx's
-    stubs lack the attributes set in C++ and `dtypes`, which forward stores for backward."""
+    type hints lack the attributes set in C++ and `dtypes`, which forward stores for backward."""
 
     needs_input_grad: tuple[bool, ...]
     saved_tensors: tuple[Tensor, ...]
@@ -102,7 +102,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     g = low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])
                     grad_w += chunk_grad_w_fp32.copy_(torch.mm(g.T, h_rows, out=chunk_grad_w_low))
-        ctx.save_for_backward(grad_h, grad_w)  # type: ignore[arg-type]  # None without want_grads: allowed, not in the stub
+        ctx.save_for_backward(grad_h, grad_w)  # type: ignore[arg-type]  # None without want_grads: allowed, not in the type hints
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
 

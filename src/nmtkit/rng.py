@@ -17,7 +17,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_states() -> dict[str, Any]:
     """All generator states as tensors and plain values, so they load with weights_only=True."""
-    # the global generator is an MT19937, whose legacy state is the tuple (the stubs also allow a dict)
+    # the global generator is an MT19937, whose legacy state is the tuple (its type hints also allow a dict)
     kind, keys, *rest = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     states: dict[str, Any] = {
         "python": random.getstate(),

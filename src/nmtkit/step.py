@@ -83,7 +83,7 @@ def train_step(
         return total, is_bad
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # read by the fused kernel: 1 skips the update; skip_on_device implies is_bad. Not in Optimizer's stubs: torch
+    # read by the fused kernel: 1 skips the update; skip_on_device implies is_bad. Not in Optimizer's type hints: torch
     # reads it with getattr (its own GradScaler ignores the same error)
     optimizer.found_inf = cast(torch.Tensor, is_bad).float() if skip_on_device else None  # type: ignore[attr-defined]
     scaler.step(optimizer)
