@@ -109,7 +109,8 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
     """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
     for _ in read_lines(path):
         pass
-    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # the csv.QUOTE_* values, as the type hints spell them
+    # Literal: the csv.QUOTE_* values, as the type hints spell them
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     stray = "tab" if sep == "\t" else "separator or quote"
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
