@@ -9,8 +9,8 @@ fork/join for little work; given a batch of its own, each core runs its ops back
 worker: their kernels are already parallel.
 
 The workers are the caller and forked helper processes where the OS has `fork` (Linux; `decode.processes`;
-forked_map.py), threads elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side (argument parsing,
-dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, 18 alternating pairs)
+forked_map.py), threads elsewhere. Threads share the GIL: torch releases it inside an op, but each op's Python side
+(argument parsing, dispatch) holds it, and a step's ops are small enough for that to matter. On 2 cores (bf16, 18 alternating pairs)
 processes decoded 7-12% more sentences/s than threads when the machine was busier, as many when it was quiet, never
 fewer (docs/performance.md). Each call forks its own helpers (~7 ms each), so they always see the current weights.
 """

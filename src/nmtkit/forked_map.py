@@ -59,6 +59,7 @@ Result = TypeVar("Result")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NUMBER = 4  # bytes per item number in the work pipe
 _LENGTH = 8  # bytes of the length that comes before a helper's message
+_HELD = (signal.SIGINT, signal.SIGTERM)  # what signals_held_back and _stop_now hold back
 DIED = (
     "a decoding worker process died before finishing its batch (killed by the OS, out of memory?); "
     "decode in this process with decode.workers: 1, or in threads with decode.processes: false"
@@ -187,7 +188,7 @@ def _fork_helper(fn: Callable[[Any], Any], items: Sequence[Any], work: int) -> _
     os.set_blocking(read, False)
     try:
         ended: int | None = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3: a death is seen when the pipe ends
+    except (AttributeError, OSError):  # Linux < 5.3 (or a Python built without it): a death is seen when the pipe ends
         ended = None
     return _Helper(pid, ended, read)
 
@@ -238,10 +239,8 @@ def _finish(helper: _Helper, helpers: list[_Helper], message: bytes | None, resu
     with signals_held_back():  # Ctrl-C here would leave the helper half forgotten (its pipe closed, not reaped)
         helpers.remove(helper)
         os.close(helper.results)
-        if _reap(helper, wait=False):
-            _close_pidfd(helper)
-        else:
-            _exiting.append(_Process(helper.pid, helper.ended))
+        _exiting.append(_Process(helper.pid, helper.ended))
+        _reap_exited()  # this one too, if it has ended already
     if message is None:
         raise RuntimeError(DIED)
     for i, data, records in pickle.loads(message):  # bytes and records that were rebuilt in the helper already
@@ -270,7 +269,7 @@ def _raise_remote(error: BaseException, remote_traceback: str) -> None:
 def _stop_now(helpers: list[_Helper]) -> None:
     """Kill the helpers (they ignore SIGINT and SIGTERM), then reap them and close their pipes, with SIGINT and SIGTERM
     blocked until done (they are delivered afterwards): a second Ctrl-C must not leave a helper running."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD) if _on_main_thread() else None
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         for helper in helpers:
             with contextlib.suppress(ProcessLookupError):
@@ -285,8 +284,7 @@ def _stop_now(helpers: list[_Helper]) -> None:
                 os.close(helper.results)
         helpers.clear()
     finally:
-        if blocked is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _reap_exited() -> None:
@@ -320,9 +318,6 @@ def _close_pidfd(process: _Process) -> None:
 
 def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-_HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
