@@ -5,16 +5,17 @@ equals −Σ p log p."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from nmtkit import cpu_matmul
+from nmtkit import cpu_matmul, native
 from nmtkit.beam import beam_search
 from nmtkit.cpu_matmul import PackedWeight
-from nmtkit.decode import block_argmax, block_topk, greedy_decode, max_new_tokens, score_reference, token_stats
+from nmtkit.decode import TorchStepStats, block_argmax, block_topk, greedy_decode, max_new_tokens, score_reference
 from nmtkit.device import choose_runtime, for_inference
 from nmtkit.kv_cache import KVCache
 from nmtkit.model import padding_mask
@@ -137,24 +138,120 @@ def test_cross_entropy_of_a_single_next_token_is_minus_log_p() -> None:
     assert 16.0 < nn.CrossEntropyLoss()(wrong, target).item() < 16.5
 
 
-def test_entropy_matches_the_coin_examples() -> None:
+def stats_of(logits: torch.Tensor, k: int, kind: str = "torch") -> tuple[torch.Tensor, ...]:
+    """(values, ids, ln Z, entropy) of a decoding step's logits through TorchStepStats or nmtkit's kernel."""
+    B, V = logits.shape
+    values, ids, log_z, entropy = torch.empty(B, k), torch.empty(B, k, dtype=torch.long), torch.empty(B), torch.empty(B)
+    stats = TorchStepStats() if kind == "torch" else native_kernel()
+    stats(logits, values, ids, log_z, entropy, **({} if kind == "torch" else {"scratch": torch.empty(V)}))
+    return values, ids, log_z, entropy
+
+
+def native_kernel() -> native.DecodeStats:
+    kernel = native.decode_stats()
+    if kernel is None:
+        pytest.skip("nmtkit's native kernel could not be built here (see the log): the torch path is tested alone")
+    return kernel
+
+
+STATS_KINDS = ["torch", "native"]
+
+
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_entropy_matches_the_coin_examples(kind: str) -> None:
     for p_heads, bits in [(0.488, 0.9996), (0.177, 0.6735)]:
         logits = torch.tensor([[math.log(p_heads), math.log(1 - p_heads)]])
-        _, entropy, _ = token_stats(logits, torch.tensor([0]), *logits.topk(2))
+        _, _, log_z, entropy = stats_of(logits, 2, kind)
         assert abs(entropy.item() / math.log(2) - bits) < 1e-4
+        assert abs(log_z.item()) < 1e-6  # the logits were log-probabilities already
 
 
-def test_token_stats_stay_fp32_under_bf16_autocast() -> None:
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_step_stats_stay_fp32_under_bf16_autocast(kind: str) -> None:
     # Decoding runs under autocast; the per-token statistics must not be rounded to bf16 on the way.
     torch.manual_seed(7)
     logits = torch.randn(8, 3000) * 4
-    top = logits.topk(5)
-    want = token_stats(logits, top.indices[:, 0], *top)
+    want = stats_of(logits, 5, kind)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = token_stats(logits, top.indices[:, 0], *top)
+        got = stats_of(logits, 5, kind)
     for g, w in zip(got, want):
-        assert g.dtype == torch.float32
+        assert g.dtype == w.dtype and g.dtype in (torch.float32, torch.long)
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [8000, 1000, 37])  # 37: no whole chunk of the kernel, only its tail loop
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_step_stats_equal_float64_softmax_statistics(kind: str, vocab: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(vocab)
+    logits = (torch.randn(16, vocab) * 4).to(dtype)
+    logits[0, 5] = 40.0  # one row sure of itself: p ~ 1, entropy ~ 0
+    logits[1] = logits[1] * 20  # logits ~100 apart: terms below e^-87 in the sums
+    x = logits.double()
+    for k in (1, 5):
+        values, ids, log_z, entropy = stats_of(logits, k, kind)
+        assert torch.equal(values.double(), x.topk(k, dim=-1).values)  # (bf16 has ties: their order is free)
+        assert torch.equal(x.gather(1, ids), values.double()) and all(len(set(row)) == k for row in ids.tolist())
+        if k == 1 and kind == "native":  # the first of tied maxima, as argmax (torch's topk may take another)
+            assert torch.equal(ids[:, 0], x.argmax(dim=-1))
+        torch.testing.assert_close(log_z.double(), x.logsumexp(dim=-1), rtol=1e-6, atol=1e-6)
+        p = x.softmax(dim=-1)
+        # torch's ln Z - p . x sums 8,000 fp32 products of size ~|x| and cancels (up to 2.4e-5 nats off here);
+        # the kernel sums p (x - m), which is small where p is large (1.3e-6)
+        tolerance = 5e-5 if kind == "torch" else 5e-6
+        assert ((entropy.double() - -(p * p.clamp_min(1e-300).log()).sum(dim=-1)).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_tied_top_logits_choose_the_lower_id_with_the_log_on_or_off(kind: str) -> None:
+    """bf16 logits tie often; the chosen token must not depend on whether the per-token log is on."""
+    torch.manual_seed(4)
+    logits = torch.randn(8, 8000)
+    logits[:, [7000, 4100, 130]] = 9.0  # three-way tie at the top, in blocks of the kernel and of block_topk
+    logits[::2, 4100] = 9.5  # even rows: no tie at the top, a two-way tie below it
+    stats = TorchStepStats() if kind == "torch" else functools.partial(native_kernel(), scratch=torch.empty(8000))
+    argmax = torch.empty(8, 1, dtype=torch.long)
+    stats(logits, torch.empty(8, 1), argmax)
+    values, ids, _, _ = stats_of(logits, 5, kind)
+    assert argmax[:, 0].tolist() == ids[:, 0].tolist() == [4100, 130] * 4
+    assert ids[1, :3].tolist() == [130, 4100, 7000] and ids[0, :3].tolist() == [4100, 130, 7000]
+
+
+def test_native_kernel_takes_the_lower_id_on_ties_and_survives_nan_and_inf() -> None:
+    torch.manual_seed(3)
+    tied = torch.randint(0, 5, (16, 8000)).float()  # many equal maxima
+    values, ids, _, _ = stats_of(tied, 1, "native")
+    assert torch.equal(ids[:, 0], tied.argmax(dim=-1))  # torch's argmax returns the first maximum
+    values, ids, _, _ = stats_of(tied, 5, "native")
+    assert (values == 4).all() and torch.equal(ids, torch.stack([row.nonzero()[:5, 0] for row in tied == 4]))
+    odd = torch.randn(3, 1000)
+    odd[0] = float("nan")
+    odd[1, :500] = float("-inf")  # logits a model has masked: no inf or NaN in the statistics
+    values, ids, log_z, entropy = stats_of(odd, 5, "native")
+    assert ((ids >= 0) & (ids < 1000)).all()  # ids are safe to gather with, even for a row of NaNs
+    assert math.isfinite(entropy[1].item()) and math.isfinite(log_z[1].item())
+    assert math.isclose(log_z[1].item(), odd[1].double().logsumexp(0).item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_greedy_decode_with_the_native_kernel_equals_torch_ops(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    native_kernel()
+    runtime = choose_runtime("cpu", precision)
+    model = for_inference(make_model(), runtime)
+    src = random_ids(6, 9)
+    src[1, 6:] = PAD_ID
+    with runtime.compute():
+        fast = greedy_decode(model, src, 12, top_k=4)
+        fast_plain = greedy_decode(model, src, 12)
+        monkeypatch.setattr(native, "decode_stats", lambda: None)
+        want = greedy_decode(model, src, 12, top_k=4)
+        want_plain = greedy_decode(model, src, 12)
+    assert torch.equal(fast.tokens, want.tokens) and torch.equal(fast_plain.tokens, want_plain.tokens)
+    assert torch.equal(fast.lengths, want.lengths) and torch.equal(fast.top_ids[..., 0], want.top_ids[..., 0])
+    if precision == "fp32":  # bf16 logits tie among the alternatives, whose order torch's topk leaves free
+        assert torch.equal(fast.top_ids, want.top_ids)
+    for name in ("probs", "entropy", "top_probs"):
+        torch.testing.assert_close(getattr(fast, name), getattr(want, name), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("vocab", [8000, 4096, 1000])  # 1000 is no multiple of the block: plain topk/argmax

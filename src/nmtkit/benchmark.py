@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import native
 from .allocator import allocator_in_use
 from .batching import Batch, collate
 from .config import Config, ModelConfig
@@ -214,6 +215,8 @@ def benchmark_decoding(
         "decode_workers": min(workers, len(sources)),
         "decode_processes": uses_processes(min(workers, len(sources)), processes),  # GPUs have one worker: False
         "decode_cuda_graphs": static,
+        # the argmax/top-k and the log's statistics: nmtkit's CPU kernel (native.py) or torch ops
+        "decode_step_stats": "native" if runtime.device.type == "cpu" and native.decode_stats() is not None else "torch",
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
 
@@ -288,7 +291,10 @@ def format_benchmark(r: dict) -> str:
             f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, "
             f"new tokens: {r['decode_new_tokens']}, {r['decode_workers']} batch(es) at once{' in processes' if r.get('decode_processes') else ''})"
         )
-        lines.append(f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%)")
+        lines.append(
+            f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%); "
+            "step statistics by " + ("nmtkit's kernel" if r.get("decode_step_stats") == "native" else "torch ops")
+        )
     mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"
     if "peak_rss_worker_mib" in r:
         mem += f" (largest decoding worker process: {r['peak_rss_worker_mib']:,.0f} MiB, shared pages included)"

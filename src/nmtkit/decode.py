@@ -7,12 +7,15 @@ the device into preallocated buffers, so the loop never waits on the host except
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .kv_cache import KVCache
 from .model import Transformer, padding_mask
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -34,27 +37,67 @@ def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
     return (src_len.float() * a + b).long().clamp(min=1, max=limit)
 
 
-def token_stats(
-    logits: Tensor, chosen: Tensor, top_logits: Tensor, top_ids: Tensor, work: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """logits (B, V), chosen ids (B,), the k largest logits and their ids (B, k) -> probability of the
-    chosen token, entropy (nats) and the top-k probabilities, all in fp32.
+class TorchStepStats:
+    """`native.DecodeStats`' contract in torch ops: for CUDA, and for CPUs where nmtkit's kernel can't be built.
 
-    Written to touch the (B, V) logits as few times as possible (this runs at every decoding step): one
-    fused softmax p, then ln Z = m - ln p(argmax) with m the largest logit, and the entropy -sum p ln p =
-    ln Z - p . x (p times x in p's own buffer, once the probabilities are gathered, then a sum per row: no (B, V)
-    tensor besides p). `work` is (B, V) fp32 scratch for p that the caller allocates once: on CPU a fresh 2 MB
-    tensor at every step can be a fresh mmap, whose page faults cost up to a millisecond. With work=None, p is a
-    fresh tensor. The top-k come from the caller, who needs them first.
+    (logits (B, V), values (B, k), ids (B, k), log_z (B,) | None, entropy (B,) | None) -> None, writing the k largest
+    logits and their ids, and with log_z and entropy given, ln Z (the log-sum-exp) and the entropy of the softmax in nats,
+    all in fp32. Without them and with k = 1 only the argmax is written (ids); the values are left alone.
+
+    Written to touch the (B, V) logits as few times as torch allows (this runs at every decoding step): low-precision
+    logits copied to fp32 once (torch's bf16 argmax and top-k are slow on CPU: 0.87 ms vs 0.18 ms per step), a block top-k,
+    then one fused softmax p, ln Z = m - ln p(argmax) with m the largest logit, and the entropy -sum p ln p = ln Z - p . x
+    (p times x in p's own buffer, then a sum per row). Both (B, V) buffers are allocated once per decoding run: on CPU a
+    fresh 2 MB tensor at every step can be a fresh mmap, whose page faults cost up to a millisecond.
     """
-    # fp32 throughout: under bf16 autocast the dot product would round p and x to bf16 (two copies of the logits)
-    with torch.autocast(logits.device.type, enabled=False):
-        x = logits.float()
-        p = torch.softmax(x, dim=-1, out=torch.empty_like(x) if work is None else work)  # (B, V)
-        lse = top_logits[:, 0].float() - p.gather(1, top_ids[:, :1])[:, 0].log()  # (B,) ln Z; p(argmax) >= 1/V
-        p_chosen, p_top = p.gather(1, chosen[:, None])[:, 0], p.gather(1, top_ids)
-        entropy = lse - p.mul_(x).sum(dim=-1)  # p . x in p's own buffer (vecdot writes a (B, V) product of its own)
-        return p_chosen, entropy, p_top
+
+    def __init__(self) -> None:
+        self._fp32: Tensor | None = None  # fp32 copy of low-precision logits
+        self._p: Tensor | None = None  # softmax
+
+    def __call__(self, logits: Tensor, values: Tensor, ids: Tensor, log_z: Tensor | None = None, entropy: Tensor | None = None) -> None:
+        # fp32 throughout: under bf16 autocast the dot product would round p and x to bf16 (two copies of the logits)
+        with torch.autocast(logits.device.type, enabled=False):
+            x = logits if logits.dtype == torch.float32 else self._buffer("_fp32", logits).copy_(logits)
+            if log_z is None and values.size(1) == 1:
+                ids[:, 0] = block_argmax(x)
+                return
+            top_values, top_ids = lower_id_first(*block_topk(x, values.size(1)))
+            values.copy_(top_values)
+            ids.copy_(top_ids)
+            if log_z is None or entropy is None:
+                return
+            p = torch.softmax(x, dim=-1, out=self._buffer("_p", x))  # (B, V)
+            torch.sub(top_values[:, 0], p.gather(1, top_ids[:, :1])[:, 0].log(), out=log_z)  # p(argmax) >= 1/V
+            torch.sub(log_z, p.mul_(x).sum(dim=-1), out=entropy)  # p . x in p's own buffer
+
+    def _buffer(self, name: str, like: Tensor) -> Tensor:
+        """The fp32 buffer self.<name>, (re)allocated when `like`'s shape is new."""
+        buffer = getattr(self, name)
+        if buffer is None or buffer.shape != like.shape:
+            buffer = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+            setattr(self, name, buffer)
+        return buffer
+
+
+def lower_id_first(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """A top-k's (B, k) values and ids with tied values in id order, as argmax and nmtkit's kernel break ties.
+
+    torch's topk leaves the order of ties free, and bf16 logits tie often (8 bits of mantissa: 25 of the 807 test
+    sentences of the quick start met a tie at the top), so the chosen token could depend on whether the log was on.
+    """
+    ids, order = ids.sort(dim=-1)
+    values, order = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
+
+
+def step_stats(logits: Tensor) -> Callable[..., None]:
+    """The per-step top-k and statistics for logits like these: nmtkit's kernel on CPU where it builds, else torch ops."""
+    kernel = native.decode_stats() if logits.device.type == "cpu" else None
+    if kernel is None:
+        return TorchStepStats()
+    scratch = torch.empty(logits.size(-1)) if logits.dtype == torch.bfloat16 else None  # one row, widened to fp32
+    return functools.partial(kernel, scratch=scratch)
 
 
 _BLOCK = 64  # vocabulary block for `block_topk`
@@ -141,12 +184,14 @@ def greedy_decode(
         top_ids = torch.zeros(B, n_steps, top_k, dtype=torch.long, device=src.device)
         top_probs = torch.zeros(B, n_steps, top_k, device=src.device)
     token = torch.full((B, 1), BOS_ID, dtype=torch.long, device=src.device)
-    # The (B, V) logits are the largest tensors of a step: written into buffers allocated once, and
-    # copied to fp32 for the argmax (bf16 argmax has no fast CPU kernel: 0.87 ms vs 0.18 ms per step).
+    # The (B, V) logits are the largest tensors of a step: written into a buffer allocated once (CUDA), and read by
+    # `stats` for the argmax (or the top-k) and, with the log, ln Z and the entropy, into these small buffers.
     weight_t = model.output_weight.t()  # (D, V)
     logits_lp = torch.empty(B, weight_t.size(1), dtype=weight_t.dtype, device=src.device)
-    logits32 = None if logits_lp.dtype == torch.float32 else torch.empty_like(logits_lp, dtype=torch.float32)
-    work = torch.empty(logits_lp.shape, device=src.device) if record else None  # token_stats' scratch
+    stats = step_stats(logits_lp)
+    best = torch.empty(B, max(top_k, 1), device=src.device)  # (B, k) largest logits, fp32
+    best_ids = torch.empty(B, max(top_k, 1), dtype=torch.long, device=src.device)
+    log_z, step_entropy = torch.empty(B, device=src.device), torch.empty(B, device=src.device)  # written only with the log
     graph = capture_step(model, token, cache, weight_t, logits_lp) if static and src.device.type == "cuda" else None
 
     for t in range(n_steps):
@@ -155,18 +200,18 @@ def greedy_decode(
             step_logits = logits_lp
         else:  # into logits_lp, or a fresh tensor from packed weights (CPU)
             step_logits = model.project_into(model.decode_step(token, cache), logits_lp)
-        logits = step_logits if logits32 is None else logits32.copy_(step_logits)
-        if record:  # the top-k's first column is the argmax, so the log costs no argmax of its own
-            top_logits, top_ids[:, t] = block_topk(logits, top_k)
-            nxt = top_ids[:, t, 0]  # a view; column t is never written again
-        else:
-            nxt = block_argmax(logits)
+        stats(step_logits, best, best_ids, *((log_z, step_entropy) if record else ()))  # column 0: the argmax
+        nxt = best_ids[:, 0]
         if stop_at_eos:
             nxt = torch.where(t + 1 >= limits, EOS_ID, nxt)  # the budget ends a sentence with EOS
             nxt = nxt.masked_fill(is_done, PAD_ID)
             is_done |= nxt == EOS_ID
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
-            probs[:, t], entropy[:, t], top_probs[:, t] = token_stats(logits, nxt, top_logits, top_ids[:, t], work)
+            chosen = step_logits.gather(1, nxt[:, None])[:, 0].float()
+            torch.exp(chosen - log_z, out=probs[:, t])
+            torch.exp(best - log_z[:, None], out=top_probs[:, t])
+            entropy[:, t] = step_entropy
+            top_ids[:, t] = best_ids
         out[:, t] = nxt
         token.copy_(nxt[:, None])  # in place: a captured step reads this buffer
         # The host check costs a sync, so look every 4 steps; extra steps only write PAD.

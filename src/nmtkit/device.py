@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_matmul
+from . import cpu_matmul, native
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -65,6 +65,7 @@ def for_inference(model: Transformer, runtime: Runtime) -> Transformer:
         model = model.to(runtime.dtype)
     if runtime.device.type == "cpu":
         model.pack_for_cpu()
+        native.decode_stats()  # built (or found) now, before decoding forks its workers
     return model
 
 

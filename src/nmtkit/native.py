@@ -1,0 +1,164 @@
+"""nmtkit's own CPU kernel for greedy decoding's per-step statistics (`decode_stats.c`), built on first use.
+
+At every decoding step on CPU, torch's ops read the (B, V) logits four times for the top-k, the softmax, its product
+with the logits and the sum (64 x 8,000 logits: ~400 us, against ~4 ms for the whole step). `decode_stats.c` reads
+each row twice while it sits in L1 (~120 us). No stock op fuses these passes, hence a kernel of nmtkit's own.
+
+Built with the system's C compiler (`$CC`, else `cc`, `gcc` or `clang`) for this CPU (`-march=native`) into a
+per-user cache (`$NMTKIT_CACHE`, else `$XDG_CACHE_HOME/nmtkit` or `~/.cache/nmtkit`), named by a hash of the
+source, the flags and the CPU, so one build serves every later process; it takes ~0.3 s. The build is written
+under a temporary name and renamed, so processes building at once never load half a file. Loaded with ctypes.
+
+Where it cannot be built or loaded (no compiler, a read-only cache, another platform) or with NMTKIT_NATIVE=0,
+`decode_stats()` returns None, says why in the log once, and decoding computes the same statistics with torch ops
+(the same tokens; probabilities equal up to fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_stats.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    if os.environ.get("NMTKIT_CACHE"):
+        return Path(os.environ["NMTKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nmtkit"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the architecture and, on Linux, the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {flags.strip()}"
+
+
+def _compiler() -> str:
+    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not found:
+        raise NativeBuildError("no C compiler found (set CC, or install gcc or clang)")
+    return found
+
+
+def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """The shared library built from `source` for this CPU, from the cache when it is there."""
+    directory = cache_dir() if directory is None else directory
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = directory / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    compiler = _compiler()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise NativeBuildError(f"cannot write to the kernel cache {directory} ({e}); set NMTKIT_CACHE to a writable folder") from e
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise NativeBuildError(f"{compiler} could not build {source.name}: {done.stderr.strip()[-800:]}")
+        os.replace(tmp, target)  # atomic: a process building at the same time replaces it with an equal file
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NativeBuildError(f"{compiler} could not build {source.name}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_float_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class DecodeStats:
+    """Top-k (with ids) of each row of (B, V) fp32 or bf16 logits, and optionally ln Z and the entropy (nats)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._f32 = library.nmtkit_decode_stats_f32
+        self._f32.argtypes = [_float_p, _i64, _i64, ctypes.c_int, _float_p, _float_p, _float_p, _float_p]
+        self._f32.restype = None
+        self._bf16 = library.nmtkit_decode_stats_bf16
+        self._bf16.argtypes = [*self._f32.argtypes, _float_p]
+        self._bf16.restype = None
+
+    def __call__(
+        self,
+        logits: Tensor,
+        values: Tensor,
+        ids: Tensor,
+        log_z: Tensor | None = None,
+        entropy: Tensor | None = None,
+        scratch: Tensor | None = None,
+    ) -> None:
+        """Writes values (B, k) fp32 and ids (B, k) int64, descending, lower id first on ties; log_z and entropy
+        (B,) fp32 when given (both or neither). bf16 logits need `scratch`, V fp32 values. All contiguous CPU tensors."""
+        logits = logits.contiguous()
+        B, V = logits.shape
+        k = values.size(1)
+        _expect(logits, (B, V), logits.dtype)
+        _expect(values, (B, k), torch.float32)
+        _expect(ids, (B, k), torch.int64)
+        if not 1 <= k <= V:
+            raise ValueError(f"top-k of {k} asked for over {V} logits")
+        if (log_z is None) != (entropy is None):
+            raise ValueError("log_z and entropy go together")
+        stats = [None, None] if log_z is None or entropy is None else [_expect(log_z, (B,)), _expect(entropy, (B,))]
+        args = [logits.data_ptr(), B, V, k, values.data_ptr(), ids.data_ptr(), *stats]
+        if logits.dtype == torch.float32:
+            self._f32(*args)
+        elif logits.dtype == torch.bfloat16:
+            if scratch is None:
+                raise ValueError("bf16 logits need a scratch row of V fp32 values")
+            self._bf16(*args, _expect(scratch, (V,)))
+        else:
+            raise TypeError(f"decode_stats takes fp32 or bf16 logits, not {logits.dtype}")
+
+
+def _expect(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
+    """t's data pointer, once it is checked to be a contiguous CPU tensor of this shape and dtype."""
+    if t.shape != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"decode_stats wants a contiguous CPU {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.data_ptr()
+
+
+@functools.cache
+def decode_stats() -> DecodeStats | None:
+    """The kernel, or None (with the reason logged once) where it can't be had: callers then use torch ops."""
+    if os.environ.get("NMTKIT_NATIVE", "1") == "0":
+        log.info("native decode kernel off (NMTKIT_NATIVE=0): decoding statistics use torch ops")
+        return None
+    try:
+        path = build()
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # a damaged file in the cache: build it again
+            path.unlink(missing_ok=True)
+            library = ctypes.CDLL(str(build()))
+        return DecodeStats(library)
+    except (NativeBuildError, OSError, AttributeError) as e:
+        log.info("native decode kernel unavailable (%s): decoding statistics use torch ops, which are slower", e)
+        return None

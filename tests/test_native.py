@@ -1,0 +1,107 @@
+"""nmtkit's native decode kernel: built once per CPU into the cache, reused without a compiler, and where it can't be
+built or loaded, decoding falls back to torch ops with the reason in the log. (Its results: test_decode.py.)"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmtkit import native
+from nmtkit.decode import greedy_decode
+from test_model import make_model, random_ids
+
+
+def has_compiler() -> bool:
+    return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C compiler on this machine: the torch path is used")
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """An empty kernel cache, and decode_stats() asked afresh."""
+    monkeypatch.setenv("NMTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("NMTKIT_NATIVE", raising=False)
+    native.decode_stats.cache_clear()
+    yield tmp_path / "cache"
+    native.decode_stats.cache_clear()
+
+
+@needs_compiler
+def test_kernel_is_built_once_then_loaded_from_the_cache_without_a_compiler(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = native.build()
+    assert path.parent == cache and path.read_bytes()[:4] == b"\x7fELF"
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]  # the temporary name was renamed
+    monkeypatch.setenv("CC", str(cache / "no-such-compiler"))
+    built_at = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == built_at
+    assert native.decode_stats() is not None
+
+
+def test_without_a_compiler_decoding_uses_torch_ops_and_the_log_says_why(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", str(cache.parent / "no-such-compiler"))
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.decode_stats() is None
+    assert "no-such-compiler" in caplog.text and "torch ops" in caplog.text
+    assert not cache.exists() or not list(cache.iterdir())  # nothing half-written left behind
+    out = greedy_decode(make_model(), random_ids(3, 7), 6, top_k=3)  # decoding goes on
+    assert out.tokens.shape[0] == 3 and out.probs is not None and (out.probs > 0).all()
+
+
+@needs_compiler
+def test_a_source_that_does_not_compile_names_the_file_and_the_compiler_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("int broken(void) { return 1 +; }\n")
+    with pytest.raises(native.NativeBuildError, match=r"broken\.c.*error"):
+        native.build(broken, tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix in (".tmp", ".so")]
+
+
+def test_an_unwritable_cache_names_the_folder_and_what_to_set(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(native.NativeBuildError, match=r"a-file/cache.*NMTKIT_CACHE"):
+        native.build(directory=blocker / "cache")
+
+
+@needs_compiler
+def test_a_damaged_library_in_the_cache_is_built_again(cache: Path) -> None:
+    path = native.build()
+    path.write_bytes(b"half a file")
+    assert native.decode_stats() is not None
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_nmtkit_native_0_turns_the_kernel_off_without_building(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NMTKIT_NATIVE", "0")
+    assert native.decode_stats() is None
+    assert not cache.exists()
+
+
+@needs_compiler
+def test_kernel_refuses_buffers_that_do_not_fit(cache: Path) -> None:
+    kernel = native.decode_stats()
+    assert kernel is not None
+    logits = torch.randn(4, 100)
+    values, ids = torch.empty(4, 3), torch.empty(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(logits, values, ids.float())
+    with pytest.raises(ValueError, match=r"\(4,\)"):
+        kernel(logits, values, ids, torch.empty(3), torch.empty(4))
+    with pytest.raises(ValueError, match="go together"):
+        kernel(logits, values, ids, torch.empty(4))
+    with pytest.raises(ValueError, match="scratch"):
+        kernel(logits.bfloat16(), values, ids)
+    with pytest.raises(ValueError, match="top-k of 200"):
+        kernel(logits, torch.empty(4, 200), torch.empty(4, 200, dtype=torch.long))
+    with pytest.raises(TypeError, match="float16"):
+        kernel(logits.half(), values, ids)
+    kernel(logits.t().contiguous().t(), values, ids)  # a non-contiguous view is made contiguous first
+    assert torch.equal(ids, logits.topk(3).indices)
