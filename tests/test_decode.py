@@ -148,10 +148,10 @@ def stats_of(logits: torch.Tensor, k: int, kind: str = "torch") -> tuple[torch.T
 
 
 def native_kernel() -> native.DecodeStats:
-    kernel = native.decode_stats()
-    if kernel is None:
-        pytest.skip("nmtkit's native kernel could not be built here (see the log): the torch path is tested alone")
-    return kernel
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("nmtkit's native kernels could not be built here (see the log): the torch path is tested alone")
+    return kernels.decode_stats
 
 
 STATS_KINDS = ["torch", "native"]
@@ -234,7 +234,7 @@ def test_native_kernel_takes_the_lower_id_on_ties_and_survives_nan_and_inf() -> 
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_greedy_decode_with_the_native_kernel_equals_torch_ops(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+def test_greedy_decode_with_the_native_kernels_equals_torch_ops(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
     native_kernel()
     runtime = choose_runtime("cpu", precision)
     model = for_inference(make_model(), runtime)
@@ -243,7 +243,7 @@ def test_greedy_decode_with_the_native_kernel_equals_torch_ops(monkeypatch: pyte
     with runtime.compute():
         fast = greedy_decode(model, src, 12, top_k=4)
         fast_plain = greedy_decode(model, src, 12)
-        monkeypatch.setattr(native, "decode_stats", lambda: None)
+        monkeypatch.setattr(native, "kernels", lambda: None)
         want = greedy_decode(model, src, 12, top_k=4)
         want_plain = greedy_decode(model, src, 12)
     assert torch.equal(fast.tokens, want.tokens) and torch.equal(fast_plain.tokens, want_plain.tokens)

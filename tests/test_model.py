@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nmtkit import native
 from nmtkit.config import ModelConfig
-from nmtkit.model import Transformer, attention, padding_mask, unpack_rows
+from nmtkit.model import Transformer, attend_one, attention, padding_mask, unpack_rows
 from nmtkit.tokenizer import BOS_ID, PAD_ID
 
 V = 50
@@ -184,3 +185,50 @@ def test_too_long_input_raises_a_clear_error() -> None:
     model = make_model()
     with pytest.raises(ValueError, match="max_positions"):
         model(random_ids(1, 65), random_ids(1, 3))
+
+
+def keys_and_values(layout: str, B: int, H: int, L: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) keys and values as decoding reads them: views of the position-major cache, or the memory's own."""
+    if layout == "cache":
+        return torch.randn(L + 3, B, H, D)[:L].permute(1, 2, 0, 3), torch.randn(L + 3, B, H, D)[:L].permute(1, 2, 0, 3)
+    return torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+
+
+@pytest.mark.parametrize("layout", ["cache", "memory"])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_rows", [0, 1, 5])  # no mask, one row for all sentences, one per sentence
+def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, layout: str, q_dtype: torch.dtype, bias_rows: int) -> None:
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    torch.manual_seed(bias_rows)
+    B, H, L, D = 5, 4, 7, 16
+    keys, values = keys_and_values(layout, B, H, L, D)
+    q = (torch.randn(B, H, 1, D) * 3).to(q_dtype)
+    bias = None
+    if bias_rows:
+        bias = torch.zeros(bias_rows, 1, 1, L)
+        bias[0, ..., 4:] = float("-inf")  # padding of the first (or every) source
+    got = kernels.attend_one(q, keys, values, bias)
+    assert got is not None and got.dtype == q_dtype and got.shape == (B, H, 1, D)
+    assert attend_one(q, keys, values, bias) is not None  # the model's attend_one takes the kernel's path
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    want = attend_one(q, keys, values, bias)
+    tolerance = 1e-5 if q_dtype == torch.float32 else 1e-2  # bf16 outputs: one rounding of fp32 results
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax() -> None:
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    B, H, L, D = 2, 2, 3, 8
+    keys, values = keys_and_values("memory", B, H, L, D)
+    q = torch.randn(B, H, 1, D)
+    assert kernels.attend_one(q, keys.bfloat16(), values.bfloat16()) is None  # bf16 keys: torch's path
+    assert kernels.attend_one(q, keys, values.transpose(2, 3).contiguous().transpose(2, 3)) is None  # other strides
+    assert kernels.attend_one(torch.randn(B, H, 2, D), keys, values) is None  # two queries
+    hidden = torch.zeros(B, 1, 1, L)
+    hidden[1] = float("-inf")  # every key of sentence 1 hidden: NaN, as softmax over -inf gives
+    out = kernels.attend_one(q, keys, values, hidden)
+    assert out is not None and out[0].isfinite().all() and out[1].isnan().all()

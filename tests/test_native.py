@@ -1,5 +1,6 @@
-"""nmtkit's native decode kernel: built once per CPU into the cache, reused without a compiler, and where it can't be
-built or loaded, decoding falls back to torch ops with the reason in the log. (Its results: test_decode.py.)"""
+"""nmtkit's native decode kernels: built once per CPU into the cache, reused without a compiler, and where they can't
+be built or loaded, decoding falls back to torch ops with the reason in the log. (Their results: test_decode.py and
+test_model.py.)"""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ needs_compiler = pytest.mark.skipif(not has_compiler(), reason="no C compiler on
 
 @pytest.fixture
 def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """An empty kernel cache, and decode_stats() asked afresh."""
+    """An empty kernel cache, and kernels() asked afresh."""
     monkeypatch.setenv("NMTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("NMTKIT_NATIVE", raising=False)
-    native.decode_stats.cache_clear()
+    native.kernels.cache_clear()
     yield tmp_path / "cache"
-    native.decode_stats.cache_clear()
+    native.kernels.cache_clear()
 
 
 @needs_compiler
@@ -40,7 +41,7 @@ def test_kernel_is_built_once_then_loaded_from_the_cache_without_a_compiler(cach
     monkeypatch.setenv("CC", str(cache / "no-such-compiler"))
     built_at = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == built_at
-    assert native.decode_stats() is not None
+    assert native.kernels() is not None
 
 
 def test_without_a_compiler_decoding_uses_torch_ops_and_the_log_says_why(
@@ -48,7 +49,7 @@ def test_without_a_compiler_decoding_uses_torch_ops_and_the_log_says_why(
 ) -> None:
     monkeypatch.setenv("CC", str(cache.parent / "no-such-compiler"))
     with caplog.at_level(logging.INFO, logger="nmtkit.native"):
-        assert native.decode_stats() is None
+        assert native.kernels() is None
     assert "no-such-compiler" in caplog.text and "torch ops" in caplog.text
     assert not cache.exists() or not list(cache.iterdir())  # nothing half-written left behind
     out = greedy_decode(make_model(), random_ids(3, 7), 6, top_k=3)  # decoding goes on
@@ -75,20 +76,21 @@ def test_an_unwritable_cache_names_the_folder_and_what_to_set(tmp_path: Path) ->
 def test_a_damaged_library_in_the_cache_is_built_again(cache: Path) -> None:
     path = native.build()
     path.write_bytes(b"half a file")
-    assert native.decode_stats() is not None
+    assert native.kernels() is not None
     assert path.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_nmtkit_native_0_turns_the_kernel_off_without_building(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NMTKIT_NATIVE", "0")
-    assert native.decode_stats() is None
+    assert native.kernels() is None
     assert not cache.exists()
 
 
 @needs_compiler
 def test_kernel_refuses_buffers_that_do_not_fit(cache: Path) -> None:
-    kernel = native.decode_stats()
-    assert kernel is not None
+    kernels = native.kernels()
+    assert kernels is not None
+    kernel = kernels.decode_stats
     logits = torch.randn(4, 100)
     values, ids = torch.empty(4, 3), torch.empty(4, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="int64"):

@@ -215,8 +215,8 @@ def benchmark_decoding(
         "decode_workers": min(workers, len(sources)),
         "decode_processes": uses_processes(min(workers, len(sources)), processes),  # GPUs have one worker: False
         "decode_cuda_graphs": static,
-        # the argmax/top-k and the log's statistics: nmtkit's CPU kernel (native.py) or torch ops
-        "decode_step_stats": "native" if runtime.device.type == "cpu" and native.decode_stats() is not None else "torch",
+        # attention, argmax/top-k and the log's statistics: nmtkit's CPU kernels (native.py) or torch ops
+        "decode_kernels": "native" if runtime.device.type == "cpu" and native.kernels() is not None else "torch",
         "decode_new_tokens": "stop at EOS" if s.stop_at_eos else s.new_tokens,
     }
 
@@ -293,7 +293,7 @@ def format_benchmark(r: dict) -> str:
         )
         lines.append(
             f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%); "
-            "step statistics by " + ("nmtkit's kernel" if r.get("decode_step_stats") == "native" else "torch ops")
+            "kernels: " + ("nmtkit's own" if r.get("decode_kernels") == "native" else "torch ops")
         )
     mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"
     if "peak_rss_worker_mib" in r:

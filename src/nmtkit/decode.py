@@ -93,11 +93,11 @@ def lower_id_first(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 
 def step_stats(logits: Tensor) -> Callable[..., None]:
     """The per-step top-k and statistics for logits like these: nmtkit's kernel on CPU where it builds, else torch ops."""
-    kernel = native.decode_stats() if logits.device.type == "cpu" else None
-    if kernel is None:
+    kernels = native.kernels() if logits.device.type == "cpu" else None
+    if kernels is None:
         return TorchStepStats()
     scratch = torch.empty(logits.size(-1)) if logits.dtype == torch.bfloat16 else None  # one row, widened to fp32
-    return functools.partial(kernel, scratch=scratch)
+    return functools.partial(kernels.decode_stats, scratch=scratch)
 
 
 _BLOCK = 64  # vocabulary block for `block_topk`

@@ -65,7 +65,7 @@ def for_inference(model: Transformer, runtime: Runtime) -> Transformer:
         model = model.to(runtime.dtype)
     if runtime.device.type == "cpu":
         model.pack_for_cpu()
-        native.decode_stats()  # built (or found) now, before decoding forks its workers
+        native.kernels()  # built (or found) now, before decoding forks its workers
     return model
 
 
