@@ -192,8 +192,7 @@ def test_step_stats_equal_float64_softmax_statistics(kind: str, vocab: int, dtyp
         values, ids, log_z, entropy = stats_of(logits, k, kind)
         assert torch.equal(values.double(), x.topk(k, dim=-1).values)  # (bf16 has ties: their order is free)
         assert torch.equal(x.gather(1, ids), values.double()) and all(len(set(row)) == k for row in ids.tolist())
-        if k == 1 and kind == "native":  # the first of tied maxima, as argmax (torch's topk may take another)
-            assert torch.equal(ids[:, 0], x.argmax(dim=-1))
+        assert torch.equal(ids[:, 0], x.argmax(dim=-1))  # the first of tied maxima (bf16 ties), as argmax
         torch.testing.assert_close(log_z.double(), x.logsumexp(dim=-1), rtol=1e-6, atol=1e-6)
         p = x.softmax(dim=-1)
         # torch's ln Z - p . x sums 8,000 fp32 products of size ~|x| and cancels (up to 2.4e-5 nats off here);
@@ -217,6 +216,18 @@ def test_tied_top_logits_choose_the_lower_id_with_the_log_on_or_off(kind: str) -
     assert ids[1, :3].tolist() == [130, 4100, 7000] and ids[0, :3].tolist() == [4100, 130, 7000]
 
 
+@pytest.mark.parametrize("vocab", [8000, 37])
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_more_ties_at_the_top_than_k_still_lead_with_the_argmax(kind: str, vocab: int) -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(64, vocab)
+    for row in logits:
+        row[torch.randperm(vocab)[:7]] = 9.0  # a seven-way tie at the top, with k = 5
+    values, ids, _, _ = stats_of(logits, 5, kind)
+    assert torch.equal(ids[:, 0], logits.argmax(dim=-1)) and (values == 9.0).all()
+    assert all(len(set(row)) == 5 for row in ids.tolist())
+
+
 def test_native_kernel_takes_the_lower_id_on_ties_and_survives_nan_and_inf() -> None:
     torch.manual_seed(3)
     tied = torch.randint(0, 5, (16, 8000)).float()  # many equal maxima
@@ -231,27 +242,63 @@ def test_native_kernel_takes_the_lower_id_on_ties_and_survives_nan_and_inf() -> 
     assert ((ids >= 0) & (ids < 1000)).all()  # ids are safe to gather with, even for a row of NaNs
     assert math.isfinite(entropy[1].item()) and math.isfinite(log_z[1].item())
     assert math.isclose(log_z[1].item(), odd[1].double().logsumexp(0).item(), rel_tol=1e-6)
+    sparse = torch.full((2, 300), float("-inf"))
+    sparse[0, 1] = 5.0  # one finite logit, k = 3: the rest get the lowest free ids, never a repeat
+    _, ids, _, _ = stats_of(sparse, 3, "native")
+    assert ids.tolist() == [[1, 0, 2], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_greedy_decode_with_the_native_kernels_equals_torch_ops(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
     native_kernel()
+    real_attend, attended = native.AttendOne.__call__, []
+
+    def counting(self, *args):
+        out = real_attend(self, *args)
+        attended.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native.AttendOne, "__call__", counting)
     runtime = choose_runtime("cpu", precision)
     model = for_inference(make_model(), runtime)
     src = random_ids(6, 9)
     src[1, 6:] = PAD_ID
-    with runtime.compute():
-        fast = greedy_decode(model, src, 12, top_k=4)
-        fast_plain = greedy_decode(model, src, 12)
-        monkeypatch.setattr(native, "kernels", lambda: None)
-        want = greedy_decode(model, src, 12, top_k=4)
-        want_plain = greedy_decode(model, src, 12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a decoding worker, where the attention kernel runs too
+    try:
+        with runtime.compute():
+            fast = greedy_decode(model, src, 12, top_k=4)
+            fast_plain = greedy_decode(model, src, 12)
+            monkeypatch.setattr(native, "kernels", lambda: None)
+            want = greedy_decode(model, src, 12, top_k=4)
+            want_plain = greedy_decode(model, src, 12)
+    finally:
+        torch.set_num_threads(threads)
+    assert attended and all(attended), "a step's attention left the kernel"
     assert torch.equal(fast.tokens, want.tokens) and torch.equal(fast_plain.tokens, want_plain.tokens)
     assert torch.equal(fast.lengths, want.lengths) and torch.equal(fast.top_ids[..., 0], want.top_ids[..., 0])
     if precision == "fp32":  # bf16 logits tie among the alternatives, whose order torch's topk leaves free
         assert torch.equal(fast.top_ids, want.top_ids)
     for name in ("probs", "entropy", "top_probs"):
         torch.testing.assert_close(getattr(fast, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+
+
+def test_static_cache_steps_in_bf16_on_cpu_write_the_fp32_cache() -> None:
+    """bf16 steps on CPU keep their keys and values in fp32 caches; the static path converts as the dynamic one does."""
+    runtime = choose_runtime("cpu", "bf16")
+    model = for_inference(make_model(), runtime)
+    src = random_ids(3, 7)
+    with runtime.compute():
+        growing = greedy_decode(model, src, 8, stop_at_eos=False)
+        static = greedy_decode(model, src, 8, stop_at_eos=False, static=True)
+    assert torch.equal(static.tokens, growing.tokens)
+
+
+def test_fp16_logits_on_cpu_decode_with_torch_ops_beside_the_kernels() -> None:
+    """The kernels take fp32 and bf16 logits; an fp16 model (Python API only: the CLI refuses fp16 on CPU) still decodes."""
+    model = make_model().half().eval()
+    out = greedy_decode(model, random_ids(3, 7), 6, top_k=3)
+    assert out.probs is not None and out.probs.dtype == torch.float32 and (out.probs > 0).all()
 
 
 @pytest.mark.parametrize("vocab", [8000, 4096, 1000])  # 1000 is no multiple of the block: plain topk/argmax

@@ -187,6 +187,15 @@ def test_too_long_input_raises_a_clear_error() -> None:
         model(random_ids(1, 65), random_ids(1, 3))
 
 
+@pytest.fixture
+def one_thread():
+    """The attention kernel runs where torch runs one thread (each decoding worker does)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def keys_and_values(layout: str, B: int, H: int, L: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) keys and values as decoding reads them: views of the position-major cache, or the memory's own."""
     if layout == "cache":
@@ -197,7 +206,7 @@ def keys_and_values(layout: str, B: int, H: int, L: int, D: int) -> tuple[torch.
 @pytest.mark.parametrize("layout", ["cache", "memory"])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias_rows", [0, 1, 5])  # no mask, one row for all sentences, one per sentence
-def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, layout: str, q_dtype: torch.dtype, bias_rows: int) -> None:
+def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, one_thread, layout: str, q_dtype: torch.dtype, bias_rows: int) -> None:
     kernels = native.kernels()
     if kernels is None:
         pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
@@ -218,7 +227,7 @@ def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, layout: str
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax() -> None:
+def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax(one_thread) -> None:
     kernels = native.kernels()
     if kernels is None:
         pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
@@ -228,6 +237,14 @@ def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_so
     assert kernels.attend_one(q, keys.bfloat16(), values.bfloat16()) is None  # bf16 keys: torch's path
     assert kernels.attend_one(q, keys, values.transpose(2, 3).contiguous().transpose(2, 3)) is None  # other strides
     assert kernels.attend_one(torch.randn(B, H, 2, D), keys, values) is None  # two queries
+    assert kernels.attend_one(q, keys, values.to("meta")) is None and kernels.attend_one(q, keys, values, torch.zeros(B, 1, 1, L, device="meta")) is None
+    assert kernels.attend_one(q.requires_grad_(), keys, values) is None  # autograd: torch's ops record the graph
+    q = q.detach()
+    huge = torch.randn(1, 1, 1, 1).expand(1, 1, 2**40, 1)  # 2^40 scores would not fit the kernel's scratch
+    assert kernels.attend_one(torch.randn(1, 1, 1, 1), huge, huge) is None
+    torch.set_num_threads(2)  # torch's batched matmuls spread over both threads; the kernel would run on one
+    assert kernels.attend_one(q, keys, values) is None
+    torch.set_num_threads(1)
     hidden = torch.zeros(B, 1, 1, L)
     hidden[1] = float("-inf")  # every key of sentence 1 hidden: NaN, as softmax over -inf gives
     out = kernels.attend_one(q, keys, values, hidden)

@@ -5,7 +5,9 @@ test_model.py.)"""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,51 @@ def test_kernel_refuses_buffers_that_do_not_fit(cache: Path) -> None:
         kernel(logits.half(), values, ids)
     kernel(logits.t().contiguous().t(), values, ids)  # a non-contiguous view is made contiguous first
     assert torch.equal(ids, logits.topk(3).indices)
+
+
+@needs_compiler
+def test_the_library_is_readable_by_the_other_users_of_a_shared_cache(cache: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = native.build()
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # mkstemp's 0600 would lock them out
+
+
+@needs_compiler
+def test_a_library_we_may_not_read_is_left_alone_and_named(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    path = native.build()
+    path.write_bytes(b"someone else's")  # does not load; and os.access says we may not read it
+    monkeypatch.setattr(native.os, "access", lambda *args: False)
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.kernels() is None
+    assert f"cannot read {path}" in caplog.text and "NMTKIT_CACHE" in caplog.text
+    assert path.read_bytes() == b"someone else's"  # not deleted from under its owner
+
+
+def test_no_home_folder_falls_back_to_torch_ops_naming_nmtkit_cache(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.delenv("NMTKIT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native.Path, "home", no_home)
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.kernels() is None
+    assert "no home folder" in caplog.text and "NMTKIT_CACHE" in caplog.text
+
+
+@needs_compiler
+def test_cc_with_arguments_is_split_like_a_shell_would(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    monkeypatch.setenv("CC", f"{compiler} -std=c11")
+    assert native.build().read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_compiler_that_writes_nothing_leaves_no_empty_library(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "true")  # exits 0, writes nothing
+    with pytest.raises(native.NativeBuildError, match="without writing a library"):
+        native.build()
+    assert not cache.exists() or not list(cache.iterdir())

@@ -62,7 +62,7 @@ class TorchStepStats:
             if log_z is None and values.size(1) == 1:
                 ids[:, 0] = block_argmax(x)
                 return
-            top_values, top_ids = lower_id_first(*block_topk(x, values.size(1)))
+            top_values, top_ids = lower_id_first(*block_topk(x, values.size(1)), block_argmax(x))
             values.copy_(top_values)
             ids.copy_(top_ids)
             if log_z is None or entropy is None:
@@ -80,12 +80,17 @@ class TorchStepStats:
         return buffer
 
 
-def lower_id_first(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """A top-k's (B, k) values and ids with tied values in id order, as argmax and nmtkit's kernel break ties.
+def lower_id_first(values: Tensor, ids: Tensor, argmax: Tensor) -> tuple[Tensor, Tensor]:
+    """A top-k's (B, k) values and ids with tied values in id order, led by `argmax` (B,), the first of the largest
+    logits: the token chosen with the log off, and by nmtkit's kernel.
 
     torch's topk leaves the order of ties free, and bf16 logits tie often (8 bits of mantissa: 25 of the 807 test
     sentences of the quick start met a tie at the top), so the chosen token could depend on whether the log was on.
+    With more than k logits tied at the top, the top-k may not hold the argmax; it then takes the last place (whose
+    value is the same), and sorting by id brings it first.
     """
+    held = (ids == argmax[:, None]).any(dim=1, keepdim=True)
+    ids = torch.where(held, ids, torch.cat([argmax[:, None], ids[:, :-1]], dim=1))
     ids, order = ids.sort(dim=-1)
     values, order = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
     return values, ids.gather(1, order)
@@ -93,7 +98,7 @@ def lower_id_first(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 
 def step_stats(logits: Tensor) -> Callable[..., None]:
     """The per-step top-k and statistics for logits like these: nmtkit's kernel on CPU where it builds, else torch ops."""
-    kernels = native.kernels() if logits.device.type == "cpu" else None
+    kernels = native.kernels() if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) else None
     if kernels is None:
         return TorchStepStats()
     scratch = torch.empty(logits.size(-1)) if logits.dtype == torch.bfloat16 else None  # one row, widened to fp32

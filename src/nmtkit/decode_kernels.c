@@ -18,7 +18,7 @@
 
 #define CHUNK 64 /* top-k looks inside a chunk only when the chunk's largest value would enter it */
 
-/* e^z for -87 <= z <= 0 within ~2 ulp: z = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
+/* e^z for -87 <= z <= 0 within 3 ulp (2.74 at worst over every float of the range): z = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
  * degree 6, 2^n through the float's exponent bits. Inline, so the loop that calls it vectorises. */
 static inline float exp_nonpositive(float z) {
     float n = rintf(z * 1.44269504088896341f);
@@ -36,8 +36,8 @@ static inline float exp_nonpositive(float z) {
     return p * two_n;
 }
 
-static inline void insert(float v, int64_t i, int k, float *val, int64_t *idx) {
-    int j = k - 1;
+static inline void insert(float v, int64_t i, int k, float *val, int64_t *idx, int *filled) {
+    int j = *filled < k ? (*filled)++ : k - 1;
     while (j > 0 && v > val[j - 1]) { /* strictly greater: on ties the lower id stays first */
         val[j] = val[j - 1];
         idx[j] = idx[j - 1];
@@ -47,13 +47,11 @@ static inline void insert(float v, int64_t i, int k, float *val, int64_t *idx) {
     idx[j] = i;
 }
 
-/* The k largest values of row x (length V) into val/idx, descending. A NaN never enters; a row of NaNs keeps
- * the starting ids 0..k-1 (valid ids, so the caller's gathers cannot fail). */
+/* The k largest values of row x (length V) into val/idx, descending. Places no value above -inf took (a row of
+ * -inf or NaN, which never enter) get the lowest ids not taken yet, with their values: k distinct, valid ids always. */
 static void row_top_k(const float *x, int64_t V, int k, float *val, int64_t *idx) {
-    for (int j = 0; j < k; j++) {
-        val[j] = -INFINITY;
-        idx[j] = j;
-    }
+    int filled = 0;
+    for (int j = 0; j < k; j++) val[j] = -INFINITY;
     int64_t i = 0;
     for (; i + CHUNK <= V; i += CHUNK) {
         float chunk_max = -INFINITY;
@@ -61,10 +59,18 @@ static void row_top_k(const float *x, int64_t V, int k, float *val, int64_t *idx
         for (int c = 0; c < CHUNK; c++) chunk_max = x[i + c] > chunk_max ? x[i + c] : chunk_max;
         if (!(chunk_max > val[k - 1])) continue;
         for (int c = 0; c < CHUNK; c++)
-            if (x[i + c] > val[k - 1]) insert(x[i + c], i + c, k, val, idx);
+            if (x[i + c] > val[k - 1]) insert(x[i + c], i + c, k, val, idx, &filled);
     }
     for (; i < V; i++)
-        if (x[i] > val[k - 1]) insert(x[i], i, k, val, idx);
+        if (x[i] > val[k - 1]) insert(x[i], i, k, val, idx, &filled);
+    for (int64_t next = 0; filled < k && next < V; next++) {
+        int taken = 0;
+        for (int j = 0; j < filled; j++) taken |= idx[j] == next;
+        if (!taken) {
+            idx[filled] = next;
+            val[filled++] = x[next];
+        }
+    }
 }
 
 /* s = sum e^(x-m) and d = sum e^(x-m) (x-m) over row x, with m its largest value. x - m is clamped at -87:
@@ -129,10 +135,12 @@ static inline void add_scaled(float *out, float w, const float *x, int64_t D) {
 
 /* q (B, H, D) fp32 contiguous; key and value (b, h, l, d) at l * sl + b * sb + h * sh + d (the same layout for
  * both); bias: NULL or an additive mask, bias[b * bias_sb + l] (-inf hides a key; bias_sb = 0 shares one row);
- * out (B, H, D) fp32. Returns 0, or 1 when the scratch for the weights could not be allocated. A query whose
+ * out (B, H, D) fp32. Returns 0, or 1 when the scratch for the weights could not be allocated (or its size would
+ * overflow). A query whose
  * every key is hidden gets NaN, as softmax gives. */
 int nmtkit_attend_one(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t L, int64_t D,
                       int64_t sl, int64_t sb, int64_t sh, const float *bias, int64_t bias_sb, float scale, float *out) {
+    if (B <= 0 || H <= 0 || L <= 0 || (uint64_t)B * (uint64_t)H * (uint64_t)L > SIZE_MAX / sizeof(float)) return 1;
     float *w = malloc(sizeof(float) * (size_t)(B * H * L)); /* (B, H, L) scores, then unnormalised weights */
     if (w == NULL) return 1;
     /* Keys and values are walked in memory order: position by position in the position-major cache (each

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,7 +48,12 @@ class NativeBuildError(RuntimeError):
 def cache_dir() -> Path:
     if os.environ.get("NMTKIT_CACHE"):
         return Path(os.environ["NMTKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nmtkit"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "nmtkit"
+    try:
+        return Path.home() / ".cache" / "nmtkit"
+    except RuntimeError as e:  # no HOME and no passwd entry (some containers, `env -i`)
+        raise NativeBuildError(f"no home folder for the kernel cache ({e}); set NMTKIT_CACHE to a writable folder") from e
 
 
 def _cpu_signature() -> str:
@@ -61,19 +67,26 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {flags.strip()}"
 
 
-def _compiler() -> str:
-    found = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not found:
-        raise NativeBuildError("no C compiler found (set CC, or install gcc or clang)")
-    return found
+def _compiler() -> list[str]:
+    """The compiler command: $CC split like a shell would (`ccache gcc` works), else cc, gcc or clang."""
+    command = shlex.split(os.environ.get("CC", ""))
+    if not command:
+        found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not found:
+            raise NativeBuildError("no C compiler found (set CC, or install gcc or clang)")
+        command = [found]
+    return command
 
 
-def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
-    """The shared library built from `source` for this CPU, from the cache when it is there."""
+def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = False) -> Path:
+    """The shared library built from `source` for this CPU, from the cache unless `rebuild`.
+
+    The cache key is the source, the flags and the CPU, not the compiler: a library once built loads without one.
+    (To build with another compiler, delete the cache folder.)"""
     directory = cache_dir() if directory is None else directory
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = directory / f"{source.stem}-{key}.so"
-    if target.exists():
+    identity = source.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    target = directory / f"{source.stem}-{hashlib.sha256(identity).hexdigest()[:16]}.so"
+    if target.exists() and not rebuild:
         return target
     compiler = _compiler()
     try:
@@ -82,13 +95,21 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
         os.close(fd)
     except OSError as e:
         raise NativeBuildError(f"cannot write to the kernel cache {directory} ({e}); set NMTKIT_CACHE to a writable folder") from e
+    name = " ".join(compiler)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise NativeBuildError(f"{compiler} could not build {source.name}: {done.stderr.strip()[-800:]}")
+            raise NativeBuildError(f"{name} could not build {source.name}: {done.stderr.strip()[-800:]}")
+        if os.path.getsize(tmp) == 0:
+            raise NativeBuildError(f"{name} exited without writing a library for {source.name}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # readable by the other users of a shared cache, as a compiler's own output is
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before its name: a crash leaves no empty library under the real name
         os.replace(tmp, target)  # atomic: a process building at the same time replaces it with an equal file
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise NativeBuildError(f"{compiler} could not build {source.name}: {e}") from e
+        raise NativeBuildError(f"{name} could not build {source.name}: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -119,7 +140,9 @@ class DecodeStats:
         scratch: Tensor | None = None,
     ) -> None:
         """Writes values (B, k) fp32 and ids (B, k) int64, descending, lower id first on ties; log_z and entropy
-        (B,) fp32 when given (both or neither). bf16 logits need `scratch`, V fp32 values. All contiguous CPU tensors."""
+        (B,) fp32 when given (both or neither). bf16 logits need `scratch`, V fp32 values. All contiguous CPU tensors.
+        A NaN logit is never chosen (torch's argmax would take it); a row with fewer than k logits above -inf gets
+        the lowest free ids for the rest, so the k ids are always distinct and valid."""
         logits = logits.contiguous()
         B, V = logits.shape
         k = values.size(1)
@@ -152,7 +175,11 @@ def _expect(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
 class AttendOne:
     """Attention of one query per sentence and head: q (B, H, 1, D), keys and values (B, H, L, D) fp32 CPU views with
     the same strides and contiguous rows, bias None or an additive fp32 (B or 1, 1, 1, L) mask -> (B, H, 1, D) in q's
-    dtype, as `model.attend_one`. Returns None for inputs it does not take (the caller then uses torch ops)."""
+    dtype, as `model.attend_one`. Returns None for inputs it does not take, and when torch runs more than one thread
+    (the kernel runs on one; torch's batched matmuls spread over several: at B = 64, L = 48 on two threads 199 µs
+    against the kernel's 352). The caller then uses torch ops."""
+
+    MAX_SCORES = 1 << 31  # B * H * L: the kernel's scratch is 4 bytes a score
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._attend = library.nmtkit_attend_one
@@ -162,12 +189,15 @@ class AttendOne:
     def __call__(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor | None:
         B, H, L, D = keys.shape
         if (
-            q.shape != (B, H, 1, D) or values.shape != keys.shape or keys.stride() != values.stride() or keys.stride(-1) != 1
-            or keys.dtype != torch.float32 or values.dtype != torch.float32 or keys.device.type != "cpu" or L == 0
+            torch.get_num_threads() != 1
+            or q.shape != (B, H, 1, D) or values.shape != keys.shape or keys.stride() != values.stride() or keys.stride(-1) != 1
+            or keys.dtype != torch.float32 or values.dtype != torch.float32 or not 0 < B * H * L <= self.MAX_SCORES
+            or any(t.device.type != "cpu" for t in (q, keys, values) if t is not None)
+            or (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))
         ):
             return None
         if bias is not None:
-            if bias.dim() != 4 or bias.shape[1:] != (1, 1, L) or bias.size(0) not in (1, B):
+            if bias.device.type != "cpu" or bias.dim() != 4 or bias.shape[1:] != (1, 1, L) or bias.size(0) not in (1, B):
                 return None
             bias = bias.to(torch.float32).contiguous()
         query = torch.empty(B, H, D)
@@ -197,13 +227,19 @@ def kernels() -> Kernels | None:
         log.info("native decode kernels off (NMTKIT_NATIVE=0): decoding uses torch ops")
         return None
     try:
-        path = build()
-        try:
-            library = ctypes.CDLL(str(path))
-        except OSError:  # a damaged file in the cache: build it again
-            path.unlink(missing_ok=True)
-            library = ctypes.CDLL(str(build()))
+        library = _load()
         return Kernels(DecodeStats(library), AttendOne(library))
-    except (NativeBuildError, OSError, AttributeError) as e:
+    except Exception as e:  # whatever the reason, decoding goes on with torch ops
         log.info("native decode kernels unavailable (%s): decoding uses torch ops, which are slower", e)
         return None
+
+
+def _load() -> ctypes.CDLL:
+    path = build()
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
+            raise NativeBuildError(f"cannot read {path} ({e}); set NMTKIT_CACHE to a folder of your own") from e
+        return ctypes.CDLL(str(build(rebuild=True)))  # a damaged file (a full disk, a copy cut short): build it again
+
