@@ -62,7 +62,7 @@ class TorchStepStats:
             if log_z is None and values.size(1) == 1:
                 ids[:, 0] = block_argmax(x)
                 return
-            top_values, top_ids = lower_id_first(*block_topk(x, values.size(1)), block_argmax(x))
+            top_values, top_ids = self._top_k(x, values.size(1))
             values.copy_(top_values)
             ids.copy_(top_ids)
             if log_z is None or entropy is None:
@@ -70,6 +70,18 @@ class TorchStepStats:
             p = torch.softmax(x, dim=-1, out=self._buffer("_p", x))  # (B, V)
             torch.sub(top_values[:, 0], p.gather(1, top_ids[:, :1])[:, 0].log(), out=log_z)  # p(argmax) >= 1/V
             torch.sub(log_z, p.mul_(x).sum(dim=-1), out=entropy)  # p . x in p's own buffer
+
+    @staticmethod
+    def _top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """block_topk with ties in id order, led by block_argmax's token (see `lower_id_first`)."""
+        if k == 1:
+            ids = block_argmax(x)[:, None]
+            return x.gather(1, ids), ids
+        values, ids = block_topk(x, k)
+        # Only where all k places hold the maximum can the argmax lie outside them: on CPU look first (a host read is
+        # free there, and the argmax is another pass over the logits); on GPUs always, rather than wait on the device.
+        outside = x.device.type != "cpu" or bool((values[:, -1] == values[:, 0]).any())
+        return lower_id_first(values, ids, block_argmax(x) if outside else None)
 
     def _buffer(self, name: str, like: Tensor) -> Tensor:
         """The fp32 buffer self.<name>, (re)allocated when `like`'s shape is new."""
@@ -80,17 +92,18 @@ class TorchStepStats:
         return buffer
 
 
-def lower_id_first(values: Tensor, ids: Tensor, argmax: Tensor) -> tuple[Tensor, Tensor]:
-    """A top-k's (B, k) values and ids with tied values in id order, led by `argmax` (B,), the first of the largest
-    logits: the token chosen with the log off, and by nmtkit's kernel.
+def lower_id_first(values: Tensor, ids: Tensor, argmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A top-k's (B, k) values and ids with tied values in id order, led by `argmax` (B,) when given, the first of the
+    largest logits: the token chosen with the log off, and by nmtkit's kernel.
 
     torch's topk leaves the order of ties free, and bf16 logits tie often (8 bits of mantissa: 25 of the 807 test
     sentences of the quick start met a tie at the top), so the chosen token could depend on whether the log was on.
     With more than k logits tied at the top, the top-k may not hold the argmax; it then takes the last place (whose
     value is the same), and sorting by id brings it first.
     """
-    held = (ids == argmax[:, None]).any(dim=1, keepdim=True)
-    ids = torch.where(held, ids, torch.cat([argmax[:, None], ids[:, :-1]], dim=1))
+    if argmax is not None:
+        held = (ids == argmax[:, None]).any(dim=1, keepdim=True)
+        ids = torch.where(held, ids, torch.cat([argmax[:, None], ids[:, :-1]], dim=1))
     ids, order = ids.sort(dim=-1)
     values, order = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
     return values, ids.gather(1, order)
