@@ -227,6 +227,39 @@ def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, one_thread,
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("layout", ["cache", "memory"])
+def test_native_attention_over_bf16_caches_equals_the_same_values_in_fp32(one_thread, layout: str) -> None:
+    """bf16 caches hold the bf16 projections' keys and values exactly; the kernel widens them exactly as it reads."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    torch.manual_seed(12)
+    B, H, L, D = 5, 4, 9, 16
+    keys, values = (t.bfloat16() for t in keys_and_values(layout, B, H, L, D))
+    q = torch.randn(B, H, 1, D)  # fp32 output: no bf16 rounding to hide a difference (the sums' order may differ)
+    bias = torch.zeros(B, 1, 1, L)
+    bias[2, ..., 6:] = float("-inf")
+    got = kernels.attend_one(q, keys, values, bias)
+    want = kernels.attend_one(q, keys.float(), values.float(), bias)
+    assert got is not None and want is not None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_decoding_caches_are_bf16_only_where_the_attention_kernel_reads_them(monkeypatch, one_thread) -> None:
+    if native.kernels() is None:
+        pytest.skip("nmtkit's native kernels could not be built here: caches stay fp32")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert native.cpu_cache_dtype(bf16) == bf16 and native.cpu_cache_dtype(fp32) == fp32
+    torch.set_num_threads(2)  # torch's batched matmuls then attend, and they are fast over fp32 only
+    assert native.cpu_cache_dtype(bf16) == fp32
+    torch.set_num_threads(1)
+    model = make_model().to(bf16)
+    memory, mask = torch.randn(2, 5, 32).to(bf16), torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert model.start_cache(memory, mask, 4).keys.dtype == bf16
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    assert native.cpu_cache_dtype(bf16) == fp32 and model.start_cache(memory, mask, 4).keys.dtype == fp32
+
+
 def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax(one_thread) -> None:
     kernels = native.kernels()
     if kernels is None:
@@ -234,7 +267,7 @@ def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_so
     B, H, L, D = 2, 2, 3, 8
     keys, values = keys_and_values("memory", B, H, L, D)
     q = torch.randn(B, H, 1, D)
-    assert kernels.attend_one(q, keys.bfloat16(), values.bfloat16()) is None  # bf16 keys: torch's path
+    assert kernels.attend_one(q, keys.bfloat16(), values) is None  # keys and values of two dtypes: torch's path
     assert kernels.attend_one(q, keys, values.transpose(2, 3).contiguous().transpose(2, 3)) is None  # other strides
     assert kernels.attend_one(torch.randn(B, H, 2, D), keys, values) is None  # two queries
     assert kernels.attend_one(q, keys, values.to("meta")) is None and kernels.attend_one(q, keys, values, torch.zeros(B, 1, 1, L, device="meta")) is None

@@ -128,27 +128,58 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return sum;
 }
 
+static inline float widen(uint16_t h) { /* a bf16 is the top half of an fp32: exact */
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float dot_bf16(const float *a, const uint16_t *b, int64_t D) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t d = 0; d < D; d++) sum += a[d] * widen(b[d]);
+    return sum;
+}
+
 static inline void add_scaled(float *out, float w, const float *x, int64_t D) {
 #pragma omp simd
     for (int64_t d = 0; d < D; d++) out[d] += w * x[d];
 }
 
+static inline void add_scaled_bf16(float *out, float w, const uint16_t *x, int64_t D) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) out[d] += w * widen(x[d]);
+}
+
 /* q (B, H, D) fp32 contiguous; key and value (b, h, l, d) at l * sl + b * sb + h * sh + d (the same layout for
- * both); bias: NULL or an additive mask, bias[b * bias_sb + l] (-inf hides a key; bias_sb = 0 shares one row);
+ * both), fp32, or bf16 when kv_bf16 (half the bytes to read; widened exactly as they are read); bias: NULL or an additive mask, bias[b * bias_sb + l] (-inf hides a key; bias_sb = 0 shares one row);
  * out (B, H, D) fp32. Returns 0, or 1 when the scratch for the weights could not be allocated (or its size would
  * overflow). A query whose
  * every key is hidden gets NaN, as softmax gives. */
-int nmtkit_attend_one(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t L, int64_t D,
-                      int64_t sl, int64_t sb, int64_t sh, const float *bias, int64_t bias_sb, float scale, float *out) {
+int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t L,
+                      int64_t D, int64_t sl, int64_t sb, int64_t sh, const float *bias, int64_t bias_sb, float scale,
+                      float *out) {
     if (B <= 0 || H <= 0 || L <= 0 || (uint64_t)B * (uint64_t)H * (uint64_t)L > SIZE_MAX / sizeof(float)) return 1;
     float *w = malloc(sizeof(float) * (size_t)(B * H * L)); /* (B, H, L) scores, then unnormalised weights */
     if (w == NULL) return 1;
     /* Keys and values are walked in memory order: position by position in the position-major cache (each
      * position one contiguous (B, H, D) slab), sentence by sentence in the encoder memory's (B, H, S, D). */
     int by_position = sl > sh;
-#define KEY(b, h, l) (k + (l) * sl + (b) * sb + (h) * sh)
-#define VALUE(b, h, l) (v + (l) * sl + (b) * sb + (h) * sh)
-#define SCORE(b, h, l) w[((b) * H + (h)) * L + (l)] = dot(q + ((b) * H + (h)) * D, KEY(b, h, l), D) * scale
+#define AT(b, h, l) ((l) * sl + (b) * sb + (h) * sh) /* an element's offset in keys and values */
+#define SCORE(b, h, l)                                                                                            \
+    w[((b) * H + (h)) * L + (l)] =                                                                                \
+        (kv_bf16 ? dot_bf16(q + ((b) * H + (h)) * D, (const uint16_t *)k + AT(b, h, l), D)                     \
+                 : dot(q + ((b) * H + (h)) * D, (const float *)k + AT(b, h, l), D)) *                          \
+        scale
+#define ADD_VALUE(b, h, l)                                                                                        \
+    do {                                                                                                          \
+        float *o = out + ((b) * H + (h)) * D, weight = w[((b) * H + (h)) * L + (l)];                              \
+        if (kv_bf16)                                                                                              \
+            add_scaled_bf16(o, weight, (const uint16_t *)v + AT(b, h, l), D);                                  \
+        else                                                                                                      \
+            add_scaled(o, weight, (const float *)v + AT(b, h, l), D);                                          \
+    } while (0)
     if (by_position) {
         for (int64_t l = 0; l < L; l++)
             for (int64_t b = 0; b < B; b++)
@@ -174,11 +205,11 @@ int nmtkit_attend_one(const float *q, const float *k, const float *v, int64_t B,
     if (by_position) {
         for (int64_t l = 0; l < L; l++)
             for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++) add_scaled(out + (b * H + h) * D, w[(b * H + h) * L + l], VALUE(b, h, l), D);
+                for (int64_t h = 0; h < H; h++) ADD_VALUE(b, h, l);
     } else {
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < H; h++)
-                for (int64_t l = 0; l < L; l++) add_scaled(out + (b * H + h) * D, w[(b * H + h) * L + l], VALUE(b, h, l), D);
+                for (int64_t l = 0; l < L; l++) ADD_VALUE(b, h, l);
     }
     for (int64_t bh = 0; bh < B * H; bh++) { /* the softmax's division, once per output */
         float sum = 0.0f;
@@ -186,9 +217,9 @@ int nmtkit_attend_one(const float *q, const float *k, const float *v, int64_t B,
         float inv = 1.0f / sum;
         for (int64_t d = 0; d < D; d++) out[bh * D + d] *= inv;
     }
-#undef KEY
-#undef VALUE
+#undef AT
 #undef SCORE
+#undef ADD_VALUE
     free(w);
     return 0;
 }

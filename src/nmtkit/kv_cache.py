@@ -8,7 +8,8 @@ contiguous (B, H, Dh) slab. On CPU the attention's batched matmuls read such a b
 in cache (keys and values of 64 sentences at 24 positions: 209 us against 339 for the batch-major layout
 that leaves gaps, one thread). The buffers have
 their own dtype: `Transformer.start_cache` keeps them in fp32 on CPU, where batched matmuls of a
-single query are several times faster in fp32 than in bf16. The
+single query are several times faster in fp32 than in bf16, except where nmtkit's attention kernel reads them
+(`native.cpu_cache_dtype`: bf16, half the bytes). The
 cross-attention keys and values depend only on the encoder memory, so they are computed once per
 sentence and kept in `memory_kv`.
 """

@@ -66,7 +66,7 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = No
     in the keys' dtype (the cache's: fp32 on CPU, where torch's bf16 batched matmuls of this shape cost
     2-6x more than fp32 ones and copy strided operands), returned in q's dtype. `bias` is an additive
     (B, 1, 1, L) mask: 0 for keys to attend to, -inf for padding. On CPU, nmtkit's own kernel does all of it in one
-    call where it is built (native.py; ~10% of a decoding step).
+    call where it is built (native.py; ~10% of a decoding step), over fp32 or bf16 caches (`native.cpu_cache_dtype`).
     """
     if q.device.type == "cpu" and (kernels := native.kernels()) is not None:
         if (out := kernels.attend_one(q, keys, values, bias)) is not None:
@@ -386,9 +386,10 @@ class Transformer(nn.Module):
             raise ValueError(f"{max_len} output positions exceed model.max_positions={self.cfg.max_positions}")
         B = memory.size(0)
         H = self.cfg.n_heads
-        # fp32 on CPU (see attend_one); elsewhere the weights' dtype (bf16 after `for_inference`): `memory`
-        # itself is fp32 under autocast, whose LayerNorm runs in fp32
-        dtype = torch.float32 if memory.device.type == "cpu" else self.output_weight.dtype
+        # On CPU fp32, or bf16 where nmtkit's attention kernel reads them (native.cpu_cache_dtype); elsewhere the
+        # weights' dtype (bf16 after `for_inference`): `memory` itself is fp32 under autocast, whose LayerNorm runs in fp32
+        weights = self.output_weight.dtype
+        dtype = native.cpu_cache_dtype(weights) if memory.device.type == "cpu" else weights
         cache = KVCache(len(self.decoder), B, H, max_len, self.cfg.d_model // H, memory.device, dtype, static)
         # contiguous copies: every decoding step reads them, and strided ones would be copied each time
         for layer in self._decoder_layers():

@@ -173,8 +173,8 @@ def _expect(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
 
 
 class AttendOne:
-    """Attention of one query per sentence and head: q (B, H, 1, D), keys and values (B, H, L, D) fp32 CPU views with
-    the same strides and contiguous rows, bias None or an additive fp32 (B or 1, 1, 1, L) mask -> (B, H, 1, D) in q's
+    """Attention of one query per sentence and head: q (B, H, 1, D), keys and values (B, H, L, D) fp32 or bf16 CPU views
+    of one dtype, with the same strides and contiguous rows, bias None or an additive fp32 (B or 1, 1, 1, L) mask -> (B, H, 1, D) in q's
     dtype, as `model.attend_one`. Returns None for inputs it does not take, and when torch runs more than one thread
     (the kernel runs on one; torch's batched matmuls spread over several: at B = 64, L = 48 on two threads 199 µs
     against the kernel's 352). The caller then uses torch ops."""
@@ -183,7 +183,9 @@ class AttendOne:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._attend = library.nmtkit_attend_one
-        self._attend.argtypes = [_float_p, _float_p, _float_p, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _float_p, _i64, ctypes.c_float, _float_p]
+        self._attend.argtypes = [
+            _float_p, _float_p, _float_p, ctypes.c_int, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _float_p, _i64, ctypes.c_float, _float_p,
+        ]
         self._attend.restype = ctypes.c_int
 
     def __call__(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor | None:
@@ -191,7 +193,7 @@ class AttendOne:
         if (
             torch.get_num_threads() != 1
             or q.shape != (B, H, 1, D) or values.shape != keys.shape or keys.stride() != values.stride() or keys.stride(-1) != 1
-            or keys.dtype != torch.float32 or values.dtype != torch.float32 or not 0 < B * H * L <= self.MAX_SCORES
+            or keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype != keys.dtype or not 0 < B * H * L <= self.MAX_SCORES
             or any(t.device.type != "cpu" for t in (q, keys, values) if t is not None)
             or (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))
         ):
@@ -205,13 +207,26 @@ class AttendOne:
         out = torch.empty(B, H, 1, D)
         sb, sh, sl, _ = keys.stride()
         rc = self._attend(
-            query.data_ptr(), keys.data_ptr(), values.data_ptr(), B, H, L, D, sl, sb, sh,
+            query.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.dtype == torch.bfloat16, B, H, L, D, sl, sb, sh,
             None if bias is None else bias.data_ptr(), L if bias is not None and bias.size(0) == B else 0,
             D**-0.5, out.data_ptr(),
         )
         if rc != 0:
             raise MemoryError(f"attention scratch of {B * H * L * 4:,} bytes could not be allocated")
         return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:
+    """The dtype of a CPU decoding run's key/value caches.
+
+    bf16 where the attention kernel will read them (bf16 weights, so the keys and values are bf16 already and lose
+    nothing; nmtkit's kernels; one torch thread, as in every decoding worker): half the bytes to keep and read, so a
+    worker's caches and weights fit the CPU's L3 better (one batch of the benchmark, one thread: 210 -> 182 ms).
+    fp32 elsewhere: torch's batched matmuls of one query are several times faster over fp32 caches than bf16 ones.
+    """
+    if weights == torch.bfloat16 and torch.get_num_threads() == 1 and kernels() is not None:
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass(frozen=True)
