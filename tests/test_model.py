@@ -249,15 +249,23 @@ def test_decoding_caches_are_bf16_only_where_the_attention_kernel_reads_them(mon
     if native.kernels() is None:
         pytest.skip("nmtkit's native kernels could not be built here: caches stay fp32")
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert native.cpu_cache_dtype(bf16) == bf16 and native.cpu_cache_dtype(fp32) == fp32
+    with torch.no_grad():  # as decoding runs
+        assert native.cpu_cache_dtype(bf16) == bf16 and native.cpu_cache_dtype(fp32) == fp32
     torch.set_num_threads(2)  # torch's batched matmuls then attend, and they are fast over fp32 only
     assert native.cpu_cache_dtype(bf16) == fp32
     torch.set_num_threads(1)
+    with torch.enable_grad():  # the kernel records no graph: torch's ops attend, over fp32
+        assert native.cpu_cache_dtype(bf16) == fp32
+    with torch.no_grad():
+        assert native.cpu_cache_dtype(bf16) == bf16
     model = make_model().to(bf16)
     memory, mask = torch.randn(2, 5, 32).to(bf16), torch.ones(2, 1, 1, 5, dtype=torch.bool)
-    assert model.start_cache(memory, mask, 4).keys.dtype == bf16
+    with torch.no_grad():
+        cache = model.start_cache(memory, mask, 4)
+    assert cache.keys.dtype == bf16 and cache.memory_bias is not None and cache.memory_bias.dtype == fp32
     monkeypatch.setattr(native, "kernels", lambda: None)
-    assert native.cpu_cache_dtype(bf16) == fp32 and model.start_cache(memory, mask, 4).keys.dtype == fp32
+    with torch.no_grad():
+        assert native.cpu_cache_dtype(bf16) == fp32 and model.start_cache(memory, mask, 4).keys.dtype == fp32
 
 
 def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax(one_thread) -> None:
@@ -277,6 +285,7 @@ def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_so
     assert kernels.attend_one(torch.randn(1, 1, 1, 1), huge, huge) is None
     torch.set_num_threads(2)  # torch's batched matmuls spread over both threads; the kernel would run on one
     assert kernels.attend_one(q, keys, values) is None
+    assert kernels.attend_one(q, keys.bfloat16(), values.bfloat16()) is not None  # but over bf16 caches it is faster
     torch.set_num_threads(1)
     hidden = torch.zeros(B, 1, 1, L)
     hidden[1] = float("-inf")  # every key of sentence 1 hidden: NaN, as softmax over -inf gives

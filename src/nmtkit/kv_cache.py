@@ -56,7 +56,7 @@ class KVCache:
         """Store k, v (B, H, 1, Dh) at the current position; return all keys/values so far (B, H, t+1, Dh),
         or with a static cache all `max_len` slots (B, H, max_len, Dh), to be read with `self_bias`."""
         if self.static:
-            # in the cache's dtype (fp32 on CPU, where bf16 steps write fp32 caches), as the dynamic path's assignment
+            # in the cache's dtype (fp32 caches on CPU take bf16 steps' keys), as the dynamic path's assignment
             self.keys[layer].index_copy_(0, self.position, k.permute(2, 0, 1, 3).to(self.keys.dtype))
             self.values[layer].index_copy_(0, self.position, v.permute(2, 0, 1, 3).to(self.values.dtype))
             return _by_sentence(self.keys[layer]), _by_sentence(self.values[layer])

@@ -63,8 +63,8 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = No
     """Attention for a single query position: q (B, H, 1, Dh), keys/values (B, H, L, Dh) -> (B, H, 1, Dh).
 
     Decoding runs this thousands of times on tiny tensors, so it is two batched matmuls and a softmax
-    in the keys' dtype (the cache's: fp32 on CPU, where torch's bf16 batched matmuls of this shape cost
-    2-6x more than fp32 ones and copy strided operands), returned in q's dtype. `bias` is an additive
+    in the keys' dtype (the cache's: fp32 on CPU where these ops attend, since torch's bf16 batched matmuls of this
+    shape cost 2-6x more than fp32 ones and copy strided operands), returned in q's dtype. `bias` is an additive
     (B, 1, 1, L) mask: 0 for keys to attend to, -inf for padding. On CPU, nmtkit's own kernel does all of it in one
     call where it is built (native.py; ~10% of a decoding step), over fp32 or bf16 caches (`native.cpu_cache_dtype`).
     """
@@ -74,7 +74,7 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = No
     with torch.autocast(q.device.type, enabled=False):  # autocast would cast fp32 keys back to bf16
         scores = torch.matmul(q.to(keys.dtype) * q.size(-1) ** -0.5, keys.transpose(-1, -2))  # (B, H, 1, L)
         if bias is not None:
-            scores = scores + bias
+            scores = scores + bias.to(scores.dtype)  # (an fp32 mask beside bf16 keys stays in the keys' dtype)
         return torch.matmul(scores.softmax(dim=-1), values).to(q.dtype)
 
 
@@ -395,7 +395,8 @@ class Transformer(nn.Module):
         for layer in self._decoder_layers():
             k, v = layer.cross_attn.memory_kv(memory)
             cache.memory_kv.append((k.to(dtype).contiguous(), v.to(dtype).contiguous()))
-        zeros = torch.zeros(src_mask.shape, dtype=dtype, device=memory.device)
+        # fp32 on CPU (the attention kernel reads an fp32 mask; a bf16 one would be converted at every step)
+        zeros = torch.zeros(src_mask.shape, dtype=torch.float32 if memory.device.type == "cpu" else dtype, device=memory.device)
         cache.memory_bias = zeros.masked_fill(~src_mask, float("-inf"))  # (B, 1, 1, S)
         return cache
 
