@@ -358,6 +358,28 @@ def test_kv_cache_returns_what_was_appended_from_one_gapless_block() -> None:
     assert keys.permute(2, 0, 1, 3).is_contiguous()  # the written positions: one block, no unwritten slots inside
 
 
+def test_kv_cache_reorder_moves_the_written_positions_and_leaves_the_memory_when_asked() -> None:
+    cache = KVCache(n_layers=2, batch=3, n_heads=4, max_len=10, head_dim=8, device=torch.device("cpu"), dtype=torch.float32)
+    memory = (torch.randn(3, 4, 5, 8), torch.randn(3, 4, 5, 8))
+    cache.memory_kv = [memory, memory]
+    cache.memory_bias = torch.zeros(3, 1, 1, 5)
+    written = [torch.randn(3, 4, 1, 8) for _ in range(4)]
+    for k in written:
+        for layer in (0, 1):
+            cache.append(layer, k + layer, -k)
+        cache.advance()
+    index = torch.tensor([2, 2, 0, 1])  # a row twice, one dropped: B' = 4
+    cache.reorder(index, memory=False)
+    assert cache.memory_kv[0] is memory and cache.memory_bias.size(0) == 3  # left as they were
+    for layer in (0, 1):
+        keys, values = cache.append(layer, torch.zeros(4, 4, 1, 8), torch.zeros(4, 4, 1, 8))
+        want = torch.cat(written, dim=2).index_select(0, index)
+        assert torch.equal(keys[:, :, :4], want + layer) and torch.equal(values[:, :, :4], -want)
+    cache.reorder(torch.tensor([2, 0]))  # memory=True: the cross-attention rows follow too
+    assert cache.memory_kv[0][0].size(0) == 2 and torch.equal(cache.memory_kv[0][0][0], memory[0][2])
+    assert cache.memory_bias is not None and cache.memory_bias.size(0) == 2
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_packed_output_projection_follows_a_replaced_output_layer_or_embedding(tie: bool) -> None:
     model = for_inference(make_model(tie=tie), choose_runtime("cpu", "bf16"))

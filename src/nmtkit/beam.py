@@ -238,7 +238,7 @@ def beam_search(
         sums = cand.sums.gather(1, keep)
         live = live.select(parents)
         live.write(t, cand.step.select(keep))
-        cache.reorder((parents + offsets).flatten())
+        cache.reorder((parents + offsets).flatten(), memory=False)  # rows move among a sentence's beams only
         token = live.tokens[:, :, t].reshape(B * K, 1)
         is_done |= (torch.isfinite(finished.scores).sum(dim=1) >= K) | is_last
         # The host check costs a sync, so look every 4 steps; steps after a sentence is done don't touch its slots.

@@ -73,15 +73,26 @@ class KVCache:
         if self.static:
             self.position += 1
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (B',) of the batch, e.g. to drop finished sentences or follow beams."""
+    def reorder(self, index: Tensor, memory: bool = True) -> None:
+        """Keep rows `index` (B',) of the batch, e.g. to drop finished sentences or follow beams.
+
+        Only the positions written so far are copied (the buffers hold `max_len`). memory=False leaves the
+        cross-attention keys, values and mask as they are: right when every row of `index` has the same source as
+        the row it replaces, as when beam search moves rows among one sentence's beams (a copy per step otherwise).
+        """
         if self.static:  # a captured graph holds the old tensors
             raise RuntimeError("a static KV cache cannot be reordered; use a dynamic one (static=False) for beam search")
-        self.keys = self.keys.index_select(2, index)
-        self.values = self.values.index_select(2, index)
-        self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
-        if self.memory_bias is not None:
-            self.memory_bias = self.memory_bias.index_select(0, index)
+        t = self.length
+        shape = (*self.keys.shape[:2], index.numel(), *self.keys.shape[3:])
+        keys, values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        for layer in range(self.keys.size(0)):  # each layer's written positions are one contiguous block
+            torch.index_select(self.keys[layer, :t], 1, index, out=keys[layer, :t])
+            torch.index_select(self.values[layer, :t], 1, index, out=values[layer, :t])
+        self.keys, self.values = keys, values
+        if memory:
+            self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
+            if self.memory_bias is not None:
+                self.memory_bias = self.memory_bias.index_select(0, index)
 
 
 def _by_sentence(block: Tensor) -> Tensor:
