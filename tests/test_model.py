@@ -187,6 +187,14 @@ def test_too_long_input_raises_a_clear_error() -> None:
         model(random_ids(1, 65), random_ids(1, 3))
 
 
+def native_kernels() -> native.Kernels:
+    """nmtkit's native kernels, or a skip where they can't be built here (decoding then runs torch ops alone)."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("nmtkit's native kernels could not be built here (see the log): the torch path is tested alone")
+    return kernels
+
+
 @pytest.fixture
 def one_thread():
     """The attention kernel runs where torch runs one thread (each decoding worker does)."""
@@ -207,9 +215,7 @@ def keys_and_values(layout: str, B: int, H: int, L: int, D: int) -> tuple[torch.
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias_rows", [0, 1, 5])  # no mask, one row for all sentences, one per sentence
 def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, one_thread, layout: str, q_dtype: torch.dtype, bias_rows: int) -> None:
-    kernels = native.kernels()
-    if kernels is None:
-        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    kernels = native_kernels()
     torch.manual_seed(bias_rows)
     B, H, L, D = 5, 4, 7, 16
     keys, values = keys_and_values(layout, B, H, L, D)
@@ -230,9 +236,7 @@ def test_native_attention_of_one_query_equals_torch_ops(monkeypatch, one_thread,
 @pytest.mark.parametrize("layout", ["cache", "memory"])
 def test_native_attention_over_bf16_caches_equals_the_same_values_in_fp32(one_thread, layout: str) -> None:
     """bf16 caches hold the bf16 projections' keys and values exactly; the kernel widens them exactly as it reads."""
-    kernels = native.kernels()
-    if kernels is None:
-        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    kernels = native_kernels()
     torch.manual_seed(12)
     B, H, L, D = 5, 4, 9, 16
     keys, values = (t.bfloat16() for t in keys_and_values(layout, B, H, L, D))
@@ -246,8 +250,7 @@ def test_native_attention_over_bf16_caches_equals_the_same_values_in_fp32(one_th
 
 
 def test_decoding_caches_are_bf16_only_where_the_attention_kernel_reads_them(monkeypatch, one_thread) -> None:
-    if native.kernels() is None:
-        pytest.skip("nmtkit's native kernels could not be built here: caches stay fp32")
+    native_kernels()  # (without them the caches stay fp32)
     bf16, fp32 = torch.bfloat16, torch.float32
     with torch.no_grad():  # as decoding runs
         assert native.cpu_cache_dtype(bf16) == bf16 and native.cpu_cache_dtype(fp32) == fp32
@@ -269,9 +272,7 @@ def test_decoding_caches_are_bf16_only_where_the_attention_kernel_reads_them(mon
 
 
 def test_native_attention_hands_back_what_it_does_not_take_and_gives_nan_like_softmax(one_thread) -> None:
-    kernels = native.kernels()
-    if kernels is None:
-        pytest.skip("nmtkit's native kernels could not be built here: decoding attends with torch ops")
+    kernels = native_kernels()
     B, H, L, D = 2, 2, 3, 8
     keys, values = keys_and_values("memory", B, H, L, D)
     q = torch.randn(B, H, 1, D)

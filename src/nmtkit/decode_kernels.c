@@ -18,8 +18,9 @@
 
 #define CHUNK 64 /* top-k looks inside a chunk only when the chunk's largest value would enter it */
 
-/* e^z for -87 <= z <= 0 within 3 ulp (2.74 at worst over every float of the range): z = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
- * degree 6, 2^n through the float's exponent bits. Inline, so the loop that calls it vectorises. */
+/* e^z for -87 <= z <= 0 within 3 ulp (2.74 at worst over every float of the range): z = n ln 2 + r with
+ * |r| <= ln 2 / 2, e^r by its Taylor polynomial to degree 6, 2^n through the float's exponent bits. Inline, so the
+ * loop that calls it vectorises. */
 static inline float exp_nonpositive(float z) {
     float n = rintf(z * 1.44269504088896341f);
     float r = z - n * 0.693145751953125f - n * 1.428606820309417232e-6f; /* ln 2 in two parts */
@@ -153,10 +154,10 @@ static inline void add_scaled_bf16(float *out, float w, const uint16_t *x, int64
 }
 
 /* q (B, H, D) fp32 contiguous; key and value (b, h, l, d) at l * sl + b * sb + h * sh + d (the same layout for
- * both), fp32, or bf16 when kv_bf16 (half the bytes to read; widened exactly as they are read); bias: NULL or an additive mask, bias[b * bias_sb + l] (-inf hides a key; bias_sb = 0 shares one row);
- * out (B, H, D) fp32. Returns 0, or 1 when the scratch for the weights could not be allocated (or its size would
- * overflow). A query whose
- * every key is hidden gets NaN, as softmax gives. */
+ * both), fp32, or bf16 when kv_bf16 (half the bytes to read; widened exactly as they are read); bias: NULL or an
+ * additive mask, bias[b * bias_sb + l] (-inf hides a key; bias_sb = 0 shares one row); out (B, H, D) fp32. Returns 0,
+ * or 1 when the scratch for the weights could not be allocated (or its size would overflow). A query whose every key
+ * is hidden gets NaN, as softmax gives. */
 int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16, int64_t B, int64_t H, int64_t L,
                       int64_t D, int64_t sl, int64_t sb, int64_t sh, const float *bias, int64_t bias_sb, float scale,
                       float *out) {
@@ -180,15 +181,17 @@ int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16,
         else                                                                                                      \
             add_scaled(o, weight, (const float *)v + AT(b, h, l), D);                                          \
     } while (0)
-    if (by_position) {
-        for (int64_t l = 0; l < L; l++)
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++) SCORE(b, h, l);
-    } else {
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t l = 0; l < L; l++) SCORE(b, h, l);
+#define IN_MEMORY_ORDER(STEP)                                                                                     \
+    if (by_position) {                                                                                            \
+        for (int64_t l = 0; l < L; l++)                                                                           \
+            for (int64_t b = 0; b < B; b++)                                                                       \
+                for (int64_t h = 0; h < H; h++) STEP(b, h, l);                                                    \
+    } else {                                                                                                      \
+        for (int64_t b = 0; b < B; b++)                                                                           \
+            for (int64_t h = 0; h < H; h++)                                                                       \
+                for (int64_t l = 0; l < L; l++) STEP(b, h, l);                                                    \
     }
+    IN_MEMORY_ORDER(SCORE);
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             float *row = w + (b * H + h) * L, m = -INFINITY;
@@ -202,15 +205,7 @@ int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16,
             }
             memset(out + (b * H + h) * D, 0, sizeof(float) * (size_t)D);
         }
-    if (by_position) {
-        for (int64_t l = 0; l < L; l++)
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++) ADD_VALUE(b, h, l);
-    } else {
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t l = 0; l < L; l++) ADD_VALUE(b, h, l);
-    }
+    IN_MEMORY_ORDER(ADD_VALUE);
     for (int64_t bh = 0; bh < B * H; bh++) { /* the softmax's division, once per output */
         float sum = 0.0f;
         for (int64_t l = 0; l < L; l++) sum += w[bh * L + l];
@@ -220,6 +215,7 @@ int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16,
 #undef AT
 #undef SCORE
 #undef ADD_VALUE
+#undef IN_MEMORY_ORDER
     free(w);
     return 0;
 }

@@ -173,13 +173,14 @@ def _expect(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
 
 
 class AttendOne:
-    """Attention of one query per sentence and head: q (B, H, 1, D), keys and values (B, H, L, D) fp32 or bf16 CPU views
-    of one dtype, with the same strides and contiguous rows, bias None or an additive fp32 (B or 1, 1, 1, L) mask -> (B, H, 1, D) in q's
-    dtype, as `model.attend_one`. Returns None for inputs it does not take, and for fp32 keys when torch runs more
-    than one thread (the kernel runs on one; torch's batched matmuls spread over several: at B = 64, L = 48 on two
-    threads 199 µs against the kernel's 352). The caller then uses torch ops. bf16 keys (caches made at one thread,
-    `cpu_cache_dtype`) stay with the kernel at any thread count: torch's bf16 batched matmuls over them are 5-9x
-    slower."""
+    """Attention of one query per sentence and head, as `model.attend_one`: q (B, H, 1, D); keys and values
+    (B, H, L, D), CPU views of one dtype (fp32 or bf16) with the same strides and contiguous rows; bias None or an
+    additive (B or 1, 1, 1, L) mask -> (B, H, 1, D) in q's dtype.
+
+    Returns None for inputs it does not take, and for fp32 keys when torch runs more than one thread (the kernel runs
+    on one; torch's batched matmuls spread over several: at B = 64, L = 48 on two threads 199 µs against the kernel's
+    352). The caller then uses torch ops. bf16 keys (caches made at one thread, `cpu_cache_dtype`) stay with the
+    kernel at any thread count: torch's bf16 batched matmuls over them are 5-9x slower."""
 
     MAX_SCORES = 1 << 31  # B * H * L: the kernel's scratch is 4 bytes a score
 
@@ -196,7 +197,7 @@ class AttendOne:
             (torch.get_num_threads() != 1 and keys.dtype != torch.bfloat16)  # over bf16 caches it beats torch's ops on any count
             or q.shape != (B, H, 1, D) or values.shape != keys.shape or keys.stride() != values.stride() or keys.stride(-1) != 1
             or keys.dtype not in (torch.float32, torch.bfloat16) or values.dtype != keys.dtype or not 0 < B * H * L <= self.MAX_SCORES
-            or any(t.device.type != "cpu" for t in (q, keys, values) if t is not None)
+            or any(t.device.type != "cpu" for t in (q, keys, values))
             or (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))
         ):
             return None
@@ -215,7 +216,7 @@ class AttendOne:
         )
         if rc != 0:
             raise MemoryError(f"attention scratch of {B * H * L * 4:,} bytes could not be allocated")
-        return out if q.dtype == torch.float32 else out.to(q.dtype)
+        return out.to(q.dtype)  # (itself when q is fp32)
 
 
 def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:
@@ -223,9 +224,9 @@ def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:
 
     bf16 where the attention kernel will read them (bf16 weights, so the keys and values are bf16 already and lose
     nothing; nmtkit's kernels; one torch thread, as in every decoding worker; no autograd, which the kernel does not
-    record): half the bytes to keep and read, so a
-    worker's caches and weights fit the CPU's L3 better (one batch of the benchmark, one thread: 210 -> 182 ms).
-    fp32 elsewhere: torch's batched matmuls of one query are several times faster over fp32 caches than bf16 ones.
+    record): half the bytes to keep and read, so a worker's caches and weights fit the CPU's L3 better (one batch of
+    the benchmark, one thread: 210 -> 182 ms). fp32 elsewhere: torch's batched matmuls of one query are several times
+    faster over fp32 caches than bf16 ones.
     """
     if weights == torch.bfloat16 and torch.get_num_threads() == 1 and not torch.is_grad_enabled() and kernels() is not None:
         return torch.bfloat16
