@@ -4,14 +4,18 @@ resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_tree
@@ -84,3 +88,45 @@ def test_two_node_rendezvous_on_localhost_trains_and_then_resumes(corpus: dict, 
         check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert max(losses(tmp_path / "run")) == 8
+
+
+def workers(agent_pid: int) -> dict[int, int]:
+    """torchrun's worker processes by rank: {RANK: pid} (Linux /proc). Each runs in a session of its own."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):  # not a process, gone, or not ours to read
+            continue
+        ranks = [v[len(b"RANK="):] for v in env if v.startswith(b"RANK=")]
+        if ppid == agent_pid and ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through Linux /proc")
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(corpus: dict, tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 only: rank 0 must stop at the same step (not wait in the next all-reduce) and save."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=100_000, eval_every=100_000, save_every=100_000)
+    proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:  # a few steps trained
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        ranks = workers(proc.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], signal.SIGTERM)
+        out = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:  # a rank that hangs in a collective only takes SIGTERM as a request to stop
+            for pid in [*ranks.values(), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped: stopped by another rank" in out
+    step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert 3 <= step < 100_000 and max(losses(run_dir)) == step

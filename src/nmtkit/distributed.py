@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Host-side flags (stop decisions) travel through gloo: with NCCL a flag would be a device tensor, and reading
+    # it back (`.item()`) would make the host wait for every kernel queued before it. None: the default group.
+    host_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -38,13 +42,14 @@ class Dist:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when any rank says True: keeps stop decisions identical everywhere."""
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True: keeps stop decisions identical everywhere.
+        A host-to-host exchange of one integer (CPU tensor, gloo): the device's queue is never waited for."""
         if not self.is_distributed:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
 
     def barrier(self) -> None:
         if self.is_distributed:
@@ -61,6 +66,8 @@ def init_distributed(device_type: str) -> Dist:
         if device_type == "cuda":
             torch.cuda.set_device(d.local_rank)
         dist.init_process_group(backend=backend)
+    if dist.get_backend() != "gloo":  # every rank creates the group, in the same order
+        d.host_group = dist.new_group(backend="gloo")
     log.info("distributed: rank %d of %d (local rank %d, %s)", d.rank, d.world_size, d.local_rank, dist.get_backend())
     return d
 

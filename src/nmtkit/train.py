@@ -265,6 +265,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             return f"no validation improvement in {tc.patience} evaluations (train.patience)"
         return ""
 
+    def agreed(reason: str) -> str:
+        """The stop every rank acts on: a stop on one rank (a signal, its clock, rank 0's patience) stops all."""
+        anyone = dist.any(bool(reason))  # every rank takes part, with a reason or without
+        return reason or ("stopped by another rank" if anyone else "")
+
     nonfinite = SkippedSteps(state, tc.max_bad_steps, checkpoint_dir(run_dir) / "last.pt")
 
     def validate() -> bool:
@@ -298,7 +303,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             state.batch_in_epoch -= state.batch_in_epoch % per_step
         if state.batch_in_epoch >= n_usable:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            stop_reason = should_stop()
+            stop_reason = agreed(should_stop())
             continue
         if state.batch_in_epoch == 0:
             src_pad, tgt_pad = padding_fraction(batches, src_lens, tgt_lens)
@@ -345,9 +350,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             bar.update(1)
 
             stop_reason = should_stop()
-            is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason), runtime.device)
+            # one host-side exchange per step (distributed): a stop on any rank makes the step due everywhere
+            is_due = state.step % tc.eval_every == 0 or dist.any(bool(stop_reason))
             if is_due or state.step % tc.log_every == 0 or state.step % tc.save_every == 0 or state.batch_in_epoch == 0:
-                window_tokens -= nonfinite.settle()  # everything logged, evaluated or saved counts every step
+                window_tokens -= nonfinite.settle()  # everything logged, evaluated or saved (a stop saves) counts every step
 
             if state.step % tc.log_every == 0:
                 now = time.time()
@@ -364,12 +370,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 window_loss.zero_()
                 window_tokens, window_t0 = 0, now
 
-            is_best = validate() if is_due and dist.is_main else False
-            stop_reason = stop_reason or should_stop()  # patience is decided by the evaluation
-            if dist.any(bool(stop_reason), runtime.device) and not stop_reason:
-                stop_reason = "stopped by rank 0"
-            if stop_reason:  # a stop found only now (a signal, the time limit) saves below: count every step first
-                window_tokens -= nonfinite.settle()
+            is_best = False
+            if is_due:  # ranks agree on due steps, so they all take this exchange
+                is_best = validate() if dist.is_main else False
+                stop_reason = agreed(stop_reason or should_stop())  # rank 0's evaluation decides patience
             if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
                 save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:

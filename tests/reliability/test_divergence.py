@@ -101,31 +101,22 @@ def test_cli_exits_1_with_a_message_when_training_diverges(corpus: dict, tmp_pat
 def test_a_checkpoint_written_on_a_signal_counts_the_skipped_step_just_before_it(
     corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each step's non-finite flag is read a step late; a stop found only after the step (here SIGTERM arriving
-    during it) must still count that step before the checkpoint is written."""
+    """Each step's non-finite flag is read a step late: a stop found right after a skipped step (here SIGTERM
+    arriving during it) must still count that step before the checkpoint is written."""
     import os
     import signal
 
-    from nmtkit.distributed import Dist
-
     poison_training_steps(monkeypatch, lambda n: n == 5)
     forward = Transformer.decode
-    steps = {"forward": 0, "signalled": False}
+    steps = {"forward": 0}
 
-    def counting_decode(self: Transformer, *args) -> torch.Tensor:
+    def signal_during_step_5(self: Transformer, *args) -> torch.Tensor:
         steps["forward"] += self.training
+        if self.training and steps["forward"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args)
 
-    agree = Dist.any
-
-    def signal_after_step_5(self: Dist, flag: bool, device: torch.device) -> bool:
-        if steps["forward"] == 5 and not steps["signalled"]:  # step 5 has run; its stop checks are under way
-            steps["signalled"] = True
-            os.kill(os.getpid(), signal.SIGTERM)
-        return agree(self, flag, device)
-
-    monkeypatch.setattr(Transformer, "decode", counting_decode)
-    monkeypatch.setattr(Dist, "any", signal_after_step_5)
+    monkeypatch.setattr(Transformer, "decode", signal_during_step_5)
     result = train(tiny_config(corpus, tmp_path / "run", train={"max_bad_steps": 2}))
 
     assert "interrupted by" in result.stop_reason and result.state.step == 5
