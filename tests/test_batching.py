@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 import torch
 
-from nmtkit.batching import BOS_ID, EOS_ID, PAD_ID, Batch, collate, make_batches, padding_fraction
+from nmtkit.batching import BOS_ID, EOS_ID, PAD_ID, Batch, collate, make_batches, padding_fraction, read_batch
 
 MAX_TOKENS = 512
 
@@ -139,3 +140,42 @@ def test_batch_to_moves_every_tensor_and_keeps_counts() -> None:
     assert isinstance(moved, Batch)
     assert torch.equal(moved.src, batch.src) and torch.equal(moved.tgt_out, batch.tgt_out)
     assert (moved.n_src_tokens, moved.n_tgt_tokens) == (3, 2)
+
+
+def encoded_split(n: int, seed: int) -> datasets.Dataset:
+    """A split shaped like nmtkit's encoded ones (int32 id lists and their lengths), in several Arrow chunks."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(3):
+        src = [rng.integers(4, 8000, k, dtype=np.int32).tolist() for k in rng.integers(1, 30, n)]
+        tgt = [rng.integers(4, 8000, k, dtype=np.int32).tolist() for k in rng.integers(0, 30, n)]  # an empty one too
+        features = datasets.Features({"src_ids": datasets.List(datasets.Value("int32")), "tgt_ids": datasets.List(datasets.Value("int32"))})
+        parts.append(datasets.Dataset.from_dict({"src_ids": src, "tgt_ids": tgt}, features=features))
+    return datasets.concatenate_datasets(parts)
+
+
+def assert_same_batch(a: Batch, b: Batch) -> None:
+    for name in ("src", "tgt_in", "tgt_out"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.n_src_tokens, a.n_tgt_tokens) == (b.n_src_tokens, b.n_tgt_tokens)
+
+
+def test_read_batch_reads_the_same_batch_as_collate_from_arrow_arrays() -> None:
+    ds = encoded_split(200, seed=0)
+    assert ds.data.table["src_ids"].num_chunks == 3
+    rng = np.random.default_rng(1)
+    for size in (1, 7, 300):
+        index = rng.choice(len(ds), size, replace=False)  # across chunks, out of order
+        assert_same_batch(read_batch(ds, index), collate(ds[index]))
+
+
+def test_read_batch_follows_a_datasets_row_mapping() -> None:
+    ds = encoded_split(50, seed=2)
+    shuffled = ds.shuffle(seed=0).select(range(100))  # rows behind an indices mapping, not a rewritten table
+    index = np.array([99, 0, 17, 42])
+    assert_same_batch(read_batch(shuffled, index), collate(shuffled[index]))
+
+
+def test_read_batch_of_no_rows_is_refused() -> None:
+    with pytest.raises(ValueError, match="non-empty batch"):
+        read_batch(encoded_split(5, seed=3), np.array([], dtype=np.int64))

@@ -137,7 +137,7 @@ def test_tokenizer_trains_on_a_seeded_sample_of_tokenizer_max_sentences(big_corp
 CHILD = """
 import json, sys
 from pathlib import Path
-from nmtkit.batching import collate, make_batches
+from nmtkit.batching import make_batches, read_batch
 from nmtkit.config import load_config
 from nmtkit.data import encode_split, length_arrays, load_split
 from nmtkit.train import prepare_tokenizer
@@ -151,7 +151,7 @@ def tokenize_and_plan(cfg, raw):
     ds, report = encode_split(raw, tokenizer, cfg.data, "train")
     src_lens, tgt_lens = length_arrays(ds)
     batches = make_batches(src_lens, tgt_lens, 4096, shuffle=True, seed=1)
-    rows = sum(len(collate(ds[b]).src) for b in batches[:20])
+    rows = sum(len(read_batch(ds, b).src) for b in batches[:20])  # as the training loop reads them
     return {"total": report.total, "kept": len(ds), "planned": sum(len(b) for b in batches), "rows": rows}
 
 small, big, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])

@@ -12,9 +12,16 @@ batches it already trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # fixed special ids (UNK is 1), shared with the tokenizer
 
@@ -112,7 +119,10 @@ class Batch:
     n_tgt_tokens: int  # non-pad positions in tgt_out (the tokens the loss averages over)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        """The batch on `device`. With `non_blocking` to a GPU the tensors go through pinned memory, so the copy is
+        queued behind the running step instead of making the host wait for it."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+        move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), self.n_src_tokens, self.n_tgt_tokens)
 
     @property
@@ -122,25 +132,49 @@ class Batch:
 
 
 def collate(rows: dict[str, list]) -> Batch:
-    """Pad `rows` (e.g. `ds[indices]`, columns `src_ids` and `tgt_ids`: lists of piece ids) into a Batch."""
+    """Pad `rows` (columns `src_ids` and `tgt_ids`: lists of piece ids, one list per pair) into a Batch."""
     src_ids, tgt_ids = rows["src_ids"], rows["tgt_ids"]
     if not src_ids or len(src_ids) != len(tgt_ids):
         raise ValueError(
             f"collate needs a non-empty batch with as many targets as sources, got {len(src_ids)}/{len(tgt_ids)}"
         )
-    src_lens = np.fromiter((len(x) for x in src_ids), dtype=np.int64, count=len(src_ids))
-    tgt_lens = np.fromiter((len(x) for x in tgt_ids), dtype=np.int64, count=len(tgt_ids))
-    n_rows = len(src_ids)
+
+    def flat(lists: list) -> tuple[np.ndarray, np.ndarray]:
+        lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum())), lens
+    return pad_pairs(*flat(src_ids), *flat(tgt_ids))
+
+
+def read_batch(ds: datasets.Dataset, indices: np.ndarray) -> Batch:
+    """Rows `indices` of an encoded split (columns `src_ids`, `tgt_ids`) as a padded Batch: `collate(ds[indices])`
+    read as Arrow arrays. `ds[indices]` makes a Python int of every piece id first: 25 ms for a 16k-token batch of
+    2,433 short pairs, against 0.4 ms for Arrow's own gather, time a GPU's host spends before every step."""
+    mapping = ds._indices  # a select/shuffle's row mapping, if any (nmtkit's encoded splits have none)
+    rows = indices if mapping is None else mapping.column(0).to_numpy()[indices]
+    if len(rows) == 0:
+        raise ValueError("read_batch needs a non-empty batch")
+    table = ds.data.table.select(["src_ids", "tgt_ids"]).take(pa.array(rows))
+    def flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        lists = column.combine_chunks()
+        lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64), lens
+    return pad_pairs(*flat(table["src_ids"]), *flat(table["tgt_ids"]))
+
+
+def pad_pairs(src_flat: np.ndarray, src_lens: np.ndarray, tgt_flat: np.ndarray, tgt_lens: np.ndarray) -> Batch:
+    """Padded tensors from every pair's piece ids laid end to end (`*_flat`) and each pair's piece count (`*_lens`):
+    EOS after each source, BOS before and EOS after each target."""
+    n_rows = len(src_lens)
     src = np.full((n_rows, int(src_lens.max()) + 1), PAD_ID, dtype=np.int64)  # (B, S)
     tgt_in = np.full((n_rows, int(tgt_lens.max()) + 1), PAD_ID, dtype=np.int64)  # (B, T)
     tgt_out = np.full_like(tgt_in, PAD_ID)  # (B, T)
-    tgt_in[:, 0] = BOS_ID
-    for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)):  # one numpy copy per row, not per token
-        src[i, : len(s)] = s
-        tgt_in[i, 1 : len(t) + 1] = t
-        tgt_out[i, : len(t)] = t
     rows_i = np.arange(n_rows)
+    src[_positions(src_lens)] = src_flat
     src[rows_i, src_lens] = EOS_ID
+    row, col = _positions(tgt_lens)
+    tgt_in[:, 0] = BOS_ID
+    tgt_in[row, col + 1] = tgt_flat
+    tgt_out[row, col] = tgt_flat
     tgt_out[rows_i, tgt_lens] = EOS_ID
     return Batch(
         src=torch.from_numpy(src),
@@ -149,3 +183,10 @@ def collate(rows: dict[str, list]) -> Batch:
         n_src_tokens=int(src_lens.sum()) + n_rows,
         n_tgt_tokens=int(tgt_lens.sum()) + n_rows,
     )
+
+
+def _positions(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every piece when rows of `lens` pieces are laid out left-aligned, one row each."""
+    row = np.repeat(np.arange(len(lens)), lens)
+    starts = np.cumsum(lens) - lens  # where each row begins in the flat layout
+    return row, np.arange(int(lens.sum())) - np.repeat(starts, lens)

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import native
 from .allocator import allocator_in_use
-from .batching import Batch, collate
+from .batching import Batch, read_batch
 from .config import Config, ModelConfig
 from .cpu_matmul import mm_nn
 from .data import DataError, encode_split, length_arrays, load_split
@@ -255,7 +255,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
                 raise DataError(f"data.train ({cfg.data.train}): no training pairs left after filtering; check data.max_len and data.max_len_ratio")
             index += plan
             epoch += 1
-        batches = [collate(train_ds[i]).to(runtime.device) for i in index[:needed]]
+        batches = [read_batch(train_ds, i).to(runtime.device) for i in index[:needed]]
         result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))
     if s.decode:
         test_raw = load_split(cfg.data, "test", cache_dir)

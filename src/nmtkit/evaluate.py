@@ -21,7 +21,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
-from .batching import collate, make_batches
+from .batching import make_batches, read_batch
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .data import encode_split, length_arrays, load_split
@@ -59,7 +59,7 @@ def teacher_forced_metrics(
     correct = torch.zeros((), dtype=torch.long, device=runtime.device)
     n_tokens = 0
     for index in make_batches(*length_arrays(ds), max_tokens, shuffle=False):
-        batch = collate(ds[index]).to(runtime.device)
+        batch = read_batch(ds, index).to(runtime.device)
         with runtime.compute():
             logits = model(batch.src, batch.tgt_in)
         flat_logits, flat_tgt = logits.float().flatten(0, 1), batch.tgt_out.flatten()

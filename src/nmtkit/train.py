@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .allocator import allocator_in_use
-from .batching import collate, make_batches, padding_fraction
+from .batching import make_batches, padding_fraction, read_batch
 from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from .config import Config, TrainConfig
 from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
@@ -312,7 +312,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             step_batches = batches[start : start + per_step]
             mine = step_batches[dist.rank * tc.accum_steps : (dist.rank + 1) * tc.accum_steps]
             n_tokens = int(sum(tgt_lens[b].sum() + len(b) for b in step_batches))  # all ranks, EOS included
-            group = [collate(train_ds[i]).to(runtime.device, non_blocking=True) for i in mine]
+            group = [read_batch(train_ds, i).to(runtime.device, non_blocking=True) for i in mine]
             lr = lr_at(state.step + 1, tc)
             try:
                 loss_sum, is_bad = train_step(
