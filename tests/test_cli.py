@@ -442,7 +442,7 @@ def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corp
         assert r[key] > 0, key
     assert (r["device"], r["precision"], r["decode_sentences"]) == ("cpu", "fp32", 8)
     assert r["decode_tokens_per_s"] == pytest.approx(48 * r["decode_sent_per_s"])  # exactly 48 new tokens each
-    assert r["decode_kernels"] == ("torch" if native.kernels() is None else "native")  # which path it measured
+    assert r["decode_kernels"] == r["train_loss_kernel"] == ("torch" if native.kernels() is None else "native")  # which path it measured
     table = profile.read_text()
     # the training step's matmuls, by their own time: torch's BLAS op or oneDNN's, as cpu_matmul chose
     assert ("aten::mm" in table or "mkldnn::_linear_pointwise" in table) and "Self CPU" in table

@@ -7,8 +7,20 @@ import pytest
 import torch
 from torch import nn
 
+from nmtkit import native
 from nmtkit.loss import chunk_loss_and_grad, projected_cross_entropy
 from nmtkit.tokenizer import PAD_ID
+from test_model import native_kernels
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def chunk_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice on CPU: with nmtkit's chunk kernel (native.py) and with torch's ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    else:
+        native_kernels()
+    return request.param
 
 
 def random_problem(seed: int, n: int, d: int, v: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,3 +146,4 @@ def test_second_derivative_is_refused_rather_than_silently_zero() -> None:
     (grad_h,) = torch.autograd.grad(loss, [hidden], create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad_h.sum(), [hidden])
+

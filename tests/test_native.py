@@ -1,4 +1,4 @@
-"""nmtkit's native decode kernels: built once per CPU into the cache, reused without a compiler, and where they can't
+"""nmtkit's native kernels: built once per CPU into the cache, reused without a compiler, and where they can't
 be built or loaded, decoding falls back to torch ops with the reason in the log. (Their results: test_decode.py and
 test_model.py.)"""
 
@@ -15,7 +15,9 @@ import torch
 
 from nmtkit import native
 from nmtkit.decode import greedy_decode
-from test_model import make_model, random_ids
+from nmtkit.loss import projected_cross_entropy
+from nmtkit.tokenizer import PAD_ID
+from test_model import make_model, native_kernels, random_ids
 
 
 def has_compiler() -> bool:
@@ -157,3 +159,34 @@ def test_a_compiler_that_writes_nothing_leaves_no_empty_library(cache: Path, mon
     with pytest.raises(native.NativeBuildError, match="without writing a library"):
         native.build()
     assert not cache.exists() or not list(cache.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunk_kernel_gives_the_torch_ops_loss_and_gradient_at_the_vocabulary_size(dtype: torch.dtype) -> None:
+    """At the bench shape (V = 8,000; logits spread like a trained model's), with padding rows and label smoothing:
+    the same loss and gradient as the torch ops to fp32 rounding, and in bf16 the gradient rounded the same way."""
+    native_kernels()
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(300, 64), torch.randn(8000, 64) * 0.5
+    targets = torch.randint(4, 8000, (300,))
+    targets[::9] = PAD_ID
+    kwargs = dict(ignore_index=PAD_ID, label_smoothing=0.1, compute_dtype=dtype, chunk_rows=128)
+
+    def loss_and_grads() -> tuple[torch.Tensor, ...]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = projected_cross_entropy(h, w, targets, **kwargs)
+        return (loss, *torch.autograd.grad(loss, [h, w]))
+
+    with_kernel = loss_and_grads()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "kernels", lambda: None)
+        with_torch = loss_and_grads()
+    torch.testing.assert_close(with_kernel[0], with_torch[0], rtol=1e-6, atol=0.0)
+    for got, want in zip(with_kernel[1:], with_torch[1:]):  # bf16: a gradient's bf16 rounding may differ by one step
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_the_chunk_kernel_refuses_a_target_outside_the_vocabulary() -> None:
+    logits = torch.randn(3, 10)
+    with pytest.raises(IndexError, match="target id 10 out of range for 10 logits"):
+        native_kernels().chunk_loss(logits, torch.tensor([1, 10, -1]), 0.1)

@@ -153,6 +153,8 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
         "train_tflops_per_s": flops / median / 1e12,
         "train_runs_s": [round(t, 3) for t in times],
         "train_steps": len(timed),
+        # each chunk of the loss's rows: nmtkit's CPU kernel (native.py) or torch ops (and on GPUs always torch's)
+        "train_loss_kernel": "native" if runtime.device.type == "cpu" and native.kernels() is not None else "torch",
         "train_tgt_tokens": tokens,
         "_flops_per_s": flops / median,
     }
@@ -285,7 +287,10 @@ def format_benchmark(r: dict) -> str:
         lines.append(
             f"train:  {r['train_tgt_tokens_per_s']:,.0f} target tokens/s ({r['train_step_ms']:.0f} ms/step, median of {len(r['train_runs_s'])} runs of {r['train_steps']} steps)"
         )
-        lines.append(f"        {r['train_tflops_per_s'] * 1e3:,.0f} GFLOP/s of matmuls = {100 * r['mfu']:.1f}% of the measured peak ({r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s)")
+        lines.append(
+            f"        {r['train_tflops_per_s'] * 1e3:,.0f} GFLOP/s of matmuls = {100 * r['mfu']:.1f}% of the measured peak ({r['matmul_peak_tflops'] * 1e3:,.0f} GFLOP/s); "
+            "loss chunks: " + ("nmtkit's kernel" if r.get("train_loss_kernel") == "native" else "torch ops")
+        )
     if "decode_sent_per_s" in r:
         lines.append(
             f"decode: {r['decode_sent_per_s']:,.1f} sentences/s, {r['decode_tokens_per_s']:,.0f} tokens/s ({r['decode_sentences']} sentences, "

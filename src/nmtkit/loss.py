@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_matmul
+from . import cpu_matmul, native
 from .model import DecoderLayer, EncoderLayer, LayerRunner, Transformer, call_layer
 from .tokenizer import PAD_ID
 
@@ -62,6 +62,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grads else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grads else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # nmtkit's own kernel for a chunk's loss and gradient on CPU (native.py) where it is built: it turns the chunk's
+        # logits into their gradient in place, in the matmul dtype, so a bf16 chunk needs no fp32 copy
+        natives = native.kernels() if h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) else None
+        kernel_targets = targets.masked_fill(~is_real, -1) if natives is not None else None
         # Chunk buffers allocated once per call and reused by every chunk: on CPU a fresh multi-MB tensor
         # per chunk is a fresh mmap whose page faults made the fp32<->bf16 copies cost 1.4 ms each.
         n_max = min(chunk_rows, h.size(0))
@@ -71,35 +75,32 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if low is not None and want_grads:
             assert grad_w is not None  # allocated above whenever want_grads
             chunk_grad_w_low, chunk_grad_w_fp32 = torch.empty_like(w), torch.empty_like(grad_w)
-        fp32 = torch.empty(n_max, V, dtype=torch.float32, device=h.device)
+        # fp32 logits: those of fp32 matmuls, or the torch ops' copy of bf16 ones (the kernel reads bf16 as it is)
+        fp32 = torch.empty(n_max if low is None or natives is None else 0, V, dtype=torch.float32, device=h.device)
+        scratch = torch.empty(V) if low is not None and natives is not None else None
         for s in range(0, h.size(0), chunk_rows):
             rows = slice(s, s + chunk_rows)
             h_rows = h[rows]  # (n, D)
             n = h_rows.size(0)
-            real = is_real[rows, None].float()  # (n, 1) 0 at padding
             if low is None:
                 logits = cpu_matmul.mm_nt(h_rows, w, out=fp32[:n])  # (n, V)
+            elif natives is not None:
+                logits = torch.mm(h_rows, w.T, out=low[:n])
             else:
                 logits = fp32[:n].copy_(torch.mm(h_rows, w.T, out=low[:n]))
-            target_logit = logits.gather(1, safe_targets[rows, None])  # (n, 1)
-            mean_logit = logits.mean(dim=-1, keepdim=True)  # (n, 1)
-            top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            probs = logits.sub_(top).exp_()  # (n, V) unnormalised, in place: logits are not needed again
-            sum_exp = probs.sum(dim=-1, keepdim=True)
-            lse = top + sum_exp.log()
-            # loss = (1 - eps) * (lse - logit[target]) + eps * (lse - mean logit): the smoothed target's cross-entropy
-            loss = lse - (1.0 - smoothing) * target_logit - smoothing * mean_logit
-            total += (loss * real).sum()
+            if natives is not None:
+                assert kernel_targets is not None
+                total += natives.chunk_loss(logits, kernel_targets[rows], smoothing, scratch)
+                g = logits  # now d loss / d logits, in the matmul dtype
+            else:
+                g = _torch_chunk(logits, safe_targets[rows], is_real[rows, None].float(), smoothing, total)
             if want_grads:
                 assert grad_h is not None and grad_w is not None  # allocated above whenever want_grads
-                # d loss / d logits = softmax - (1 - eps) * onehot(target) - eps / V, zero at padding
-                g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
-                g.scatter_add_(1, safe_targets[rows, None], -(1.0 - smoothing) * real)
                 if low is None:
                     cpu_matmul.mm_nn_into(grad_h[rows], g, w)
                     cpu_matmul.add_mm_tn_(grad_w, g, h_rows)  # (V, n) @ (n, D), accumulated in place
                 else:  # bf16 matmuls; their products summed over chunks in fp32
-                    g = low[:n].copy_(g)
+                    g = g if g.dtype == low.dtype else low[:n].copy_(g)
                     torch.mm(g, w, out=grad_h[rows])
                     grad_w += chunk_grad_w_fp32.copy_(torch.mm(g.T, h_rows, out=chunk_grad_w_low))
         ctx.save_for_backward(grad_h, grad_w)  # type: ignore[arg-type]  # None without want_grads: allowed, not in the type hints
@@ -112,6 +113,24 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_h * grad_total).to(hidden_dtype), (grad_w * grad_total).to(weight_dtype), None, None, None, None, None, None
+
+
+def _torch_chunk(logits: Tensor, targets: Tensor, real: Tensor, smoothing: float, total: Tensor) -> Tensor:
+    """One chunk's loss (added to `total`) and d loss / d logits, with torch ops, over fp32 logits (n, V), which it
+    overwrites. targets (n,) valid ids, real (n, 1) 1.0 at real tokens and 0.0 at padding."""
+    V = logits.size(1)
+    target_logit = logits.gather(1, targets[:, None])  # (n, 1)
+    mean_logit = logits.mean(dim=-1, keepdim=True)  # (n, 1)
+    top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    probs = logits.sub_(top).exp_()  # (n, V) unnormalised, in place: logits are not needed again
+    sum_exp = probs.sum(dim=-1, keepdim=True)
+    lse = top + sum_exp.log()
+    # loss = (1 - eps) * (lse - logit[target]) + eps * (lse - mean logit): the smoothed target's cross-entropy
+    loss = lse - (1.0 - smoothing) * target_logit - smoothing * mean_logit
+    total += (loss * real).sum()
+    # d loss / d logits = softmax - (1 - eps) * onehot(target) - eps / V, zero at padding
+    g = torch.addcmul(-(smoothing / V) * real, probs, real / sum_exp, out=probs)
+    return g.scatter_add_(1, targets[:, None], -(1.0 - smoothing) * real)
 
 
 ChunkFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]

@@ -1,10 +1,13 @@
-"""nmtkit's own CPU kernels for a greedy decoding step (`decode_kernels.c`), built on first use.
+"""nmtkit's own CPU kernels (`cpu_kernels.c`), built on first use.
 
 - `DecodeStats`: the argmax or top-k of each step's logits and, for the per-token log, ln Z and the entropy. Torch's
   ops read the (B, V) logits four times for these (top-k, softmax, its product with the logits, a sum: ~400 us at
   64 x 8,000, against ~4 ms for the whole step); the kernel reads each row twice while it sits in L1 (~120 us).
 - `AttendOne`: attention of the step's one query over the cached keys and values, read in memory order, with the
   scale, mask and softmax in the same call (torch: two batched matmuls and four small ops). A step ~10% faster.
+- `ChunkLoss`: a chunk of the training loss (label-smoothed cross-entropy) and its gradient with respect to the
+  logits, for `loss.py`'s chunk loop on CPU: 0.46 ms for 262 x 8,000 bf16 logits against 1.75 ms for torch's ops
+  (two copies and about eight passes).
 No stock op fuses these passes, hence kernels of nmtkit's own.
 
 Built with the system's C compiler (`$CC`, else `cc`, `gcc` or `clang`) for this CPU (`-march=native`) into a
@@ -13,8 +16,8 @@ source, the flags and the CPU, so one build serves every later process; it takes
 under a temporary name and renamed, so processes building at once never load half a file. Loaded with ctypes.
 
 Where it cannot be built or loaded (no compiler, a read-only cache, another platform) or with NMTKIT_NATIVE=0,
-`kernels()` returns None, says why in the log once, and decoding runs torch ops instead (the same tokens;
-probabilities equal up to fp32 rounding).
+`kernels()` returns None, says why in the log once, and decoding and the loss run torch ops instead (the same tokens;
+probabilities, losses and gradients equal up to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 
 
@@ -168,7 +171,7 @@ class DecodeStats:
 def _expect(t: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> int:
     """t's data pointer, once it is checked to be a contiguous CPU tensor of this shape and dtype."""
     if t.shape != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"decode_stats wants a contiguous CPU {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        raise ValueError(f"a native kernel wants a contiguous CPU {dtype} tensor of shape {shape}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     return t.data_ptr()
 
 
@@ -219,6 +222,34 @@ class AttendOne:
         return out.to(q.dtype)  # (itself when q is fp32)
 
 
+class ChunkLoss:
+    """One chunk of `loss._ChunkedCrossEntropy`'s rows: the summed label-smoothed cross-entropy of logits (n, V), fp32
+    or bf16, contiguous on CPU, and d loss / d logits written over the logits (softmax - (1 - eps) onehot - eps / V, in
+    the logits' dtype). targets (n,) int64 in [0, V), or -1 for a row to ignore (padding), whose gradient is 0. bf16
+    logits need `scratch`, V fp32 values."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._f32 = library.nmtkit_xent_chunk_f32
+        self._f32.argtypes = [_float_p, _i64, _i64, _float_p, ctypes.c_float, _float_p]
+        self._f32.restype = ctypes.c_double
+        self._bf16 = library.nmtkit_xent_chunk_bf16
+        self._bf16.argtypes = [*self._f32.argtypes, _float_p]
+        self._bf16.restype = ctypes.c_double
+
+    def __call__(self, logits: Tensor, targets: Tensor, smoothing: float, scratch: Tensor | None = None) -> float:
+        n, V = logits.shape
+        _expect(logits, (n, V), logits.dtype)
+        _expect(targets, (n,), torch.int64)
+        if n and int(targets.max()) >= V:  # the kernel would read past the row
+            raise IndexError(f"target id {int(targets.max())} out of range for {V} logits")
+        args = [logits.data_ptr(), n, V, targets.data_ptr(), smoothing, logits.data_ptr()]
+        if logits.dtype == torch.float32:
+            return float(self._f32(*args))
+        if logits.dtype == torch.bfloat16 and scratch is not None:
+            return float(self._bf16(*args, _expect(scratch, (V,))))
+        raise TypeError(f"chunk_loss takes fp32 logits, or bf16 ones with a scratch row, not {logits.dtype}")
+
+
 def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:
     """The dtype of a CPU decoding run's key/value caches.
 
@@ -237,19 +268,20 @@ def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:
 class Kernels:
     decode_stats: DecodeStats
     attend_one: AttendOne
+    chunk_loss: ChunkLoss
 
 
 @functools.cache
 def kernels() -> Kernels | None:
     """The kernels, or None (with the reason logged once) where they can't be had: callers then use torch ops."""
     if os.environ.get("NMTKIT_NATIVE", "1") == "0":
-        log.info("native decode kernels off (NMTKIT_NATIVE=0): decoding uses torch ops")
+        log.info("native kernels off (NMTKIT_NATIVE=0): decoding and the loss use torch ops")
         return None
     try:
         library = _load()
-        return Kernels(DecodeStats(library), AttendOne(library))
+        return Kernels(DecodeStats(library), AttendOne(library), ChunkLoss(library))
     except Exception as e:  # whatever the reason, decoding goes on with torch ops
-        log.info("native decode kernels unavailable (%s): decoding uses torch ops, which are slower", e)
+        log.info("native kernels unavailable (%s): decoding and the loss use torch ops, which are slower", e)
         return None
 
 

@@ -1,5 +1,5 @@
-/* Two kernels of a greedy decoding step on CPU, compiled by native.py on first use (plain C, nothing beyond the
- * C library; vectorised by the compiler):
+/* nmtkit's own CPU kernels, compiled by native.py on first use (plain C, nothing beyond the C library; vectorised
+ * by the compiler). Three for a greedy decoding step, one for the training loss:
  *
  * nmtkit_decode_stats_*: the k largest logits of each row with their ids (k = 1 is the argmax) and, when asked,
  *   ln Z = ln sum_i e^x_i and the entropy of softmax(x) in nats. Torch needs three passes over the (B, V) logits
@@ -10,6 +10,10 @@
  * nmtkit_attend_one: attention of one query per sentence and head over the cached keys and values, read in the
  *   order they lie in memory (torch's batched matmuls read the position-major cache one sentence and head at a
  *   time, 64 KB apart), with the scale, mask and softmax in the same call.
+ *
+ * nmtkit_xent_chunk_*: one chunk of rows of the label-smoothed cross-entropy (loss.py) and its gradient with respect
+ *   to the logits, written over the logits. Torch's ops make about ten passes over the chunk (copies, max, mean,
+ *   exp, sum, the gradient's terms); here each row is read three times while it sits in L1.
  */
 #include <math.h>
 #include <stdint.h>
@@ -218,4 +222,75 @@ int nmtkit_attend_one(const float *q, const void *k, const void *v, int kv_bf16,
 #undef IN_MEMORY_ORDER
     free(w);
     return 0;
+}
+
+static inline uint16_t narrow(float f) { /* fp32 -> bf16, rounded to nearest even, as torch rounds (finite values) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* One row of label-smoothed cross-entropy: x (V fp32 logits) is overwritten with e^(x - m), m its largest logit; *inv_s
+ * gets 1 / sum e^(x - m). The loss is ln Z - (1 - eps) x[t] - eps mean(x), with ln Z = m + ln s: the cross-entropy
+ * against (1 - eps) on the target plus eps spread evenly over the V pieces. */
+static float xent_row(float *x, int64_t V, int64_t t, float eps, float *inv_s) {
+    float m = -INFINITY, sum = 0.0f, s = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : sum)
+    for (int64_t i = 0; i < V; i++) {
+        m = x[i] > m ? x[i] : m;
+        sum += x[i];
+    }
+    float target = x[t];
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < V; i++) {
+        float z = x[i] - m;
+        float e = exp_nonpositive(z < -87.0f ? -87.0f : z);
+        x[i] = e;
+        s += e;
+    }
+    *inv_s = 1.0f / s;
+    return m + logf(s) - (1.0f - eps) * target - eps * (sum / (float)V);
+}
+
+/* x (n, V) fp32 logits, rows contiguous; targets (n,) in [0, V), or negative for a row to ignore (padding). Writes d
+ * loss / d x = softmax(x) - (1 - eps) onehot(t) - eps / V into grad (n, V), which may be x itself; an ignored row's
+ * gradient is 0. Returns the summed loss of the rows not ignored. */
+double nmtkit_xent_chunk_f32(const float *x, int64_t n, int64_t V, const int64_t *targets, float eps, float *grad) {
+    double total = 0.0;
+    for (int64_t r = 0; r < n; r++) {
+        float *g = grad + r * V, inv_s;
+        if (targets[r] < 0) {
+            memset(g, 0, sizeof(float) * (size_t)V);
+            continue;
+        }
+        if (g != x + r * V) memcpy(g, x + r * V, sizeof(float) * (size_t)V);
+        total += xent_row(g, V, targets[r], eps, &inv_s);
+#pragma omp simd
+        for (int64_t i = 0; i < V; i++) g[i] = g[i] * inv_s - eps / (float)V;
+        g[targets[r]] -= 1.0f - eps;
+    }
+    return total;
+}
+
+/* The same for bf16 logits and a bf16 gradient (raw 16-bit patterns): each row is widened into `row` (V floats of
+ * scratch), exactly, and the gradient is computed in fp32 and rounded once. */
+double nmtkit_xent_chunk_bf16(const uint16_t *x, int64_t n, int64_t V, const int64_t *targets, float eps, uint16_t *grad,
+                              float *row) {
+    double total = 0.0;
+    for (int64_t r = 0; r < n; r++) {
+        uint16_t *g = grad + r * V;
+        int64_t t = targets[r];
+        float inv_s;
+        if (t < 0) {
+            memset(g, 0, sizeof(uint16_t) * (size_t)V);
+            continue;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < V; i++) row[i] = widen(x[r * V + i]);
+        total += xent_row(row, V, t, eps, &inv_s);
+#pragma omp simd
+        for (int64_t i = 0; i < V; i++) g[i] = narrow(row[i] * inv_s - eps / (float)V);
+        g[t] = narrow(row[t] * inv_s - eps / (float)V - (1.0f - eps));
+    }
+    return total;
 }
