@@ -32,6 +32,9 @@ def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: P
     write(tmp_path / "nmtkit-64k.jsonl", nmtkit_record(300_000.0, 400.0, 0.51))
     write(tmp_path / "nmtkit-decode-eager.jsonl", {"decode_sent_per_s": 300.0})
     write(tmp_path / "peers-64k.jsonl", {"system": "hf_marian", "tgt_tokens_per_s": 160_000.0, "mfu_matmul": 0.11, "peak_tflops": 1000.0})
+    # the training loop's log lines: the first (compilation) is left out of the median
+    write(tmp_path / "train-loop-16k.metrics.jsonl", *({"step": 10 * i, "tgt_tokens_per_s": v} for i, v in enumerate([9_000.0, 240_000.0, 260_000.0, 250_000.0], 1)),
+          {"step": 40, "valid_loss": 5.0})
 
     gpu_summary.main(str(tmp_path))
     table = capsys.readouterr().out
@@ -41,8 +44,9 @@ def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: P
     assert "700.0 (3.50x)" in table
     assert "| HF Marian, 64k | 160,000 | 1.60x | – / 11.0% |" in table
     assert "| nmtkit greedy (bf16), eager steps | 300.0 (1.50x) |" in table
+    assert "| `nmtkit train` (compiled, 16k; median of its log lines after the first) | 250,000 | 2.50x | |" in table
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["best_mfu_measured_peak"] == 0.51
+    assert summary["best_mfu_measured_peak"] == 0.51 and summary["train_loop_16k"] == 250_000.0
 
 
 def test_summary_of_a_run_cut_before_any_nmtkit_result_lists_the_peer_alone(tmp_path: Path, capsys) -> None:
@@ -53,4 +57,4 @@ def test_summary_of_a_run_cut_before_any_nmtkit_result_lists_the_peer_alone(tmp_
     table = capsys.readouterr().out
     assert "| HF Marian, 16k | 123,000 | 1.00x | – / 6.9% |" in table
     assert "| nmtkit-16k | no result | | |" in table
-    assert "decoding" not in table
+    assert "decoding" not in table and "nmtkit train" not in table
