@@ -12,9 +12,9 @@
 #   3. peers: HF Marian `generate` at batch 256 (scripts/gpu_decode_peer.py), nmtkit 16k with train.compile
 #      (profiled), tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU; CUDA_TESTS_K
 #      selects some), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
-#   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), `nmtkit train` itself (compiled, 16k:
-#      batches made in the loop), 64k compiled, 16k compiled without
-#      the non-finite check (what the check still costs), 64k eager (64k: the best FLOP utilisation), HF at 64k,
+#   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), 64k compiled, 16k compiled without
+#      the non-finite check (what the check still costs), `nmtkit train` itself (compiled, 16k: batches made in the
+#      loop), 64k eager (64k: the best FLOP utilisation), HF at 64k,
 #      decoding at batch 64 with and without CUDA graphs (what a capture per batch costs)
 #   5. scripts/gpu_summary.py: the target table; it can also be run here later on what came back
 #   6. the test suite with a GPU visible, while time is left
@@ -95,6 +95,14 @@ run peers 150 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-t
   --data data/tatoeba-en-zh/train.jsonl --spm $SPM
 run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda_graphs=false  # what the graphs buy
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
+if [ "${SMOKE:-0}" != 1 ]; then
+  # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
+  run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
+    --set train.skip_nonfinite=false --no-decode
+  run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
+  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
+    --set train.attention_kernel=matmul --no-decode
+fi
 # the loop users run (`nmtkit train`, compiled, 16k): batches made inside the loop, logging and the late flag included,
 # against the benchmark's pre-made batches; its metrics.jsonl (target tokens/s per 10 steps) comes back
 LOOP=$(mktemp -d); mkdir -p "$LOOP/run" && cp -r checkpoints/bench-base/tokenizer "$LOOP/run/"
@@ -104,14 +112,6 @@ run train-loop-16k 150 $PY -m nmtkit train --config configs/bench-base.yaml --se
   --set train.eval_every=1000000 --set train.save_every=1000000 --set train.progress_bar=false \
   --set train.compile=$([ "${SMOKE:-0}" = 1 ] && echo false || echo true)
 cp "$LOOP/run/metrics.jsonl" "$W/train-loop-16k.metrics.jsonl" 2>/dev/null; rm -rf "$LOOP"  # not the checkpoint
-if [ "${SMOKE:-0}" != 1 ]; then
-  # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
-  run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
-    --set train.skip_nonfinite=false --no-decode
-  run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
-  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
-    --set train.attention_kernel=matmul --no-decode
-fi
 run nmtkit-64k 120 $NMTKIT --set train.max_tokens=$(tokens 64k) --no-decode
 run peers-64k 120 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 64k) \
   --data data/tatoeba-en-zh/train.jsonl --spm $SPM
