@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
 
 
-def torchrun(*args: str, timeout: int = 240) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -105,28 +106,69 @@ def workers(agent_pid: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through Linux /proc")
+@contextlib.contextmanager
+def killed_if_hanging(proc: subprocess.Popen) -> Iterator[dict[int, int]]:
+    """Yields a dict for the run's workers by rank (`workers`); should the test fail with the run still going, kills
+    them and torchrun: a rank that hangs in a collective only takes SIGTERM as a request to stop."""
+    ranks: dict[int, int] = {}
+    try:
+        yield ranks
+    finally:
+        if proc.poll() is None:
+            for pid in [*ranks.values(), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through Linux /proc")
+
+
+@needs_proc
 def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(corpus: dict, tmp_path: Path) -> None:
     """SIGTERM reaches rank 1 only: rank 0 must stop at the same step (not wait in the next all-reduce) and save."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=100_000, eval_every=100_000, save_every=100_000)
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
-    ranks: dict[int, int] = {}
-    try:
+    with killed_if_hanging(proc) as ranks:
         deadline = time.time() + 120
         while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:  # a few steps trained
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.2)
-        ranks = workers(proc.pid)
+        ranks.update(workers(proc.pid))
         assert sorted(ranks) == [0, 1]
         os.kill(ranks[1], signal.SIGTERM)
         out = finish(proc, timeout=60)
-    finally:
-        if proc.poll() is None:  # a rank that hangs in a collective only takes SIGTERM as a request to stop
-            for pid in [*ranks.values(), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
     assert "stopped: stopped by another rank" in out
     step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"]
     assert 3 <= step < 100_000 and max(losses(run_dir)) == step
+
+
+@needs_proc
+def test_a_signal_to_one_rank_during_the_setup_stops_every_rank_before_the_first_step(corpus: dict, tmp_path: Path) -> None:
+    """Rank 1 has its stop request before the loop starts (a sitecustomize module, which every Python process of the
+    run imports at start-up, sets it as the training enters `StopSignal`): rank 0 must not start training alone."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from nmtkit import stop_signal\n"
+        "    enter = stop_signal.StopSignal.__enter__\n"
+        "    def signalled(self):\n"
+        "        enter(self)\n"
+        "        self.requested = 'SIGTERM'\n"
+        "        return self\n"
+        "    stop_signal.StopSignal.__enter__ = signalled\n"
+    )
+    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config), env=env)
+    with killed_if_hanging(proc) as ranks:
+        deadline = time.time() + 60
+        while len(ranks) < 2 and proc.poll() is None and time.time() < deadline:  # noted, to kill them on a hang
+            ranks.update(workers(proc.pid))
+            time.sleep(0.1)
+        out = finish(proc, timeout=60)
+    assert "no step to train: stopped by another rank" in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmtkit import native
+from nmtkit import loss, native
 from nmtkit.decode import greedy_decode
 from nmtkit.loss import projected_cross_entropy
 from nmtkit.tokenizer import PAD_ID
@@ -177,7 +177,12 @@ def test_the_chunk_kernel_gives_the_torch_ops_loss_and_gradient_at_the_vocabular
         loss = projected_cross_entropy(h, w, targets, **kwargs)
         return (loss, *torch.autograd.grad(loss, [h, w]))
 
-    with_kernel = loss_and_grads()
+    calls: list[int] = []
+    kernel = native_kernels().chunk_loss
+    with pytest.MonkeyPatch.context() as m:  # count the kernel's calls: the comparison must not be torch against torch
+        m.setattr(loss, "chunk_kernel", lambda device, dtype: lambda *args: calls.append(1) or kernel(*args))
+        with_kernel = loss_and_grads()
+    assert len(calls) == 3  # 300 rows in chunks of 128
     with pytest.MonkeyPatch.context() as m:
         m.setattr(native, "kernels", lambda: None)
         with_torch = loss_and_grads()
@@ -190,3 +195,4 @@ def test_the_chunk_kernel_refuses_a_target_outside_the_vocabulary() -> None:
     logits = torch.randn(3, 10)
     with pytest.raises(IndexError, match="target id 10 out of range for 10 logits"):
         native_kernels().chunk_loss(logits, torch.tensor([1, 10, -1]), 0.1)
+

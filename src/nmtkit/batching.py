@@ -122,7 +122,7 @@ class Batch:
         """The batch on `device`. With `non_blocking` to a GPU the tensors go through pinned memory, so the copy is
         queued behind the running step instead of making the host wait for it."""
         pin = non_blocking and torch.device(device).type == "cuda"
-        move = lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out), self.n_src_tokens, self.n_tgt_tokens)
 
     @property
@@ -147,13 +147,13 @@ def collate(rows: dict[str, list]) -> Batch:
 
 def read_batch(ds: datasets.Dataset, indices: np.ndarray) -> Batch:
     """Rows `indices` of an encoded split (columns `src_ids`, `tgt_ids`) as a padded Batch: `collate(ds[indices])`
-    read as Arrow arrays. `ds[indices]` makes a Python int of every piece id first: 25 ms for a 16k-token batch of
-    2,433 short pairs, against 0.4 ms for Arrow's own gather, time a GPU's host spends before every step."""
-    mapping = ds._indices  # a select/shuffle's row mapping, if any (nmtkit's encoded splits have none)
-    rows = indices if mapping is None else mapping.column(0).to_numpy()[indices]
-    if len(rows) == 0:
+    read as Arrow arrays. `ds[indices]` makes a Python int of every piece id first: 16 ms for a 16k-token batch of
+    ~2,400 short pairs, against 0.4 ms here (scripts/batch_read_bench.py), time a GPU's host spends before every step."""
+    if len(indices) == 0:
         raise ValueError("read_batch needs a non-empty batch")
-    table = ds.data.table.select(["src_ids", "tgt_ids"]).take(pa.array(rows))
+    mapping = ds._indices  # a select/shuffle's row mapping, if any (nmtkit's encoded splits have none)
+    rows = pa.array(indices) if mapping is None else mapping.column(0).take(pa.array(indices))
+    table = ds.data.table.select(["src_ids", "tgt_ids"]).take(rows)
     def flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         lists = column.combine_chunks()
         lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)

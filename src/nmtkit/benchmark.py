@@ -34,7 +34,7 @@ from .data import DataError, encode_split, length_arrays, load_split
 from .decode import GreedyOutput, greedy_decode
 from .decode_workers import map_batches, resolve_workers, uses_processes
 from .device import Runtime, choose_runtime, for_inference
-from .loss import TrainingObjective
+from .loss import TrainingObjective, chunk_kernel
 from .model import Transformer
 from .rng import seed_everything
 from .step import SkippedSteps, make_optimizer, train_step
@@ -154,7 +154,7 @@ def benchmark_training(cfg: Config, runtime: Runtime, batches: list[Batch], voca
         "train_runs_s": [round(t, 3) for t in times],
         "train_steps": len(timed),
         # each chunk of the loss's rows: nmtkit's CPU kernel (native.py) or torch ops (and on GPUs always torch's)
-        "train_loss_kernel": "native" if runtime.device.type == "cpu" and native.kernels() is not None else "torch",
+        "train_loss_kernel": "native" if chunk_kernel(runtime.device, runtime.dtype) is not None else "torch",
         "train_tgt_tokens": tokens,
         "_flops_per_s": flops / median,
     }

@@ -62,10 +62,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grads else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grads else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # nmtkit's own kernel for a chunk's loss and gradient on CPU (native.py) where it is built: it turns the chunk's
-        # logits into their gradient in place, in the matmul dtype, so a bf16 chunk needs no fp32 copy
-        natives = native.kernels() if h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) else None
-        kernel_targets = targets.masked_fill(~is_real, -1) if natives is not None else None
+        # nmtkit's own kernel for a chunk's loss and gradient where it runs: it turns the chunk's logits into their
+        # gradient in place, in the matmul dtype, so a bf16 chunk needs no fp32 copy
+        kernel = chunk_kernel(h.device, h.dtype)
+        kernel_targets = targets.masked_fill(~is_real, -1) if kernel is not None else None
         # Chunk buffers allocated once per call and reused by every chunk: on CPU a fresh multi-MB tensor
         # per chunk is a fresh mmap whose page faults made the fp32<->bf16 copies cost 1.4 ms each.
         n_max = min(chunk_rows, h.size(0))
@@ -76,21 +76,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             assert grad_w is not None  # allocated above whenever want_grads
             chunk_grad_w_low, chunk_grad_w_fp32 = torch.empty_like(w), torch.empty_like(grad_w)
         # fp32 logits: those of fp32 matmuls, or the torch ops' copy of bf16 ones (the kernel reads bf16 as it is)
-        fp32 = torch.empty(n_max if low is None or natives is None else 0, V, dtype=torch.float32, device=h.device)
-        scratch = torch.empty(V) if low is not None and natives is not None else None
+        fp32 = torch.empty(n_max if low is None or kernel is None else 0, V, dtype=torch.float32, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
             rows = slice(s, s + chunk_rows)
             h_rows = h[rows]  # (n, D)
             n = h_rows.size(0)
             if low is None:
                 logits = cpu_matmul.mm_nt(h_rows, w, out=fp32[:n])  # (n, V)
-            elif natives is not None:
+            elif kernel is not None:
                 logits = torch.mm(h_rows, w.T, out=low[:n])
             else:
                 logits = fp32[:n].copy_(torch.mm(h_rows, w.T, out=low[:n]))
-            if natives is not None:
+            if kernel is not None:
                 assert kernel_targets is not None
-                total += natives.chunk_loss(logits, kernel_targets[rows], smoothing, scratch)
+                total += kernel(logits, kernel_targets[rows], smoothing)
                 g = logits  # now d loss / d logits, in the matmul dtype
             else:
                 g = _torch_chunk(logits, safe_targets[rows], is_real[rows, None].float(), smoothing, total)
@@ -113,6 +112,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_h * grad_total).to(hidden_dtype), (grad_w * grad_total).to(weight_dtype), None, None, None, None, None, None
+
+
+def chunk_kernel(device: torch.device, dtype: torch.dtype) -> native.ChunkLoss | None:
+    """nmtkit's kernel for the loss's chunks where the eager loop uses it (CPU, fp32 or bf16 matmuls, the kernels
+    built), else None: torch's ops (`_torch_chunk`) or, on GPUs with `train.compile`, the compiled chunk."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or (kernels := native.kernels()) is None:
+        return None
+    return kernels.chunk_loss
 
 
 def _torch_chunk(logits: Tensor, targets: Tensor, real: Tensor, smoothing: float, total: Tensor) -> Tensor:

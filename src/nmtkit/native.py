@@ -225,8 +225,12 @@ class AttendOne:
 class ChunkLoss:
     """One chunk of `loss._ChunkedCrossEntropy`'s rows: the summed label-smoothed cross-entropy of logits (n, V), fp32
     or bf16, contiguous on CPU, and d loss / d logits written over the logits (softmax - (1 - eps) onehot - eps / V, in
-    the logits' dtype). targets (n,) int64 in [0, V), or -1 for a row to ignore (padding), whose gradient is 0. bf16
-    logits need `scratch`, V fp32 values."""
+    the logits' dtype). targets (n,) int64 in [0, V), or negative for a row to ignore (padding), whose loss and
+    gradient are 0 whatever its logits. Unlike torch's ops, a -inf logit gets probability ~1e-38 instead of 0.
+
+    It runs on one thread: 262 x 8,000 bf16 logits take 0.46-0.53 ms against torch's ops' 1.75 ms on two threads and
+    3.3 ms on one. Sharing the rows between two Python threads (ctypes lets go of the GIL) measured no faster on this
+    2-core machine (0.536 vs 0.530 ms): torch's OpenMP threads still spin on the other core after the matmul."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._f32 = library.nmtkit_xent_chunk_f32
@@ -236,7 +240,7 @@ class ChunkLoss:
         self._bf16.argtypes = [*self._f32.argtypes, _float_p]
         self._bf16.restype = ctypes.c_double
 
-    def __call__(self, logits: Tensor, targets: Tensor, smoothing: float, scratch: Tensor | None = None) -> float:
+    def __call__(self, logits: Tensor, targets: Tensor, smoothing: float) -> float:
         n, V = logits.shape
         _expect(logits, (n, V), logits.dtype)
         _expect(targets, (n,), torch.int64)
@@ -245,9 +249,10 @@ class ChunkLoss:
         args = [logits.data_ptr(), n, V, targets.data_ptr(), smoothing, logits.data_ptr()]
         if logits.dtype == torch.float32:
             return float(self._f32(*args))
-        if logits.dtype == torch.bfloat16 and scratch is not None:
-            return float(self._bf16(*args, _expect(scratch, (V,))))
-        raise TypeError(f"chunk_loss takes fp32 logits, or bf16 ones with a scratch row, not {logits.dtype}")
+        if logits.dtype == torch.bfloat16:
+            row = torch.empty(V, dtype=torch.float32)  # the widened row; held here while the kernel writes it
+            return float(self._bf16(*args, row.data_ptr()))
+        raise TypeError(f"chunk_loss takes fp32 or bf16 logits, not {logits.dtype}")
 
 
 def cpu_cache_dtype(weights: torch.dtype) -> torch.dtype:

@@ -291,9 +291,9 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     # batches and rank r trains on its own accum_steps of them.
     per_step = tc.accum_steps * dist.world_size
     model.train()
-    stop_reason = should_stop()
+    stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
     if stop_reason:
-        log.info("nothing to do: %s (raise it with --set to continue)", stop_reason)
+        log.info("no step to train: %s", stop_reason)
     while not stop_reason:
         batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
