@@ -162,7 +162,7 @@ def test_a_signal_to_one_rank_during_the_setup_stops_every_rank_before_the_first
         "    stop_signal.StopSignal.__enter__ = signalled\n"
     )
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
-    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config), env=env)
     with killed_if_hanging(proc) as ranks:
         deadline = time.time() + 60

@@ -293,7 +293,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     model.train()
     stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
     if stop_reason:
-        log.info("no step to train: %s", stop_reason)
+        limit = stop_reason.startswith("reached train.")  # max_steps, max_epochs or max_minutes
+        log.info("no step to train: %s%s", stop_reason, " (raise it with --set to continue)" if limit else "")
     while not stop_reason:
         batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
