@@ -35,11 +35,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   PEER_ARGS="--device cpu --tiny"
   NMT_ARGS="--device cpu --steps 2 --repeats 1 --sentences 16"
   SIZES="16k"
+  LOOP_ARGS="--set train.max_steps=4 --set train.log_every=2 --set train.compile=false"
 else
   PY=${PY:-python3}; PEER_PY=${PEER_PY:-python3}; DEV=cuda
   PEER_ARGS=""
   NMT_ARGS="--device cuda"
   SIZES="16k 64k"
+  LOOP_ARGS="--set train.max_steps=60 --set train.log_every=10 --set train.compile=true"
   if [ -d .whl ]; then  # packages the GPU image lacks (datasets and its pins), fetched by gpu_prepare.sh
     wheels=(.whl/*.whl)
     # datasets needs pyarrow >= 24; the image's is used unless it is older
@@ -107,10 +109,8 @@ fi
 # against the benchmark's pre-made batches; its metrics.jsonl (target tokens/s per 10 steps) comes back
 LOOP=$(mktemp -d); mkdir -p "$LOOP/run" && cp -r checkpoints/bench-base/tokenizer "$LOOP/run/"
 run train-loop-16k 150 $PY -m nmtkit train --config configs/bench-base.yaml --set train.run_dir="$LOOP/run" \
-  --set train.device=$DEV --set train.precision=bf16 --set train.max_tokens=$(tokens 16k) \
-  --set train.max_steps=$([ "${SMOKE:-0}" = 1 ] && echo 4 || echo 60) --set train.log_every=$([ "${SMOKE:-0}" = 1 ] && echo 2 || echo 10) \
-  --set train.eval_every=1000000 --set train.save_every=1000000 --set train.progress_bar=false \
-  --set train.compile=$([ "${SMOKE:-0}" = 1 ] && echo false || echo true)
+  --set train.device=$DEV --set train.precision=bf16 --set train.max_tokens=$(tokens 16k) $LOOP_ARGS \
+  --set train.eval_every=1000000 --set train.save_every=1000000 --set train.progress_bar=false
 cp "$LOOP/run/metrics.jsonl" "$W/train-loop-16k.metrics.jsonl" 2>/dev/null; rm -rf "$LOOP"  # not the checkpoint
 run nmtkit-64k 120 $NMTKIT --set train.max_tokens=$(tokens 64k) --no-decode
 run peers-64k 120 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 64k) \

@@ -138,11 +138,7 @@ def collate(rows: dict[str, list]) -> Batch:
         raise ValueError(
             f"collate needs a non-empty batch with as many targets as sources, got {len(src_ids)}/{len(tgt_ids)}"
         )
-
-    def flat(lists: list) -> tuple[np.ndarray, np.ndarray]:
-        lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum())), lens
-    return pad_pairs(*flat(src_ids), *flat(tgt_ids))
+    return pad_pairs(*_flat_lists(src_ids), *_flat_lists(tgt_ids))
 
 
 def read_batch(ds: datasets.Dataset, indices: np.ndarray) -> Batch:
@@ -154,11 +150,20 @@ def read_batch(ds: datasets.Dataset, indices: np.ndarray) -> Batch:
     mapping = ds._indices  # a select/shuffle's row mapping, if any (nmtkit's encoded splits have none)
     rows = pa.array(indices) if mapping is None else mapping.column(0).take(pa.array(indices))
     table = ds.data.table.select(["src_ids", "tgt_ids"]).take(rows)
-    def flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-        lists = column.combine_chunks()
-        lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-        return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64), lens
-    return pad_pairs(*flat(table["src_ids"]), *flat(table["tgt_ids"]))
+    return pad_pairs(*_flat_arrow(table["src_ids"]), *_flat_arrow(table["tgt_ids"]))
+
+
+def _flat_lists(lists: list) -> tuple[np.ndarray, np.ndarray]:
+    """Python lists of ids -> (every id end to end, each list's length), both int64."""
+    lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum())), lens
+
+
+def _flat_arrow(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow column of id lists -> (every id end to end, each list's length), both int64."""
+    lists = column.combine_chunks()
+    lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64), lens
 
 
 def pad_pairs(src_flat: np.ndarray, src_lens: np.ndarray, tgt_flat: np.ndarray, tgt_lens: np.ndarray) -> Batch:

@@ -10,7 +10,6 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,7 @@ class Dist:
     local_rank: int = 0
     # Host-side flags (stop decisions) travel through gloo: with NCCL a flag would be a device tensor, and reading
     # it back (`.item()`) would make the host wait for every kernel queued before it. None: the default group.
-    host_group: Any = None
+    host_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
