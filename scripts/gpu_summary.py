@@ -32,12 +32,52 @@ def train_loop_tokens_per_s(path: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
+def first(path: Path) -> dict | None:
+    return next(iter(read_lines(path)), None)
+
+
+def decoding_rows(out: Path, decode: dict | None, hf_decode: dict | None) -> list[str]:
+    """Batch 256 against HF `generate`, with and without CUDA graphs; batch 64, where each batch pays a capture."""
+    def rate(r: dict | None, against: dict | None = None) -> str:
+        if not r or "decode_sent_per_s" not in r:
+            return "no result"
+        ratio = f" ({r['decode_sent_per_s'] / against['decode_sent_per_s']:.2f}x)" if against else ""
+        return f"{r['decode_sent_per_s']:,.1f}{ratio}"
+
+    if not decode or "decode_sent_per_s" not in decode:
+        return []
+    graphs = " (CUDA graphs)" if decode.get("decode_cuda_graphs") else ""
+    rows = ["", "| decoding, batch 256, 48 new tokens | sentences/s |", "|---|---|"]
+    rows.append(f"| HF Marian `generate` (bf16) | {rate(hf_decode)} |")
+    rows.append(f"| nmtkit greedy (bf16){graphs} | {rate(decode, hf_decode)}; with the per-token log {decode['decode_sent_per_s_with_log']:,.1f} |")
+    rows.append(f"| nmtkit greedy (bf16), eager steps | {rate(first(out / 'nmtkit-decode-eager.jsonl'), hf_decode)} |")
+    b64 = first(out / "nmtkit-decode-b64.jsonl"), first(out / "nmtkit-decode-b64-eager.jsonl")
+    if any(b64):  # HF was measured at batch 256 only: no ratios
+        rows += ["", "| decoding, batch 64 (one CUDA-graph capture per batch) | sentences/s |", "|---|---|"]
+        rows.append(f"| nmtkit greedy (bf16), CUDA graphs | {rate(b64[0])} |")
+        rows.append(f"| nmtkit greedy (bf16), eager steps | {rate(b64[1])} |")
+    return rows
+
+
+def attention_rows(out: Path) -> list[str]:
+    """scripts/gpu_attention_bench.py's milliseconds per forward + backward call (its last, most complete line)."""
+    lines = read_lines(out / "attention.jsonl")
+    if not lines:
+        return []
+    r = lines[-1]
+    rows = ["", f"| attention, {r['batch']} sentences x {r['length']} tokens, fwd + bwd | causal ms | padded ms |", "|---|---|---|"]
+    for name in dict.fromkeys(k.rsplit("_", 2)[0] for k in r if k.endswith("_ms")):
+        cells = [f"{r[f'{name}_{case}_ms']:.3f}" if r.get(f"{name}_{case}_ms") is not None else "–" for case in ("causal", "masked")]
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     peers = {r["system"]: r for r in read_lines(out / "peers.jsonl") if "system" in r}  # its first line is the matmul peak
-    hf_decode = next(iter(read_lines(out / "hf_decode.jsonl")), None)
-    runs = {name: next(iter(read_lines(out / f"{name}.jsonl")), None) for name in
-            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-16k-compile-matmul", "nmtkit-16k-compile-nocheck", "nmtkit-64k",
+    hf_decode = first(out / "hf_decode.jsonl")
+    runs = {name: first(out / f"{name}.jsonl") for name in
+            ("nmtkit-16k", "nmtkit-16k-compile", "nmtkit-16k-compile-matmul", "nmtkit-16k-compile-nocheck",
              "nmtkit-64k-compile", "nmtkit-64k-compile-matmul")}
     hf = peers.get("hf_marian")
     hf_64k = next(iter(r for r in read_lines(out / "peers-64k.jsonl") if r.get("system") == "hf_marian"), None)
@@ -62,20 +102,7 @@ def main(out_dir: str) -> None:
     if loop is not None:
         ratio = f"{loop / hf['tgt_tokens_per_s']:.2f}x" if hf else "–"
         rows.append(f"| `nmtkit train` (compiled, 16k; median of its log lines after the first) | {loop:,.0f} | {ratio} | |")
-    decode = runs["nmtkit-16k"]
-    if decode and "decode_sent_per_s" in decode:
-        d_ratio = f"{decode['decode_sent_per_s'] / hf_decode['decode_sent_per_s']:.2f}x" if hf_decode else "–"
-        hf_d = f"{hf_decode['decode_sent_per_s']:,.1f}" if hf_decode else "no result"
-        rows.append("")
-        rows.append("| decoding, batch 256, 48 new tokens | sentences/s |")
-        rows.append("|---|---|")
-        rows.append(f"| HF Marian `generate` (bf16) | {hf_d} |")
-        graphs = " (CUDA graphs)" if decode.get("decode_cuda_graphs") else ""
-        rows.append(f"| nmtkit greedy (bf16){graphs} | {decode['decode_sent_per_s']:,.1f} ({d_ratio}); with the per-token log {decode['decode_sent_per_s_with_log']:,.1f} |")
-        eager = next(iter(read_lines(out / "nmtkit-decode-eager.jsonl")), None)
-        if eager and "decode_sent_per_s" in eager:
-            e_ratio = f"{eager['decode_sent_per_s'] / hf_decode['decode_sent_per_s']:.2f}x" if hf_decode else "–"
-            rows.append(f"| nmtkit greedy (bf16), eager steps | {eager['decode_sent_per_s']:,.1f} ({e_ratio}) |")
+    rows += decoding_rows(out, runs["nmtkit-16k"], hf_decode) + attention_rows(out)
     print("\n".join(rows))
     summary = {"hf_train": hf, "hf_train_64k": hf_64k, "hf_decode": hf_decode, "nmtkit": runs, "train_loop_16k": loop, "best_mfu_measured_peak": best_mfu}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

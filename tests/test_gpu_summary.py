@@ -29,7 +29,12 @@ def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: P
           noise="a warning line\n")
     write(tmp_path / "hf_decode.jsonl", {"system": "hf_marian_generate", "decode_sent_per_s": 200.0})
     write(tmp_path / "nmtkit-16k.jsonl", nmtkit_record(250_000.0, 300.0, 0.38, decode=700.0))
-    write(tmp_path / "nmtkit-64k.jsonl", nmtkit_record(300_000.0, 400.0, 0.51))
+    write(tmp_path / "nmtkit-64k-compile.jsonl", nmtkit_record(300_000.0, 400.0, 0.51))
+    write(tmp_path / "nmtkit-decode-b64.jsonl", {"decode_sent_per_s": 900.0})  # its eager twin was cut: no result
+    # the attention script's first line (SDPA backends) and its last (the matmul variants added): the last is read
+    write(tmp_path / "attention.jsonl", {"batch": 512, "length": 32, "efficient_causal_ms": 0.32, "efficient_masked_ms": 0.37},
+          {"batch": 512, "length": 32, "efficient_causal_ms": 0.32, "efficient_masked_ms": 0.37, "flash_causal_ms": 0.67,
+           "flash_masked_ms": None, "matmuls_compiled_causal_ms": 0.1, "matmuls_compiled_masked_ms": 0.12})
     write(tmp_path / "nmtkit-decode-eager.jsonl", {"decode_sent_per_s": 300.0})
     write(tmp_path / "peers-64k.jsonl", {"system": "hf_marian", "tgt_tokens_per_s": 160_000.0, "mfu_matmul": 0.11, "peak_tflops": 1000.0})
     # the training loop's log lines: the first (compilation) is left out of the median
@@ -39,7 +44,9 @@ def test_summary_divides_nmtkit_by_hf_and_keeps_the_best_utilisation(tmp_path: P
     gpu_summary.main(str(tmp_path))
     table = capsys.readouterr().out
     assert "| nmtkit-16k | 250,000 | 2.50x | 38.0% / 30.0% |" in table
-    assert "| nmtkit-64k | 300,000 | 3.00x | 51.0% / 40.0% |" in table
+    assert "| nmtkit-64k-compile | 300,000 | 3.00x | 51.0% / 40.0% |" in table
+    assert "| nmtkit greedy (bf16), CUDA graphs | 900.0 |" in table and "| nmtkit greedy (bf16), eager steps | no result |" in table
+    assert "| flash | 0.670 | – |" in table and "| matmuls_compiled | 0.100 | 0.120 |" in table
     assert "| nmtkit-16k-compile | no result | | |" in table
     assert "700.0 (3.50x)" in table
     assert "| HF Marian, 64k | 160,000 | 1.60x | – / 11.0% |" in table

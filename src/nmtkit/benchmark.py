@@ -35,7 +35,7 @@ from .decode import GreedyOutput, greedy_decode
 from .decode_workers import map_batches, resolve_workers, uses_processes
 from .device import Runtime, choose_runtime, for_inference
 from .loss import TrainingObjective, chunk_kernel
-from .model import Transformer
+from .model import Transformer, uses_sdpa
 from .rng import seed_everything
 from .step import SkippedSteps, make_optimizer, train_step
 from .tokenizer import EOS_ID, PAD_ID
@@ -242,6 +242,7 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     result: dict = {
         "device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(),
         "runtime": runtime.reason, "compile": cfg.train.compile, "allocator": allocator_in_use(),
+        "training_attention": "sdpa" if uses_sdpa(cfg.train.attention_kernel, runtime.device.type) else "matmuls",
     }
     result["n_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 

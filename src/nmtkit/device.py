@@ -104,7 +104,7 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         # a BASE step against 0.44 ms for the efficient kernel (docs/performance.md). Leave it that one.
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_flash_sdp(False)
-        reasons.append("attention: SDPA's memory-efficient kernel (cuDNN and flash off process-wide)")
+        reasons.append("SDPA calls: the memory-efficient kernel (cuDNN and flash off process-wide)")
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

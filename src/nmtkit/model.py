@@ -78,6 +78,11 @@ def attend_one(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = No
         return torch.matmul(scores.softmax(dim=-1), values).to(q.dtype)
 
 
+def uses_sdpa(kernel: str, device_type: str) -> bool:
+    """Whether training attention with `kernel` (train.attention_kernel) runs SDPA on this device, or two matmuls."""
+    return kernel == "sdpa" or (kernel == "auto" and device_type != "cpu")
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False, dropout: float = 0.0, kernel: str = "auto"
 ) -> Tensor:
@@ -90,7 +95,7 @@ def attention(
     41 ms vs 9 ms at 14 tokens). `sdpa` and `matmul` choose one path on every device.
     A query whose every key is masked gets NaN on the matmul path (SDPA gives 0); sources always end with EOS, so none is.
     """
-    if kernel == "sdpa" or (kernel == "auto" and q.device.type != "cpu"):
+    if uses_sdpa(kernel, q.device.type):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
     scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))  # (B, H, Lq, Lk)
     if is_causal:
