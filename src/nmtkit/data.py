@@ -27,7 +27,16 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DataConfig
-from .data_scan import DataError, check_header, read_header, read_lines, scan_json, scan_table
+from .data_scan import (
+    DataError,
+    check_header,
+    first_bare_carriage_return,
+    has_records,
+    read_header,
+    read_lines,
+    scan_json,
+    scan_table,
+)
 
 __all__ = ["DataError", "FilterReport", "encode_split", "iter_texts", "length_arrays", "load_split", "sample_rows"]
 
@@ -106,6 +115,8 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
     ds, why = _load_builder("json", path, cache_dir, on_mixed_types=None)
     pair = _to_pair(ds, cfg) if ds is not None else None
     why = why or _column_problem(pair, cfg)
+    if why and not has_records(path):
+        raise DataError(f"{path}: the file has no records (it is empty or blank); fill it or point the config at another file")
     if why:
         scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
@@ -149,6 +160,8 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
         "quoting": csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
     }
     ds, why = _load_builder("csv", path, cache_dir, **options)
+    if ds is None and not has_records(path, skip_lines=1):
+        raise DataError(f"{path}: the file has a header but no rows; fill it or point the config at another file")
     if ds is None:
         scan_table(path, sep, header)
         kind = "TSV" if sep == "\t" else "CSV"
@@ -164,6 +177,11 @@ def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str) -> 
     sides = []
     for path, lang in zip(paths, langs, strict=True):
         _require_file(path, f"{key} ({pattern!r} with {{lang}}={lang!r})")
+        if (line := first_bare_carriage_return(path)) is not None:
+            raise DataError(
+                f"{path}, line {line}: a carriage return (\\r) inside the line, which the text reader takes for a line"
+                " break, so the two files' lines would no longer pair up; remove it, e.g. `sed -i 's/\\r$//; s/\\r/ /g' FILE`"
+            )
         ds, why = _load_builder("text", path, cache_dir)
         if ds is None:
             for _ in read_lines(path):  # raises on the first line that is not UTF-8

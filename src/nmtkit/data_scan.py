@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import mmap
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -90,7 +92,8 @@ def scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
 def read_header(path: Path, sep: str) -> list[str]:
     for _, text in read_lines(path):
         try:
-            return next(csv.reader([text], delimiter=sep))
+            # a byte-order mark (spreadsheets' "CSV UTF-8" writes one) is not part of the first column's name
+            return next(csv.reader([text.removeprefix("\ufeff")], delimiter=sep))
         except csv.Error as e:  # a bare carriage return inside the line, or a field over csv's size limit
             raise DataError(f"{path}, line 1: could not read the header row ({e}); it must be one line of column names") from None
     raise DataError(f"{path}: the file is empty; it needs a header row naming a column per language")
@@ -123,3 +126,24 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
                     )
         except csv.Error as e:  # e.g. a field over csv's size limit
             raise DataError(f"{path}, line {reader.line_num}: {e}") from None
+
+
+def has_records(path: Path, skip_lines: int = 0) -> bool:
+    """Whether the file has a non-blank line after its first `skip_lines` (a header)."""
+    return any(text.strip() for number, text in read_lines(path) if number > skip_lines)
+
+
+def first_bare_carriage_return(path: Path) -> int | None:
+    """The 1-based line of the first carriage return that does not end a line (not followed by a line feed), or None.
+
+    Text files are read with universal newlines, where such a character breaks the line: a line-aligned pair whose
+    files have them would be silently misaligned. Files without any carriage return (most) cost one memchr pass.
+    """
+    if path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        start = m.find(b"\r")
+        if start == -1:
+            return None
+        found = re.compile(rb"\r(?!\n)").search(m, start)  # a regex searches the mapped file in place
+        return None if found is None else m[: found.start()].count(b"\n") + 1

@@ -112,6 +112,11 @@ NAMED_CASES = {
     "json-array-with-a-number": (".json", ("[" + GOOD + ", 5]").encode(), None),
     "json-translation-not-an-object": (".jsonl", jsonl('{"translation": "en=hello"}'), None),
     "tsv-header-without-languages": (".tsv", b"source\ttarget\nhello\tworld\n", None),
+    "header-only-tsv": (".tsv", b"en\tzh\n", None),
+    "byte-order-mark-csv": (".csv", "\ufeffen,zh\nhello,world\nbye,now\n".encode(), 2),
+    "byte-order-mark-tsv": (".tsv", "\ufeffen\tzh\nhello\tworld\n".encode(), 1),
+    "crlf-text": ("text pair", b"hello\r\nbye\r\n", 2),
+    "carriage-return-inside-a-text-line": ("text pair", b"one\rtwo\nthree\n", None),
 }
 
 
@@ -127,6 +132,33 @@ def test_text_pair_with_different_line_counts_is_a_data_error_naming_both_files(
     with pytest.raises(DataError, match="differ in length") as info:
         load_split(DataConfig(train=source), "train", tmp_path / "cache")
     assert all(str(f) in str(info.value) for f in files)
+
+
+@pytest.mark.parametrize(
+    "fmt, content, tgt_content, message",
+    [
+        (".jsonl", b"", None, "has no records"),
+        (".jsonl", b"\n  \n", None, "has no records"),
+        (".tsv", b"en\tzh\n", None, "a header but no rows"),
+        # both sides break at the \r alike, so the line counts agree and only the scan sees the shift
+        ("text pair", b"one\rtwo\nthree\n", b"eins\rzwei\ndrei\n", "line 1: a carriage return"),
+        ("text pair", b"one\ntwo\nthree\n", b"eins\nzwei\rzwo\ndrei\n", "line 2: a carriage return"),
+    ],
+    ids=["empty-jsonl", "blank-jsonl", "header-only-tsv", "carriage-return-in-both-sides", "carriage-return-in-the-target"],
+)
+def test_empty_files_and_line_breaking_carriage_returns_are_data_errors_that_say_so(
+    fmt: str, content: bytes, tgt_content: bytes | None, message: str, tmp_path: Path
+) -> None:
+    source, files = write_data(tmp_path, "case", fmt, content, tgt_content)
+    with pytest.raises(DataError, match=message) as info:
+        load_split(DataConfig(train=source), "train", tmp_path / "cache")
+    assert any(str(f) in str(info.value) for f in files)
+
+
+def test_csv_with_a_byte_order_mark_reads_its_first_column_by_name(tmp_path: Path) -> None:
+    source, _ = write_data(tmp_path, "excel", ".csv", "\ufeffen,zh\nhello,你好\n".encode())
+    ds = load_split(DataConfig(train=source), "train", tmp_path / "cache")
+    assert ds[0] == {"src": "hello", "tgt": "你好"}
 
 
 def test_tsv_row_missing_its_target_column_is_counted_empty_and_dropped(tmp_path: Path) -> None:
