@@ -77,6 +77,17 @@ def test_newest_checkpoints_go_by_step_number_not_file_age(run_copy: Path) -> No
     assert [step for step, _ in newest_checkpoints(run_copy, 2)] == [12, 100]
 
 
+def test_step_files_beyond_a_million_steps_sort_and_rotate_by_number(tmp_path: Path) -> None:
+    """step-%06d names stop sorting as text at step 1,000,000: rotation must still delete the oldest saves."""
+    from nmtkit.checkpoint import _rotate, step_files
+
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (tmp_path / f"step-{step:06d}.pt").write_bytes(b"")
+    assert [step for step, _ in step_files(tmp_path)] == [999_998, 999_999, 1_000_000, 1_000_001]
+    _rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1000000.pt", "step-1000001.pt"]
+
+
 def test_checkpoints_of_different_models_are_refused_naming_the_difference(run_copy: Path) -> None:
     state = load_checkpoint(run_copy / "checkpoints" / "step-000012.pt")
     state["config"]["model"]["d_ff"] = 128

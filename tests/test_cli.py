@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_tree
+from conftest import ROOT, tiny_tree, write_jsonl
 from nmtkit import native
 from nmtkit.checkpoint import load_checkpoint
 from nmtkit.cli import main
@@ -141,7 +141,8 @@ def test_rerun_with_more_steps_continues_from_the_last_step(cli_run: dict, tmp_p
     assert "step 9" in out
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert records[: len(before)] == before  # appended, not rewritten
-    new_steps = [r["step"] for r in records[len(before) :]]
+    assert records[len(before)] == {"step": 6, "resumed": True}  # where `nmtkit plot` cuts what a stopped run logged later
+    new_steps = [r["step"] for r in records[len(before) + 1 :]]
     assert new_steps and min(new_steps) > 6 and max(new_steps) == 9
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 9
     assert re.search(r"resumed from \S+ at step 6", (run_dir / "train.log").read_text(encoding="utf-8"))
@@ -207,6 +208,40 @@ def test_bad_command_line_config_exits_2(argv: list[str], expected: str, tmp_pat
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max_len_beyond_the_model_positions_exits_2_before_the_run_directory_exists(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", data={"max_len": 200})  # max_positions 128
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_len: 200" in err and "model.max_positions=128" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_split_emptied_by_the_filters_exits_2_naming_data_valid(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    long_pair = {"translation": {"en": " ".join(["word"] * 100), "zh": "字" * 100}}  # beyond max_len 64
+    valid = write_jsonl(tmp_path / "long-valid.jsonl", [long_pair] * 3)
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    assert main(["train", "--config", str(config), "--set", f"data.valid={valid}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.valid ({valid}): no pairs left after filtering" in err and "too long 3" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_tokenizer_trained_with_other_settings_is_refused_naming_them(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A first attempt that stopped after training its tokenizer (no checkpoint yet) must not lend that tokenizer to
+    a second attempt with another vocabulary size."""
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    assert main(["tokenizer", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["tokenizer", "--config", str(config), "--set", "tokenizer.vocab_size=500"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.vocab_size: tokenizer trained with 1200, config has 500" in err and "Traceback" not in err
+    # the same settings, the data path spelled another way: reused
+    assert main(["tokenizer", "--config", str(config), "--set", f"data.train={corpus['train'].parent}/./{corpus['train'].name}"]) == 0
+    # a tokenizer put in place by hand has no record of its settings, and is used as it is
+    (tmp_path / "run" / "tokenizer" / "trained_from.json").unlink()
+    assert main(["tokenizer", "--config", str(config), "--set", "tokenizer.vocab_size=500"]) == 0
 
 
 # ----------------------------------------------------------------------------- nmtkit tokenizer
@@ -397,6 +432,42 @@ def test_evaluate_reads_a_tsv_data_file(trained_run: Path, tmp_path: Path, capsy
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
 
 
+def test_evaluate_with_no_readable_pair_exits_2_naming_the_file(trained_run: Path, tmp_path: Path, capsys) -> None:
+    too_long = write_jsonl(tmp_path / "long.jsonl", [{"translation": {"en": " ".join(["word"] * 300), "zh": "字" * 300}}])
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--data", str(too_long)]) == 2
+    err = capsys.readouterr().err
+    assert f"{too_long} (test): no pairs to evaluate" in err and "1 longer than model.max_positions=128" in err
+    assert "Traceback" not in err
+
+
+def test_evaluate_beam_wider_than_the_vocabulary_allows_exits_2_before_decoding(trained_run: Path, capsys) -> None:
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--beam", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--beam 100000: beam size 100000 needs a target vocabulary of at least 200000" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["translate", "Hello.", "--top-k", "-1"], ["translate", "Hello.", "--batch-size", "-1"], ["evaluate", "--limit", "-1"],
+     ["translate", "Hello.", "--beam", "0"], ["benchmark", "--steps", "0"]],
+    ids=["top-k", "batch-size", "limit", "beam", "benchmark-steps"],
+)
+def test_negative_or_zero_counts_on_the_command_line_exit_2_naming_the_flag(argv: list[str], trained_run: Path, capsys) -> None:
+    flag, value = argv[-2:]
+    with pytest.raises(SystemExit) as info:
+        main([*argv[:1], "--checkpoint", str(trained_run), *argv[1:]] if argv[0] != "benchmark" else argv)
+    assert info.value.code == 2
+    assert f"{flag}: expected a whole number >= " in capsys.readouterr().err
+
+
+def test_translate_input_file_lines_end_at_line_feeds_only(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """A stray carriage return inside a line keeps its sentence whole (as `wc -l` counts); CRLF endings are dropped."""
+    inputs = tmp_path / "in.txt"
+    inputs.write_bytes(b"Hello.\rThank you.\r\nI like cats.\n")
+    records = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--input", str(inputs)])
+    assert [r["source"] for r in records] == ["Hello.\rThank you.", "I like cats."]
+
+
 @pytest.mark.parametrize("command", [["evaluate"], ["translate", "Hello."]], ids=["evaluate", "translate"])
 def test_missing_checkpoint_exits_2_naming_the_path(command: list[str], tmp_path: Path, capsys) -> None:
     missing = tmp_path / "no-such-run"
@@ -443,6 +514,7 @@ def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corp
     assert (r["device"], r["precision"], r["decode_sentences"]) == ("cpu", "fp32", 8)
     assert r["decode_tokens_per_s"] == pytest.approx(48 * r["decode_sent_per_s"])  # exactly 48 new tokens each
     assert r["decode_kernels"] == r["train_loss_kernel"] == ("torch" if native.kernels() is None else "native")  # which path it measured
+    assert r["training_attention"] == "matmuls"  # train.attention_kernel auto on CPU
     table = profile.read_text()
     # the training step's matmuls, by their own time: torch's BLAS op or oneDNN's, as cpu_matmul chose
     assert ("aten::mm" in table or "mkldnn::_linear_pointwise" in table) and "Self CPU" in table

@@ -57,3 +57,30 @@ def test_missing_matplotlib_names_the_install_command(trained_run: Path, tmp_pat
     err = capsys.readouterr().err
     assert "pip install 'nmtkit[plot]'" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_curves_of_a_resumed_run_keep_the_retrained_steps_once(tmp_path: Path) -> None:
+    """A run killed at step 30 logged steps 10-30; resumed from its step-10 checkpoint, it marked the resume and
+    trained 20-40 again. The curves hold each step once, from the resumed run, and nothing of the abandoned steps."""
+    import json
+
+    records = [{"step": s, "train_loss": 5.0, "lr": 1e-3} for s in (10, 20, 30)] + [{"step": 10, "valid_loss": 4.0}]
+    records += [{"step": 20, "valid_loss": 9.0}, {"step": 10, "resumed": True}]
+    records += [{"step": s, "train_loss": 3.0, "lr": 1e-3} for s in (20, 30, 40)] + [{"step": 40, "valid_loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    curves = read_training_curves(tmp_path)
+    assert curves.train_steps == [10, 20, 30, 40] and curves.train_loss == [5.0, 3.0, 3.0, 3.0]
+    assert curves.valid_steps == [10, 40] and curves.valid_loss == [4.0, 2.0]
+
+
+def test_resumed_training_marks_its_step_in_the_metrics(trained_run: Path, corpus: dict, tmp_path: Path) -> None:
+    import json
+
+    from conftest import tiny_config
+    from nmtkit.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache"))
+    train(tiny_config(corpus, run, train={"max_steps": 14}))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"step": 12, "resumed": True} in records

@@ -85,6 +85,17 @@ def test_a_changed_tokenizer_sample_size_does_not_block_resuming_but_a_vocabular
     assert config_differences(saved, Config()) == [f"tokenizer.vocab_size: checkpoint 123, config {Config().tokenizer.vocab_size}"]
 
 
+def test_resuming_allows_another_test_split_cache_folder_or_spelling_of_the_same_data_path() -> None:
+    from nmtkit.config import Config
+    from nmtkit.train import config_differences
+
+    saved = Config().to_dict()
+    saved["data"].update(test="elsewhere/test.jsonl", cache_dir="/tmp/arrow", train="./" + Config().data.train)
+    assert config_differences(saved, Config()) == []
+    saved["data"]["valid"] = "other/valid.jsonl"
+    assert config_differences(saved, Config()) == [f"data.valid: checkpoint 'other/valid.jsonl', config {Config().data.valid!r}"]
+
+
 def test_gradient_accumulation_trains_like_one_larger_batch() -> None:
     """Two micro-batches accumulated by train_step give the same update as their union in one
     batch: the loss is normalised by the tokens of the whole optimizer step."""

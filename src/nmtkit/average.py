@@ -8,7 +8,6 @@ tokenizer and format version like any checkpoint, so `Translator.from_checkpoint
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ from .checkpoint import (
     CheckpointError,
     checkpoint_dir,
     load_checkpoint,
+    step_files,
     weights_digest,
     write_atomic,
 )
-
-_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 @dataclass
@@ -41,8 +39,7 @@ def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints directory: {directory} not found; give a run directory (train.run_dir)")
-    found = [(int(m[1]), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name))]
-    return sorted(found)
+    return step_files(directory)
 
 
 def newest_checkpoints(run_dir: str | Path, last: int) -> list[tuple[int, Path]]:

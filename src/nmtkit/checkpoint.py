@@ -26,7 +26,7 @@ import torch
 FORMAT_VERSION = 1
 # Config sections that the weights depend on: a resume or an average requires them to match.
 WEIGHT_SECTIONS = ("data", "tokenizer", "model")
-_STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
@@ -95,9 +95,14 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is
 
 def _rotate(directory: Path, keep: int) -> None:
     """Delete old step files. last.pt and best.pt are separate links, so they survive."""
-    steps = sorted(p for p in directory.iterdir() if _STEP_FILE.search(p.name))
-    for old in steps[:-keep]:
+    for _, old in step_files(directory)[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def step_files(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step-N.pt in `directory`, oldest first: by number, since from step 1,000,000 on the
+    names (step-%06d) no longer sort as text."""
+    return sorted((int(m[1]), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name)))
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -44,13 +45,21 @@ def _setup_logging(verbose: bool) -> None:
     datasets.logging.set_verbosity_error()
 
 
+class _RunLogHandler(logging.FileHandler):
+    """A log file created with its folder at the first line: a run refused before it logs anything (a bad setting,
+    no GPU) leaves no run directory behind."""
+
+    def _open(self) -> io.TextIOWrapper:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextlib.contextmanager
 def _log_to_file(path: Path) -> Iterator[None]:
     """Also write the log to a file (the run directory's train.log), and keep tqdm's bar intact."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("nmtkit")
     root.addHandler(handler)
@@ -71,21 +80,30 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
     p.add_argument("--checkpoint", required=True, help="run directory (uses its best checkpoint) or a .pt file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
+    p.add_argument("--batch-size", type=_non_negative_int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
     p.add_argument(
         "--workers", type=_non_negative_int, default=None, metavar="N",
         help="batches decoded at once on CPU, one per core (default: decode.workers of the run; 0 = one per CPU thread, up to 8)",
     )
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type for whole numbers >= minimum, whose error names the value (a negative --batch-size or
+    --top-k otherwise fails deep inside decoding)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_non_negative_int, _positive_int = _whole_number(0), _whole_number(1)
 
 
 def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +114,7 @@ def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("average", help="average the weights of a run's newest step checkpoints into one checkpoint")
     p.add_argument("run_dir", help="the run directory (reads RUN_DIR/checkpoints/step-*.pt)")
-    p.add_argument("--last", type=int, default=5, metavar="N", help="how many of the newest step checkpoints to average (default 5)")
+    p.add_argument("--last", type=_positive_int, default=5, metavar="N", help="how many of the newest step checkpoints to average (default 5)")
     p.add_argument("--out", "-o", help="checkpoint file to write (default RUN_DIR/checkpoints/averaged.pt)")
 
 
@@ -118,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", "-r", action="append", default=None, help="reference translation, scored with teacher forcing (one per sentence)")
     p.add_argument("--references", help="file with one reference per line, aligned with the input")
     p.add_argument("--show-tokens", action="store_true", help="print the per-token table")
-    p.add_argument("--top-k", type=int, default=0, help="alternatives per token (default: decode.top_k of the run)")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="alternatives per token (default: decode.top_k of the run)")
     p.add_argument("--bits", action="store_true", help="also show entropy in bits")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
-    p.add_argument("--beam", type=int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
-    p.add_argument("--nbest", type=int, default=1, metavar="N", help="also list the N best hypotheses with their scores (N <= --beam)")
+    p.add_argument("--beam", type=_positive_int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
+    p.add_argument("--nbest", type=_positive_int, default=1, metavar="N", help="also list the N best hypotheses with their scores (N <= --beam)")
     p.add_argument("--length-penalty", type=float, default=1.0, metavar="ALPHA", help="beam score = sum of ln p / length^ALPHA (default 1.0; 0 = raw sum)")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with tokens coloured by probability")
 
@@ -130,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--data", help="evaluate this file instead of a split of the run's config")
-    p.add_argument("--limit", type=int, default=0, help="only the first N pairs")
+    p.add_argument("--limit", type=_non_negative_int, default=0, help="only the first N pairs")
     p.add_argument("--no-bleu", action="store_true", help="skip greedy decoding, BLEU and chrF")
-    p.add_argument("--beam", type=int, default=1, help="beam size for the BLEU/chrF translations (default: greedy)")
+    p.add_argument("--beam", type=_positive_int, default=1, help="beam size for the BLEU/chrF translations (default: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are log-probability / length^this")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="also draw the reliability diagram into DIR/reliability.png (needs matplotlib)")
@@ -143,12 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--steps", type=_positive_int, default=30, help="timed training steps per run")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--eos", action="store_true", help="decoding stops at EOS (default: exactly 48 new tokens)")
     p.add_argument("--checkpoint", help="decode with these trained weights (useful with --eos)")
-    p.add_argument("--batch-size", type=int, default=64, help="decoding batch size")
-    p.add_argument("--sentences", type=int, default=512, help="test sentences to decode")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="decoding batch size")
+    p.add_argument("--sentences", type=_positive_int, default=512, help="test sentences to decode")
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -272,11 +290,15 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _read_lines(path: str, flag: str) -> list[str]:
+    """One sentence per line, lines ending at a line feed only (as `wc -l` counts them, and as the training data's
+    text files are checked): a stray carriage return inside a line must not split it and shift the references."""
     if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin]
+        if isinstance(sys.stdin, io.TextIOWrapper):
+            sys.stdin.reconfigure(newline="\n")
+        return [line.removesuffix("\n").removesuffix("\r") for line in sys.stdin]
     try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f]
+        with open(path, encoding="utf-8", newline="\n") as f:
+            return [line.removesuffix("\n").removesuffix("\r") for line in f]
     except FileNotFoundError:
         raise ConfigError([f"{flag}: file not found: {path}"]) from None
     except UnicodeDecodeError as e:

@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .batching import make_batches, read_batch
+from .beam import check_beam_settings
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
-from .data import encode_split, length_arrays, load_split
+from .config import ConfigError, DataConfig
+from .data import DataError, encode_split, length_arrays, load_split
 from .decode_workers import decode_in_input_order
 from .device import Runtime
 from .model import Transformer
@@ -69,8 +71,10 @@ def teacher_forced_metrics(
             calibration.add_logits(flat_logits, flat_tgt)
         n_tokens += batch.n_tgt_tokens
     model.train(was_training)
-    loss = loss_sum.item() / max(1, n_tokens)
-    return LossMetrics(loss, math.exp(min(loss, 700.0)), correct.item() / max(1, n_tokens), len(ds), n_tokens)
+    if n_tokens == 0:  # no token, no loss: NaN, never a perfect 0.0
+        return LossMetrics(math.nan, math.nan, math.nan, len(ds), 0)
+    loss = loss_sum.item() / n_tokens
+    return LossMetrics(loss, math.exp(min(loss, 700.0)), correct.item() / n_tokens, len(ds), n_tokens)
 
 
 @dataclass
@@ -87,8 +91,21 @@ def bleu_tokenizer(tgt_lang: str) -> str:
     return {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}.get(lang, "13a")
 
 
+def bleu_metric(tgt_lang: str) -> sacrebleu.metrics.BLEU:
+    """sacrebleu's BLEU for the target language; a tokenizer whose extras are missing (ja-mecab, ko-mecab) is a
+    DataError, raised before any decoding."""
+    tokenize = bleu_tokenizer(tgt_lang)
+    try:
+        return sacrebleu.metrics.BLEU(tokenize=tokenize)
+    except (RuntimeError, ImportError) as e:
+        raise DataError(
+            f"data.tgt_lang {tgt_lang!r}: BLEU's {tokenize!r} tokenizer needs extra packages ({str(e).strip().splitlines()[0]});"
+            f" install them, e.g. pip install 'sacrebleu[{tokenize[:2]}]', or evaluate with --no-bleu"
+        ) from None
+
+
 def quality_metrics(hypotheses: list[str], references: list[str], tgt_lang: str) -> QualityMetrics:
-    bleu = sacrebleu.metrics.BLEU(tokenize=bleu_tokenizer(tgt_lang))
+    bleu = bleu_metric(tgt_lang)
     chrf = sacrebleu.metrics.CHRF()
     b = bleu.corpus_score(hypotheses, [references])
     c = chrf.corpus_score(hypotheses, [references])
@@ -126,20 +143,32 @@ def evaluate_checkpoint(
         require_matplotlib()  # fail before the evaluation, not after it
     translator = Translator.from_checkpoint(checkpoint, device, precision)
     cfg = translator.cfg
+    if with_bleu and beam_size > 1:
+        try:
+            check_beam_settings(beam_size, 1, translator.tokenizer.tgt_vocab_size)
+        except ValueError as e:
+            raise ConfigError([f"--beam {beam_size}: {e}"]) from None
     if batch_size:
         cfg.decode.batch_size = batch_size
     if workers is not None:
         cfg.decode.workers = workers
-    overrides: dict[str, Any] = {split: data_file}  # mypy checks a str-keyed ** against every field's type
-    data_cfg = dataclasses.replace(cfg.data, **overrides) if data_file else cfg.data
-    cache_dir = cfg.data.cache_dir or Path(resolve_checkpoint(checkpoint)).parent.parent / "cache"
-    raw = load_split(data_cfg, split, cache_dir)
+    if with_bleu:
+        bleu_metric(cfg.data.tgt_lang)  # missing tokenizer extras fail now, not after the decoding
+    data_cfg = evaluation_data(cfg.data, split, data_file)
+    raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)))
     if limit:
         raw = raw.select(range(min(limit, len(raw))))
     ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
     ds, n_too_long = _readable_pairs(ds, cfg.model.max_positions)
+    if len(ds) == 0:
+        raise DataError(
+            f"{getattr(data_cfg, split)} ({split}): no pairs to evaluate ({report.total:,} read, {n_too_long:,} longer"
+            f" than model.max_positions={cfg.model.max_positions}); check the file and --limit"
+        )
     calibration = CalibrationAccumulator(device=translator.runtime.device)
-    loss = teacher_forced_metrics(translator.model, ds, cfg.train.max_tokens, translator.runtime, calibration)
+    # batches wide enough for the longest readable pair, even where the training batches were narrower
+    max_tokens = max(cfg.train.max_tokens, cfg.model.max_positions)
+    loss = teacher_forced_metrics(translator.model, ds, max_tokens, translator.runtime, calibration)
     calib = calibration.result()
     quality = None
     if with_bleu:
@@ -159,6 +188,25 @@ def evaluate_checkpoint(
         seconds=round(time.time() - t0, 2),
     )
     return out
+
+
+def evaluation_data(data: DataConfig, split: str, data_file: str | None) -> DataConfig:
+    """The run's data settings with `data_file` in place of `split`: read as a local file, even for a model trained on
+    a hub corpus (whose split names would otherwise be looked up on the hub)."""
+    if not data_file:
+        return data
+    overrides: dict[str, Any] = {split: data_file, "hub_name": "", "hub_config": ""}  # mypy checks a str-keyed ** against every field's type
+    return dataclasses.replace(data, **overrides)
+
+
+def _cache_dir(configured: str, checkpoint: Path) -> str:
+    """Where the evaluated split's Arrow tables go: data.cache_dir, else the run's cache when the checkpoint sits in a
+    run directory's checkpoints/, else the `datasets` cache (never a folder beside a loose .pt file)."""
+    if configured:
+        return configured
+    if checkpoint.parent.name == "checkpoints":
+        return str(checkpoint.parent.parent / "cache")
+    return str(datasets.config.HF_DATASETS_CACHE)
 
 
 def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.Dataset, int]:

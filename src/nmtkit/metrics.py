@@ -1,6 +1,7 @@
 """The run's metrics: `metrics.jsonl` always, mirrored to TensorBoard when `train.tensorboard` is on.
 
-metrics.jsonl holds one JSON object per log line or validation pass (what `nmtkit plot` reads). With
+metrics.jsonl holds one JSON object per log line or validation pass (what `nmtkit plot` reads), and a
+`{"step": N, "resumed": true}` mark where a resumed run goes on from its checkpoint at step N. With
 TensorBoard, every number of a record becomes a scalar at the record's step: `train_loss` is logged as
 `train/loss`, `valid_ppl` as `valid/ppl`, and anything else (`lr`, `tgt_tokens_per_s`, ...) under `train/`.
 """
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-_NOT_SCALARS = {"step", "epoch"}
+_NOT_SCALARS = {"step", "epoch", "resumed"}
 
 
 class TensorBoardMissingError(RuntimeError):

@@ -58,7 +58,8 @@ def read_training_curves(run_dir: str | Path) -> TrainingCurves:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PlotError(f"no metrics to plot: {path} not found; give a run directory that training has logged to (train.run_dir)")
-    curves = TrainingCurves()
+    train: list[dict] = []
+    valid: list[dict] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -66,15 +67,27 @@ def read_training_curves(run_dir: str | Path) -> TrainingCurves:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise PlotError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if "train_loss" in record:
-            curves.train_steps.append(record["step"])
-            curves.train_loss.append(record["train_loss"])
-            curves.train_tokens.append(record.get("tokens_seen"))
-            curves.lr.append(record["lr"])
-        if "valid_loss" in record:
-            curves.valid_steps.append(record["step"])
-            curves.valid_loss.append(record["valid_loss"])
-            curves.valid_tokens.append(record.get("tokens_seen"))
+        # A resumed run trains again from its checkpoint's step: what the stopped run logged after that step
+        # belongs to an abandoned stretch. Training marks the resume; logs without the mark are cut where the
+        # steps go back.
+        for records, key in ((train, "train_loss"), (valid, "valid_loss")):
+            if record.get("resumed"):
+                while records and records[-1]["step"] > record["step"]:
+                    records.pop()
+            elif key in record:
+                while records and records[-1]["step"] >= record["step"]:
+                    records.pop()
+                records.append(record)
+    curves = TrainingCurves()
+    for record in train:
+        curves.train_steps.append(record["step"])
+        curves.train_loss.append(record["train_loss"])
+        curves.train_tokens.append(record.get("tokens_seen"))
+        curves.lr.append(record["lr"])
+    for record in valid:
+        curves.valid_steps.append(record["step"])
+        curves.valid_loss.append(record["valid_loss"])
+        curves.valid_tokens.append(record.get("tokens_seen"))
     if not curves.train_steps and not curves.valid_steps:
         raise PlotError(f"{path} has no train_loss or valid_loss records yet")
     return curves

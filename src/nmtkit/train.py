@@ -9,8 +9,10 @@ batches of this epoch" plus restoring the RNG states.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from .allocator import allocator_in_use
 from .batching import make_batches, padding_fraction, read_batch
 from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
-from .config import Config, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, init_distributed, shutdown_distributed
@@ -70,10 +72,36 @@ class TrainResult:
     valid_loss: float
 
 
+# What a tokenizer trained by nmtkit was trained from, written beside its models: the tokenizer section (but
+# max_sentences, a sampling cap) and the data keys that choose the training text.
+_TRAINED_FROM = "trained_from.json"
+_TOKENIZER_DATA_KEYS = ("train", "src_lang", "tgt_lang", "hub_name", "hub_config")
+
+
+def tokenizer_sources(cfg: Config) -> dict[str, Any]:
+    settings = {f"tokenizer.{k}": v for k, v in asdict(cfg.tokenizer).items() if k != "max_sentences"}
+    data = {f"data.{k}": getattr(cfg.data, k) for k in _TOKENIZER_DATA_KEYS}
+    data["data.train"] = os.path.normpath(data["data.train"])  # ./data/x and data/x are one file
+    return settings | data
+
+
 def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -> Tokenizer:
-    """Reuse the run directory's tokenizer when present, otherwise train one from the training split."""
+    """Reuse the run directory's tokenizer when present, otherwise train one from the training split.
+
+    A reused tokenizer that nmtkit trained must come from the config's settings and training data: one left by an
+    earlier attempt with other settings would otherwise be used silently (a tokenizer put there by hand has no record
+    and is used as it is)."""
     directory = run_dir / "tokenizer"
     if Tokenizer.exists(directory):
+        record = directory / _TRAINED_FROM
+        if record.is_file():
+            old, now = json.loads(record.read_text(encoding="utf-8")), tokenizer_sources(cfg)
+            diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if old.get(k, v) != v]
+            if diffs:
+                raise ConfigError(
+                    diffs, f"{directory} (restore these settings, use a new train.run_dir, or, if no checkpoint in"
+                    f" {run_dir} uses this tokenizer, delete {directory} to train a new one)"
+                )
         log.info("tokenizer: reusing %s", directory)
         return Tokenizer.load(directory)
     t0 = time.time()
@@ -85,14 +113,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -
         log.info("tokenizer: training on %s random pairs of %s (tokenizer.max_sentences=%s)", f"{max_pairs:,}", f"{len(train_raw):,}", f"{cfg.tokenizer.max_sentences:,}")
     tok = train_tokenizer(cfg.tokenizer, iter_texts(train_raw, "src", rows), iter_texts(train_raw, "tgt", rows))
     tok.save(directory)
+    (directory / _TRAINED_FROM).write_text(json.dumps(tokenizer_sources(cfg), indent=1) + "\n", encoding="utf-8")
     kind = "joint" if tok.is_joint else "separate"
     log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
     return tok
 
 
-# Keys of the weight sections that only steer how the tokenizer is trained. A resumed run reuses the run
-# directory's tokenizer (and checks its fingerprint), so they may differ from the checkpoint's.
-_RESUME_IGNORES = {("tokenizer", "max_sentences")}
+# Keys of the weight sections that may differ from the checkpoint's on resume: a cap that only steers how the
+# tokenizer is trained (a resumed run reuses the run directory's tokenizer and checks its fingerprint), the test
+# split and the Arrow cache's folder.
+_RESUME_IGNORES = {("tokenizer", "max_sentences"), ("data", "test"), ("data", "cache_dir")}
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
@@ -103,6 +133,8 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
             if (section, key) in _RESUME_IGNORES:
                 continue
             old = saved.get(section, {}).get(key)
+            if section == "data" and key in ("train", "valid") and isinstance(old, str):
+                old, value = os.path.normpath(old), os.path.normpath(value)  # ./data/x and data/x are one file
             if isinstance(value, tuple):
                 value = list(value)
             if isinstance(old, tuple):
@@ -175,6 +207,12 @@ def _resume(
 
 def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     """Train (or resume) the run in `cfg.train.run_dir` until a stop condition is met."""
+    # checked here, not in every config: a trained model with such settings still loads for decoding
+    if cfg.data.max_len + 1 > cfg.model.max_positions:  # a kept pair is max_len pieces plus EOS (source) or BOS (target)
+        raise ConfigError([
+            f"data.max_len: {cfg.data.max_len} pieces plus EOS/BOS need {cfg.data.max_len + 1} positions, more than"
+            f" model.max_positions={cfg.model.max_positions}; lower data.max_len or raise model.max_positions"
+        ])
     runtime = choose_runtime(cfg.train.device, cfg.train.precision)
     dist = init_distributed(runtime.device.type)
     if runtime.device.type == "cuda" and dist.is_distributed:
@@ -216,8 +254,9 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     del train_raw, valid_raw
     if dist.is_main:
         dist.barrier()
-    if len(train_ds) == 0:
-        raise DataError(f"data.train ({cfg.data.train}): no pairs left after filtering ({report.summary()}); check data.max_len and data.max_len_ratio")
+    for key, ds, rep in (("train", train_ds, report), ("valid", valid_ds, vreport)):
+        if len(ds) == 0:  # an empty validation split would score 0.0 and keep the first best.pt for good
+            raise DataError(f"data.{key} ({getattr(cfg.data, key)}): no pairs left after filtering ({rep.summary()}); check data.max_len and data.max_len_ratio")
     src_lens, tgt_lens = length_arrays(train_ds)
 
     model = build_model(cfg, tokenizer, cfg.train.attention_kernel).to(runtime.device)
@@ -295,6 +334,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if stop_reason:
         limit = stop_reason.startswith("reached train.")  # max_steps, max_epochs or max_minutes
         log.info("no step to train: %s%s", stop_reason, " (raise it with --set to continue)" if limit else "")
+    elif state.step and dist.is_main:  # resumed: what a stopped run logged after this step is redone, and `nmtkit plot` drops it
+        metrics.write(step=state.step, resumed=True)
     while not stop_reason:
         batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step

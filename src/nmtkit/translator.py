@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,5 +263,7 @@ def _nll(p: float) -> float:
 
 
 def _clean(text: str) -> str:
-    """Control characters other than whitespace carry no meaning for translation; drop them."""
-    return "".join(ch for ch in text if ch.isprintable() or ch.isspace())
+    """Drop control characters other than whitespace, and the surrogates that stand for undecodable input bytes: they
+    carry no meaning for translation. Format characters stay: the zero-width (non-)joiners are part of Persian and
+    Hindi spelling, and the training data keeps them."""
+    return "".join(ch for ch in text if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs"))

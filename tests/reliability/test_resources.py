@@ -45,6 +45,7 @@ def test_cli_with_cuda_without_a_gpu_exits_2_naming_train_device(corpus: dict, t
     code, out, err = run_main(["train", "--config", str(config), "--set", "train.device=cuda"])
     assert code == 2
     assert "nmtkit train: error: device 'cuda' was asked for (train.device" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # not even an empty train.log
 
 
 @no_cuda

@@ -68,3 +68,15 @@ def test_source_longer_than_max_positions_is_truncated_with_a_warning(translator
     assert src.shape[1] == translator.cfg.model.max_positions  # truncated pieces + EOS
     assert "source truncated" in caplog.text and "model.max_positions" in caplog.text
     assert len(translator.translate([text])[0].tokens) <= translator.cfg.model.max_positions
+
+
+def test_inference_keeps_format_characters_as_training_does_and_drops_control_characters(translator: Translator) -> None:
+    """The zero-width non-joiner is part of Persian spelling: the source is encoded with it, as training data is (here
+    between known pieces, since a run of characters outside the vocabulary becomes one unknown piece either way)."""
+    def ids(text: str) -> list[int]:
+        row = translator.encode_source([text])[0]
+        return row[row != PAD_ID].tolist()
+
+    joined = "I like\u200c cats."
+    assert ids(joined) == translator.tokenizer.encode_src([joined])[0] + [EOS_ID] != ids("I like cats.")
+    assert ids("I like\x07 cats.\x1b") == ids("I like cats.")
