@@ -35,13 +35,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   PY=${PY:-.venv/bin/python}; PEER_PY=${PEER_PY:-/tmp/peer-venv/bin/python}; DEV=cpu
   PEER_ARGS="--device cpu --tiny"
   NMT_ARGS="--device cpu --steps 2 --repeats 1 --sentences 16"
-  SIZES="16k"
   LOOP_ARGS="--set train.max_steps=4 --set train.log_every=2 --set train.compile=false"
 else
   PY=${PY:-python3}; PEER_PY=${PEER_PY:-python3}; DEV=cuda
   PEER_ARGS=""
   NMT_ARGS="--device cuda"
-  SIZES="16k 64k"
   LOOP_ARGS="--set train.max_steps=60 --set train.log_every=10 --set train.compile=true"
   if [ -d .whl ]; then  # packages the GPU image lacks (datasets and its pins), fetched by gpu_prepare.sh
     wheels=(.whl/*.whl)
@@ -78,10 +76,10 @@ run() {
   pack
 }
 NMTKIT="$PY -m nmtkit benchmark --config configs/bench-base.yaml --precision bf16 --json $NMT_ARGS"
-tokens() { if [ "${SMOKE:-0}" = 1 ]; then echo 1024; elif [ "$1" = 16k ]; then echo 16384; else echo 65536; fi; }
+tokens() { if [ "${SMOKE:-0}" = 1 ]; then echo 1024; else echo 16384; fi; }  # the 16k runs' batch budget
 
 run attention 90 $PY scripts/gpu_attention_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --batch 16")
-run nmtkit-16k 150 $NMTKIT --set train.max_tokens=$(tokens 16k) --batch-size 256 --profile "$W/profile-16k.txt"
+run nmtkit-16k 150 $NMTKIT --set train.max_tokens=$(tokens) --batch-size 256 --profile "$W/profile-16k.txt"
 run hf_decode 120 $PEER_PY scripts/gpu_decode_peer.py $PEER_ARGS --peer-dir .peer --spm $SPM
 if [ "${SMOKE:-0}" != 1 ]; then
   # the first steps compile (dynamic shapes); the warm-up steps and the first of the 3 timed runs absorb recompiles
@@ -94,7 +92,7 @@ fi
 if [ "$DEV" = cuda ]; then  # the package's numbers on the GPU equal its CPU numbers (tests/test_cuda.py)
   run cuda-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "${CUDA_TESTS_K:-}"
 fi
-run peers 150 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens 16k) \
+run peers 150 $PEER_PY .peer/gpu_bench.py $PEER_ARGS --systems hf_marian --max-tokens $(tokens) \
   --data data/tatoeba-en-zh/train.jsonl --spm $SPM
 run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda_graphs=false  # what the graphs buy
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
@@ -110,7 +108,7 @@ fi
 # against the benchmark's pre-made batches; its metrics.jsonl (target tokens/s per 10 steps) comes back
 LOOP=$(mktemp -d); mkdir -p "$LOOP/run" && cp -r checkpoints/bench-base/tokenizer "$LOOP/run/"
 run train-loop-16k 150 $PY -m nmtkit train --config configs/bench-base.yaml --set train.run_dir="$LOOP/run" \
-  --set train.device=$DEV --set train.precision=bf16 --set train.max_tokens=$(tokens 16k) $LOOP_ARGS \
+  --set train.device=$DEV --set train.precision=bf16 --set train.max_tokens=$(tokens) $LOOP_ARGS \
   --set train.eval_every=1000000 --set train.save_every=1000000 --set train.progress_bar=false
 cp "$LOOP/run/metrics.jsonl" "$W/train-loop-16k.metrics.jsonl" 2>/dev/null; rm -rf "$LOOP"  # not the checkpoint
 # each batch's CUDA-graph capture has a fixed cost (torch.cuda.graph empties the allocator's cache first): at batch 64,

@@ -41,7 +41,7 @@ def decoding_rows(out: Path, decode: dict | None, hf_decode: dict | None) -> lis
     def rate(r: dict | None, against: dict | None = None) -> str:
         if not r or "decode_sent_per_s" not in r:
             return "no result"
-        ratio = f" ({r['decode_sent_per_s'] / against['decode_sent_per_s']:.2f}x)" if against else ""
+        ratio = f" ({r['decode_sent_per_s'] / against['decode_sent_per_s']:.2f}x)" if against and against.get("decode_sent_per_s") else ""
         return f"{r['decode_sent_per_s']:,.1f}{ratio}"
 
     if not decode or "decode_sent_per_s" not in decode:
@@ -104,7 +104,10 @@ def main(out_dir: str) -> None:
         rows.append(f"| `nmtkit train` (compiled, 16k; median of its log lines after the first) | {loop:,.0f} | {ratio} | |")
     rows += decoding_rows(out, runs["nmtkit-16k"], hf_decode) + attention_rows(out)
     print("\n".join(rows))
-    summary = {"hf_train": hf, "hf_train_64k": hf_64k, "hf_decode": hf_decode, "nmtkit": runs, "train_loop_16k": loop, "best_mfu_measured_peak": best_mfu}
+    extra = {name: first(out / f"{name}.jsonl") for name in ("nmtkit-decode-eager", "nmtkit-decode-b64", "nmtkit-decode-b64-eager")}
+    attention = read_lines(out / "attention.jsonl")
+    summary = {"hf_train": hf, "hf_train_64k": hf_64k, "hf_decode": hf_decode, "nmtkit": runs | extra, "train_loop_16k": loop,
+               "best_mfu_measured_peak": best_mfu, "attention_ms": attention[-1] if attention else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -157,7 +157,8 @@ def test_rerun_with_the_same_max_steps_does_nothing(cli_run: dict, tmp_path: Pat
     )
     assert code == 0, err
     assert "step 6" in out
-    assert (run_dir / "metrics.jsonl").read_text(encoding="utf-8") == metrics_before
+    # nothing trained: only the resume mark is appended (a stopped run's later records would be dropped at step 6)
+    assert (run_dir / "metrics.jsonl").read_text(encoding="utf-8") == metrics_before + '{"step": 6, "resumed": true}\n'
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
 
 
@@ -239,8 +240,13 @@ def test_a_tokenizer_trained_with_other_settings_is_refused_naming_them(corpus: 
     assert "tokenizer.vocab_size: tokenizer trained with 1200, config has 500" in err and "Traceback" not in err
     # the same settings, the data path spelled another way: reused
     assert main(["tokenizer", "--config", str(config), "--set", f"data.train={corpus['train'].parent}/./{corpus['train'].name}"]) == 0
+    # a damaged record is named, with the way out
+    record = tmp_path / "run" / "tokenizer" / "trained_from.json"
+    record.write_text('{"tokenizer.vocab_size": 12', encoding="utf-8")
+    assert main(["tokenizer", "--config", str(config)]) == 2
+    assert f"{record}: not a JSON object of settings; delete it" in capsys.readouterr().err
     # a tokenizer put in place by hand has no record of its settings, and is used as it is
-    (tmp_path / "run" / "tokenizer" / "trained_from.json").unlink()
+    record.unlink()
     assert main(["tokenizer", "--config", str(config), "--set", "tokenizer.vocab_size=500"]) == 0
 
 
@@ -458,6 +464,13 @@ def test_negative_or_zero_counts_on_the_command_line_exit_2_naming_the_flag(argv
         main([*argv[:1], "--checkpoint", str(trained_run), *argv[1:]] if argv[0] != "benchmark" else argv)
     assert info.value.code == 2
     assert f"{flag}: expected a whole number >= " in capsys.readouterr().err
+
+
+def test_stdin_lines_end_at_line_feeds_only(monkeypatch) -> None:
+    from nmtkit.cli import _read_lines
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello.\rThank you.\r\nI like cats.\n"), encoding="utf-8"))
+    assert _read_lines("-", "--input") == ["Hello.\rThank you.", "I like cats."]
 
 
 def test_translate_input_file_lines_end_at_line_feeds_only(trained_run: Path, tmp_path: Path, capsys) -> None:

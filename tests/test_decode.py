@@ -92,6 +92,26 @@ def test_recorded_probabilities_match_the_softmax_of_a_full_forward_pass() -> No
     torch.testing.assert_close(out.entropy, entropy, atol=1e-4, rtol=1e-4)
 
 
+def test_a_forced_eos_whose_probability_underflows_reports_its_true_loss() -> None:
+    """At the length budget EOS is chosen whatever its probability. Where that probability underflows fp32 (here EOS's
+    logit is thousands below the rest), its loss is still -ln p from the log-probability, not a capped stand-in."""
+    model = make_model()
+    src = random_ids(2, 5)
+    with torch.no_grad():
+        model.dec_norm.weight.zero_()
+        model.dec_norm.bias.fill_(1.0)  # every hidden state is all ones
+        model.tgt_embed.weight[EOS_ID] = -100.0  # so EOS's logit is -100 * d_model
+        greedy = greedy_decode(model, src, 3, top_k=2)  # the budget forces EOS at the third step
+        beam = beam_search(model, src, 3, beam_size=2, top_k=2).rank(0)
+        for out in (greedy, beam):
+            assert (out.tokens[:, -1] == EOS_ID).all() and (out.probs[:, -1] == 0.0).all()
+            tgt_in = torch.cat([torch.full((2, 1), BOS_ID), out.tokens[:, :-1]], dim=1)
+            logp = model(src, tgt_in).float().log_softmax(-1)
+            want = -logp.gather(-1, out.tokens[..., None])[..., 0]
+            assert (want[:, -1] > 1000).all()
+            torch.testing.assert_close(out.losses, want, atol=1e-3, rtol=1e-5)
+
+
 def test_greedy_stops_at_eos_and_pads_after_it() -> None:
     model = make_model()
     with torch.no_grad():  # make EOS the argmax everywhere after the first step by biasing its embedding row

@@ -10,9 +10,21 @@ from pathlib import Path
 import datasets
 import pytest
 
+from nmtkit import evaluate
+from nmtkit.checkpoint import load_checkpoint, write_atomic
+from nmtkit.cli import main
 from nmtkit.config import DataConfig
 from nmtkit.data import DataError
 from nmtkit.evaluate import _cache_dir, bleu_metric, evaluation_data
+
+
+def checkpoint_with_data(trained_run: Path, tmp_path: Path, **data: str) -> Path:
+    """A copy of the trained run's best checkpoint whose config has these data settings."""
+    state = load_checkpoint(trained_run / "checkpoints" / "best.pt")
+    state["config"]["data"].update(data)
+    path = tmp_path / "model.pt"
+    write_atomic(state, path)
+    return path
 
 
 def test_a_data_file_replaces_the_split_and_is_read_as_a_file_even_for_a_hub_trained_model() -> None:
@@ -23,8 +35,13 @@ def test_a_data_file_replaces_the_split_and_is_read_as_a_file_even_for_a_hub_tra
 
 
 def test_the_evaluation_cache_is_the_runs_own_or_the_datasets_cache(tmp_path: Path) -> None:
-    assert _cache_dir("", tmp_path / "run" / "checkpoints" / "best.pt") == str(tmp_path / "run" / "cache")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n", encoding="utf-8")
+    assert _cache_dir("", run / "checkpoints" / "best.pt") == str(run / "cache")
     assert _cache_dir("", tmp_path / "model.pt") == str(datasets.config.HF_DATASETS_CACHE)  # not tmp_path/../cache
+    # a folder that happens to be called checkpoints, outside any run
+    assert _cache_dir("", tmp_path / "checkpoints" / "model.pt") == str(datasets.config.HF_DATASETS_CACHE)
     assert _cache_dir("/data/arrow", tmp_path / "model.pt") == "/data/arrow"
 
 
@@ -32,3 +49,23 @@ def test_the_evaluation_cache_is_the_runs_own_or_the_datasets_cache(tmp_path: Pa
 def test_a_japanese_target_without_sacrebleus_extras_is_a_data_error_naming_the_install() -> None:
     with pytest.raises(DataError, match=r"data.tgt_lang 'ja': BLEU's 'ja-mecab' tokenizer needs extra packages.*sacrebleu\[ja\]"):
         bleu_metric("ja")
+
+
+def test_evaluate_reads_a_data_file_for_a_model_trained_on_a_hub_corpus(trained_run: Path, tmp_path: Path, capsys) -> None:
+    checkpoint = checkpoint_with_data(trained_run, tmp_path, hub_name="no-such-user/no-such-corpus")
+    data = tmp_path / "pairs.tsv"
+    data.write_text("en\tzh\nHello.\t你好。\nThank you.\t谢谢。\n", encoding="utf-8")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--no-bleu", "--json"]) == 0
+    assert '"sentences": 2' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("MeCab") is not None, reason="sacrebleu's Japanese extras are installed")
+def test_evaluate_stops_on_missing_bleu_extras_before_any_decoding(trained_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before checking the BLEU tokenizer")
+
+    monkeypatch.setattr(evaluate, "translate_all", no_decoding)
+    checkpoint = checkpoint_with_data(trained_run, tmp_path, tgt_lang="ja")
+    assert main(["evaluate", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "BLEU's 'ja-mecab' tokenizer needs extra packages" in err and "Traceback" not in err

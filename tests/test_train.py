@@ -5,13 +5,14 @@ uninterrupted one."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import BUNDLED, read_pairs, tiny_config, write_jsonl
-from nmtkit.checkpoint import CheckpointError
+from nmtkit.checkpoint import CheckpointError, load_checkpoint
 from nmtkit.train import train
 from nmtkit.translator import Translator
 
@@ -90,10 +91,24 @@ def test_resuming_allows_another_test_split_cache_folder_or_spelling_of_the_same
     from nmtkit.train import config_differences
 
     saved = Config().to_dict()
-    saved["data"].update(test="elsewhere/test.jsonl", cache_dir="/tmp/arrow", train="./" + Config().data.train)
+    saved["data"].update(test="elsewhere/test.jsonl", cache_dir="/tmp/arrow", train="./" + Config().data.train, valid="v.jsonl")
+    saved["model"]["max_positions"] = 64  # sinusoidal: computed, not saved with the weights
     assert config_differences(saved, Config()) == []
-    saved["data"]["valid"] = "other/valid.jsonl"
-    assert config_differences(saved, Config()) == [f"data.valid: checkpoint 'other/valid.jsonl', config {Config().data.valid!r}"]
+    saved["data"]["train"] = "other/train.jsonl"
+    assert config_differences(saved, Config()) == [f"data.train: checkpoint 'other/train.jsonl', config {Config().data.train!r}"]
+
+
+def test_resuming_on_another_validation_split_forgets_the_old_best_loss(corpus: dict, trained_run: Path, tmp_path: Path, caplog) -> None:
+    """Losses of two splits don't compare: the first evaluation on the new split makes best.pt."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("cache"))
+    valid = write_jsonl(tmp_path / "other-valid.jsonl", read_pairs(corpus["test"], 20))
+    with caplog.at_level("WARNING", logger="nmtkit"):
+        result = train(tiny_config(corpus, run, data={"valid": str(valid)}, train={"max_steps": 18}))
+    assert "the best valid loss so far" in caplog.text and "is forgotten" in caplog.text
+    assert result.state.best_valid_loss < math.inf and load_checkpoint(run / "checkpoints" / "best.pt")["step"] >= 18
 
 
 def test_gradient_accumulation_trains_like_one_larger_batch() -> None:

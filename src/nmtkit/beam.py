@@ -41,11 +41,13 @@ class BeamOutput:
     entropy: Tensor  # (B, N, L) nats, of the whole next-token distribution
     top_ids: Tensor  # (B, N, L, k)
     top_probs: Tensor  # (B, N, L, k)
+    losses: Tensor  # (B, N, L) −ln p of each token, from its log-probability
 
     def rank(self, n: int) -> GreedyOutput:
         """The n-th best hypothesis of every sentence, in greedy's layout (B, L), so one converter reads both."""
         return GreedyOutput(
-            self.tokens[:, n], self.lengths[:, n], self.probs[:, n], self.entropy[:, n], self.top_ids[:, n], self.top_probs[:, n]
+            self.tokens[:, n], self.lengths[:, n], self.probs[:, n], self.entropy[:, n], self.top_ids[:, n], self.top_probs[:, n],
+            self.losses[:, n],
         )
 
 
@@ -69,6 +71,7 @@ class _Step:
     entropy: Tensor  # (B, K')
     top_ids: Tensor  # (B, K', k)
     top_probs: Tensor  # (B, K', k)
+    losses: Tensor  # (B, K') −ln p
 
     def select(self, index: Tensor) -> _Step:
         """index (B, K'') -> the candidates at those positions."""
@@ -84,6 +87,7 @@ class _Trace:
     entropy: Tensor  # (B, K, L)
     top_ids: Tensor  # (B, K, L, k)
     top_probs: Tensor  # (B, K, L, k)
+    losses: Tensor  # (B, K, L)
 
     @classmethod
     def empty(cls, B: int, K: int, L: int, k: int, device: torch.device) -> _Trace:
@@ -94,6 +98,7 @@ class _Trace:
             zeros.clone(),
             torch.zeros(B, K, L, k, dtype=torch.long, device=device),
             torch.zeros(B, K, L, k, device=device),
+            zeros.clone(),
         )
 
     def select(self, index: Tensor) -> _Trace:
@@ -130,9 +135,10 @@ def _expand(logp: Tensor, sums: Tensor, is_last: Tensor, top_k: int) -> _Candida
     allowed = logp.masked_fill(is_last[:, None, None] & is_not_eos, float("-inf"))
     best, flat = (sums[..., None] + allowed).view(B, K * V).topk(2 * K, dim=1)  # (B, 2K) into the K*V grid
     beams, tokens = flat // V, flat % V
-    token_probs = p.view(B, K * V).gather(1, flat)
+    token_logp = logp.view(B, K * V).gather(1, flat)
     step = _Step(
-        tokens, token_probs, _gather_beams(entropy, beams), _gather_beams(top_ids, beams), _gather_beams(top_probs, beams)
+        tokens, token_logp.exp(), _gather_beams(entropy, beams), _gather_beams(top_ids, beams), _gather_beams(top_probs, beams),
+        token_logp.neg(),
     )
     return _Candidates(best, beams, step)
 
@@ -184,7 +190,7 @@ class _Finished:
         tr = self.trace
         return BeamOutput(
             tr.tokens[:, :n, :L], lengths, self.scores[:, :n], self.log_probs[:, :n],
-            tr.probs[:, :n, :L], tr.entropy[:, :n, :L], tr.top_ids[:, :n, :L], tr.top_probs[:, :n, :L],
+            tr.probs[:, :n, :L], tr.entropy[:, :n, :L], tr.top_ids[:, :n, :L], tr.top_probs[:, :n, :L], tr.losses[:, :n, :L],
         )  # fmt: skip
 
 

@@ -242,11 +242,11 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     result: dict = {
         "device": str(runtime.device), "precision": runtime.precision, "threads": torch.get_num_threads(),
         "runtime": runtime.reason, "compile": cfg.train.compile, "allocator": allocator_in_use(),
-        "training_attention": "sdpa" if uses_sdpa(cfg.train.attention_kernel, runtime.device.type) else "matmuls",
     }
     result["n_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     if s.train:
+        result["training_attention"] = "sdpa" if uses_sdpa(cfg.train.attention_kernel, runtime.device.type) else "matmuls"
         train_ds, _ = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
         lengths = length_arrays(train_ds)
         needed = s.warmup_steps + s.timed_steps

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import mmap
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,17 +132,27 @@ def has_records(path: Path, skip_lines: int = 0) -> bool:
     return any(text.strip() for number, text in read_lines(path) if number > skip_lines)
 
 
-def first_bare_carriage_return(path: Path) -> int | None:
-    """The 1-based line of the first carriage return that does not end a line (not followed by a line feed), or None.
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_SCAN_BLOCK = 1 << 24  # bytes read at a time (blocks, not a memory map: mapped pages would count in the process's RSS)
 
-    Text files are read with universal newlines, where such a character breaks the line: a line-aligned pair whose
-    files have them would be silently misaligned. Files without any carriage return (most) cost one memchr pass.
+
+def first_bare_carriage_return(path: Path) -> int | None:
+    """The 1-based line of the first carriage return that does not end a line, in a file whose lines end with line
+    feeds; None when there is none.
+
+    Text files are read with universal newlines, where a bare carriage return also breaks the line: in a line-aligned
+    pair, stray ones shift every later pair. Files that end every line with a bare carriage return (no line feed at all)
+    split alike on both sides and pass, as does one at the very end of the file.
     """
-    if path.stat().st_size == 0:
-        return None
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        start = m.find(b"\r")
-        if start == -1:
-            return None
-        found = re.compile(rb"\r(?!\n)").search(m, start)  # a regex searches the mapped file in place
-        return None if found is None else m[: found.start()].count(b"\n") + 1
+    first, lines_before, has_line_feed, pending = None, 0, False, False
+    with open(path, "rb") as f:
+        while block := f.read(_SCAN_BLOCK):
+            if pending and first is None and not block.startswith(b"\n"):
+                first = lines_before + 1  # the previous block ended with this line's carriage return
+            if first is None and (found := _BARE_CR.search(block)) is not None and found.start() < len(block) - 1:
+                first = lines_before + block.count(b"\n", 0, found.start()) + 1
+            pending = block.endswith(b"\r")
+            n = block.count(b"\n")
+            lines_before += n
+            has_line_feed = has_line_feed or n > 0
+    return first if has_line_feed else None

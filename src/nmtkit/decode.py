@@ -29,6 +29,7 @@ class GreedyOutput:
     entropy: Tensor | None = None  # (B, N) nats
     top_ids: Tensor | None = None  # (B, N, k)
     top_probs: Tensor | None = None  # (B, N, k)
+    losses: Tensor | None = None  # (B, N) −ln p of each chosen token, from its log-probability (exact where p underflows)
 
 
 def max_new_tokens(src: Tensor, a: float, b: int, limit: int) -> Tensor:
@@ -198,6 +199,7 @@ def greedy_decode(
     record = top_k > 0
     if record:
         probs = torch.zeros(B, n_steps, device=src.device)
+        losses = torch.zeros(B, n_steps, device=src.device)
         entropy = torch.zeros(B, n_steps, device=src.device)
         top_ids = torch.zeros(B, n_steps, top_k, dtype=torch.long, device=src.device)
         top_probs = torch.zeros(B, n_steps, top_k, device=src.device)
@@ -226,7 +228,8 @@ def greedy_decode(
             is_done |= nxt == EOS_ID
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
             chosen = step_logits.gather(1, nxt[:, None])[:, 0].float()
-            torch.exp(chosen - log_z, out=probs[:, t])
+            torch.sub(log_z, chosen, out=losses[:, t])  # −ln p: finite where p underflows (a forced EOS, say)
+            torch.exp(losses[:, t].neg(), out=probs[:, t])
             torch.exp(best - log_z[:, None], out=top_probs[:, t])
             entropy[:, t] = step_entropy
             top_ids[:, t] = best_ids
@@ -242,7 +245,7 @@ def greedy_decode(
     lengths = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, torch.full_like(limits, n))
     if not record:
         return GreedyOutput(out, lengths)
-    return GreedyOutput(out, lengths, probs[:, :n], entropy[:, :n], top_ids[:, :n], top_probs[:, :n])
+    return GreedyOutput(out, lengths, probs[:, :n], entropy[:, :n], top_ids[:, :n], top_probs[:, :n], losses[:, :n])
 
 
 @dataclass

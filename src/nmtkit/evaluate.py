@@ -201,11 +201,13 @@ def evaluation_data(data: DataConfig, split: str, data_file: str | None) -> Data
 
 def _cache_dir(configured: str, checkpoint: Path) -> str:
     """Where the evaluated split's Arrow tables go: data.cache_dir, else the run's cache when the checkpoint sits in a
-    run directory's checkpoints/, else the `datasets` cache (never a folder beside a loose .pt file)."""
+    run directory's checkpoints/ (the run's config.yaml beside it), else the `datasets` cache (never a folder beside a
+    loose .pt file)."""
     if configured:
         return configured
-    if checkpoint.parent.name == "checkpoints":
-        return str(checkpoint.parent.parent / "cache")
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+        return str(run_dir / "cache")
     return str(datasets.config.HF_DATASETS_CACHE)
 
 

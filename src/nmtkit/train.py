@@ -95,12 +95,17 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -
     if Tokenizer.exists(directory):
         record = directory / _TRAINED_FROM
         if record.is_file():
-            old, now = json.loads(record.read_text(encoding="utf-8")), tokenizer_sources(cfg)
+            try:
+                old = json.loads(record.read_text(encoding="utf-8"))
+                assert isinstance(old, dict)
+            except (ValueError, AssertionError):
+                raise ConfigError([f"{record}: not a JSON object of settings; delete it to use the tokenizer as it is"]) from None
+            now = tokenizer_sources(cfg)
             diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if old.get(k, v) != v]
             if diffs:
                 raise ConfigError(
-                    diffs, f"{directory} (restore these settings, use a new train.run_dir, or, if no checkpoint in"
-                    f" {run_dir} uses this tokenizer, delete {directory} to train a new one)"
+                    diffs, f"{directory} (restore these settings, use a new train.run_dir, delete {record.name} to use"
+                    f" this tokenizer as it is, or, if no checkpoint in {run_dir} uses it, delete {directory} to train a new one)"
                 )
         log.info("tokenizer: reusing %s", directory)
         return Tokenizer.load(directory)
@@ -113,16 +118,21 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -
         log.info("tokenizer: training on %s random pairs of %s (tokenizer.max_sentences=%s)", f"{max_pairs:,}", f"{len(train_raw):,}", f"{cfg.tokenizer.max_sentences:,}")
     tok = train_tokenizer(cfg.tokenizer, iter_texts(train_raw, "src", rows), iter_texts(train_raw, "tgt", rows))
     tok.save(directory)
-    (directory / _TRAINED_FROM).write_text(json.dumps(tokenizer_sources(cfg), indent=1) + "\n", encoding="utf-8")
+    partial = directory / f"{_TRAINED_FROM}.partial"  # renamed into place: a crash never leaves half a record
+    partial.write_text(json.dumps(tokenizer_sources(cfg), indent=1) + "\n", encoding="utf-8")
+    os.replace(partial, directory / _TRAINED_FROM)
     kind = "joint" if tok.is_joint else "separate"
     log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
     return tok
 
 
-# Keys of the weight sections that may differ from the checkpoint's on resume: a cap that only steers how the
-# tokenizer is trained (a resumed run reuses the run directory's tokenizer and checks its fingerprint), the test
-# split and the Arrow cache's folder.
-_RESUME_IGNORES = {("tokenizer", "max_sentences"), ("data", "test"), ("data", "cache_dir")}
+# Keys of the weight sections that may differ from the checkpoint's on resume, since the weights do not depend on
+# them: a cap that only steers how the tokenizer is trained (a resumed run reuses the run directory's tokenizer and
+# checks its fingerprint), the validation and test splits (the validation split only chooses best.pt), the Arrow
+# cache's folder, and the length of the sinusoidal position table (computed, never saved).
+_RESUME_IGNORES = {
+    ("tokenizer", "max_sentences"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("model", "max_positions"),
+}
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
@@ -133,7 +143,7 @@ def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
             if (section, key) in _RESUME_IGNORES:
                 continue
             old = saved.get(section, {}).get(key)
-            if section == "data" and key in ("train", "valid") and isinstance(old, str):
+            if section == "data" and key == "train" and isinstance(old, str):
                 old, value = os.path.normpath(old), os.path.normpath(value)  # ./data/x and data/x are one file
             if isinstance(value, tuple):
                 value = list(value)
@@ -201,6 +211,11 @@ def _resume(
     restore_rng_states(saved["rng"])
     state = TrainState(**saved["train_state"])
     _follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
+    old_valid = saved["config"].get("data", {}).get("valid", cfg.data.valid)
+    if os.path.normpath(old_valid) != os.path.normpath(cfg.data.valid):  # losses of two splits do not compare
+        log.warning("resume: data.valid %r -> %r since the checkpoint; the best valid loss so far (%.4f, on the old split)"
+                    " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
+        state.best_valid_loss, state.evals_without_improvement = math.inf, 0
     log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
     return state
 
@@ -331,11 +346,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     per_step = tc.accum_steps * dist.world_size
     model.train()
     stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
+    if state.step and dist.is_main:  # resumed: what a stopped run logged after this step is redone, and `nmtkit plot` drops it
+        metrics.write(step=state.step, resumed=True)
     if stop_reason:
         limit = stop_reason.startswith("reached train.")  # max_steps, max_epochs or max_minutes
         log.info("no step to train: %s%s", stop_reason, " (raise it with --set to continue)" if limit else "")
-    elif state.step and dist.is_main:  # resumed: what a stopped run logged after this step is redone, and `nmtkit plot` drops it
-        metrics.write(step=state.step, resumed=True)
     while not stop_reason:
         batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step

@@ -220,8 +220,10 @@ class Translator:
 
     def _token_steps(self, out: GreedyOutput, b: int) -> list[TokenStep]:
         assert out.probs is not None and out.entropy is not None and out.top_ids is not None and out.top_probs is not None
+        assert out.losses is not None  # recorded with the probabilities
         n = int(out.lengths[b])
         ids, probs, ents = out.tokens[b, :n].tolist(), out.probs[b, :n].tolist(), out.entropy[b, :n].tolist()
+        losses = out.losses[b, :n].tolist()
         top_ids, top_probs = out.top_ids[b, :n].tolist(), out.top_probs[b, :n].tolist()
         piece = self.tokenizer.tgt_piece
         return [
@@ -230,7 +232,7 @@ class Translator:
                 piece=piece(ids[t]),
                 id=ids[t],
                 prob=probs[t],
-                loss=_nll(probs[t]),
+                loss=losses[t],
                 entropy=ents[t],
                 top_k=[Alternative(piece(i), i, p) for i, p in zip(top_ids[t], top_probs[t])],
             )
@@ -255,11 +257,6 @@ class DecodedBatch:
     out: GreedyOutput  # each sentence's (best) translation
     beam: BeamOutput | None  # every hypothesis, when an n-best list was asked for
     scores: ReferenceScores | None  # the references' token scores (without the logits)
-
-
-def _nll(p: float) -> float:
-    """−ln p, finite even when p underflows to 0 in fp32."""
-    return -math.log(max(p, 1e-45))
 
 
 def _clean(text: str) -> str:

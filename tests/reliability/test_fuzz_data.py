@@ -116,6 +116,8 @@ NAMED_CASES = {
     "byte-order-mark-csv": (".csv", "\ufeffen,zh\nhello,world\nbye,now\n".encode(), 2),
     "byte-order-mark-tsv": (".tsv", "\ufeffen\tzh\nhello\tworld\n".encode(), 1),
     "crlf-text": ("text pair", b"hello\r\nbye\r\n", 2),
+    "cr-line-endings-text": ("text pair", b"hello\rbye\r", 2),  # no line feed at all: both sides split alike
+    "cr-at-the-end-of-a-text": ("text pair", b"hello\nbye\r", 2),
     "carriage-return-inside-a-text-line": ("text pair", b"one\rtwo\nthree\n", None),
 }
 
