@@ -21,7 +21,7 @@ def test_preloads_the_library_with_purging_off_and_marks_the_new_process() -> No
 def test_keeps_the_users_preloads_and_malloc_conf() -> None:
     env = preload_environment({"LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:1"}, "libjemalloc.so.2")
     assert env is not None
-    assert env["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so" and env["MALLOC_CONF"] == "narenas:1"
+    assert env["LD_PRELOAD"] == "libfoo.so:libjemalloc.so.2" and env["MALLOC_CONF"] == "narenas:1"  # the user's first
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,22 @@ def test_checkpoints_of_different_models_are_refused_naming_the_difference(run_c
     with pytest.raises(CheckpointError) as info:
         average_checkpoints(run_copy, last=2)
     message = str(info.value)
-    assert "config section 'model' differs" in message and "decoder.0.ffn.up.weight: shape (64, 32) vs (128, 32)" in message
+    assert "model.d_ff: step-000012.pt 64, step-000018.pt 128" in message
+    assert "decoder.0.ffn.up.weight: shape (64, 32) vs (128, 32)" in message
+
+
+def test_saves_of_a_run_resumed_with_another_test_split_average_like_any_others(run_copy: Path) -> None:
+    """What resuming accepts (settings the weights don't depend on), averaging accepts too."""
+    state = load_checkpoint(run_copy / "checkpoints" / "step-000012.pt")
+    state["config"]["data"]["test"] = "elsewhere/test.jsonl"
+    write_atomic(state, run_copy / "checkpoints" / "step-000018.pt")
+    assert average_checkpoints(run_copy, last=2).steps == [12, 18]
+
+
+def test_average_without_last_takes_every_kept_save_up_to_five(run_copy: Path, capsys) -> None:
+    """The run kept two saves (train.keep_checkpoints defaults to 3): the default averages both, no error."""
+    assert main(["average", str(run_copy)]) == 0
+    assert "averaged steps 6, 12" in capsys.readouterr().out
 
 
 def test_a_run_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import runpy
 import shutil
@@ -104,6 +105,21 @@ def test_run_info_records_the_command_line_and_versions(cli_run: dict) -> None:
     assert info["command"][1:] == cli_run["argv"]
     assert {"nmtkit", "torch", "git"} <= set(info["versions"])
     assert info["versions"]["nmtkit"] and info["versions"]["torch"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_is_nmtkits_own_not_that_of_a_project_it_is_installed_in(tmp_path: Path, monkeypatch) -> None:
+    """nmtkit installed into a .venv inside someone's repository must not record that repository's commit."""
+    from nmtkit import runinfo
+
+    project = tmp_path / "project"
+    package = project / ".venv" / "lib" / "python3" / "site-packages" / "nmtkit"
+    package.mkdir(parents=True)
+    env = {"GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"}
+    for command in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=project, check=True, env={**os.environ, **env})
+    monkeypatch.setattr(runinfo, "__file__", str(package / "runinfo.py"))
+    assert runinfo.git_commit() == ""
 
 
 def test_metrics_record_training_and_validation(cli_run: dict) -> None:

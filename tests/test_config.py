@@ -232,7 +232,53 @@ def test_batch_budget_must_fit_the_longest_sentence() -> None:
     assert "train.max_tokens" in message and "data.max_len" in message
 
 
+def test_adamw_betas_seed_and_min_lr_are_checked_before_training() -> None:
+    for tree, expected in [
+        ({"train": {"betas": [1.5, 0.98]}}, "train.betas: got [1.5, 0.98], each must be in [0, 1)"),
+        ({"train": {"seed": -1}}, "train.seed: got -1, must be >= 0"),
+        ({"train": {"seed": 2**32}}, "train.seed: got 4294967296, must be <= 4294967295"),
+        ({"train": {"min_lr": 1.0, "lr": 5e-4}}, "train.min_lr: 1.0 is above train.lr=0.0005"),
+    ]:
+        assert expected in only_problem(tree)
+
+
+def test_key_of_another_section_names_where_it_belongs() -> None:
+    assert "train.dropout: unknown key (it belongs in another section: model.dropout)" in only_problem({"train": {"dropout": 0.2}})
+
+
+def test_unquoted_no_for_a_language_says_to_quote_it(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` (Norwegian) as false."""
+    path = tmp_path / "nb.yaml"
+    path.write_text("data:\n  tgt_lang: no\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="data.tgt_lang: got False, expected a string; .* quote the value"):
+        load_config(path)
+
+
+def test_a_section_given_twice_is_an_error_not_a_silent_merge(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 3.0e-4\n  max_steps: 100\ntrain:\n  run_dir: x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 4, column 1: the key 'train' appears twice in one mapping"):
+        load_config(path)
+    path.write_text("train:\n  lr: 3.0e-4\n  lr: 1.0e-3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 3, column 3: the key 'lr' appears twice"):
+        load_config(path)
+
+
+def test_paths_starting_with_a_tilde_mean_the_home_folder(monkeypatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = config_from_tree({"train": {"run_dir": "~/runs/x"}, "data": {"train": "~/data/train.jsonl"}})
+    assert (cfg.train.run_dir, cfg.data.train) == ("/home/someone/runs/x", "/home/someone/data/train.jsonl")
+
+
 # ----------------------------------------------------------------------------- round trip
+
+
+def test_a_string_that_reads_like_a_number_is_dumped_quoted(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.data.hub_config = "1e5"  # a hub corpus's configuration name
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
 
 
 def test_dumped_config_reads_back_equal(tmp_path: Path) -> None:

@@ -84,6 +84,36 @@ def test_a_damaged_library_in_the_cache_is_built_again(cache: Path) -> None:
     assert path.read_bytes()[:4] == b"\x7fELF"
 
 
+@needs_compiler
+def test_a_library_cut_short_is_built_again_instead_of_crashing_the_loader(cache: Path) -> None:
+    """Half a real library has a valid ELF header: loading it would die of SIGBUS inside dlopen. Its digest differs,
+    so it is built again first (in a child process: a crash must not take the test run down)."""
+    import subprocess
+    import sys
+
+    path = native.build()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code = "from nmtkit import native; assert native.kernels() is not None"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NMTKIT_CACHE": str(cache)}, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert native._is_intact(path)
+
+
+@needs_compiler
+def test_a_whole_library_that_does_not_load_names_the_folder_and_is_not_rebuilt(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    path = native.build()
+    built_at = path.stat().st_mtime_ns
+
+    def noexec(name: str, *args, **kwargs):
+        raise OSError(f"{name}: failed to map segment from shared object")
+
+    monkeypatch.setattr(native.ctypes, "CDLL", noexec)  # as on a folder mounted noexec
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.kernels() is None
+    assert "is whole but does not load" in caplog.text and "noexec" in caplog.text and "NMTKIT_CACHE" in caplog.text
+    assert path.stat().st_mtime_ns == built_at  # building again would not help, and every process would pay for it
+
+
 def test_nmtkit_native_0_turns_the_kernel_off_without_building(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NMTKIT_NATIVE", "0")
     assert native.kernels() is None

@@ -76,26 +76,26 @@ def test_resume_with_a_different_model_config_is_refused_with_the_differences(co
 
 def test_a_changed_tokenizer_sample_size_does_not_block_resuming_but_a_vocabulary_change_does() -> None:
     # max_sentences only steers tokenizer training; a resumed run reuses the saved tokenizer
+    from nmtkit.checkpoint import config_differences
     from nmtkit.config import Config
-    from nmtkit.train import config_differences
 
     saved = Config().to_dict()
     saved["tokenizer"]["max_sentences"] = 0
-    assert config_differences(saved, Config()) == []
+    assert config_differences(saved, Config().to_dict()) == []
     saved["tokenizer"]["vocab_size"] = 123
-    assert config_differences(saved, Config()) == [f"tokenizer.vocab_size: checkpoint 123, config {Config().tokenizer.vocab_size}"]
+    assert config_differences(saved, Config().to_dict()) == [f"tokenizer.vocab_size: checkpoint 123, config {Config().tokenizer.vocab_size}"]
 
 
 def test_resuming_allows_another_test_split_cache_folder_or_spelling_of_the_same_data_path() -> None:
+    from nmtkit.checkpoint import config_differences
     from nmtkit.config import Config
-    from nmtkit.train import config_differences
 
     saved = Config().to_dict()
     saved["data"].update(test="elsewhere/test.jsonl", cache_dir="/tmp/arrow", train="./" + Config().data.train, valid="v.jsonl")
     saved["model"]["max_positions"] = 64  # sinusoidal: computed, not saved with the weights
-    assert config_differences(saved, Config()) == []
+    assert config_differences(saved, Config().to_dict()) == []
     saved["data"]["train"] = "other/train.jsonl"
-    assert config_differences(saved, Config()) == [f"data.train: checkpoint 'other/train.jsonl', config {Config().data.train!r}"]
+    assert config_differences(saved, Config().to_dict()) == [f"data.train: checkpoint 'other/train.jsonl', config {Config().data.train!r}"]
 
 
 def test_resuming_on_another_validation_split_forgets_the_old_best_loss(corpus: dict, trained_run: Path, tmp_path: Path, caplog) -> None:

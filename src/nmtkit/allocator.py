@@ -7,7 +7,8 @@ decoding 7-17% faster, and lowered the benchmark's peak RSS from ~1,480 to ~1,23
 preloaded before the process starts, so the command re-executes itself once with LD_PRELOAD set, before torch is
 imported (as launchers such as ipexrun do, the preload and MALLOC_CONF are inherited by child processes).
 NMTKIT_MALLOC=system keeps glibc's allocator; an allocator you preload yourself (any LD_PRELOAD naming a malloc) and a
-MALLOC_CONF of your own are left as they are.
+MALLOC_CONF of your own are left as they are, and other preloads of yours come before jemalloc (AddressSanitizer's
+runtime refuses to start unless it is first).
 
 This module imports nothing heavy: it runs first.
 """
@@ -52,7 +53,8 @@ def preload_environment(environ: Mapping[str, str], library: str | None) -> dict
         return None
     preloaded = environ.get("LD_PRELOAD", "")
     env = dict(environ)
-    env["LD_PRELOAD"] = f"{library}:{preloaded}" if preloaded else library
+    # after the user's own preloads: those come first in symbol lookup (and ASan's runtime must come first of all)
+    env["LD_PRELOAD"] = f"{preloaded}:{library}" if preloaded else library
     env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     env[_MARKER] = "1"
     return env

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from .checkpoint import (
     FORMAT_VERSION,
-    WEIGHT_SECTIONS,
     CheckpointError,
     checkpoint_dir,
+    config_differences,
     load_checkpoint,
     step_files,
     weights_digest,
@@ -42,11 +42,19 @@ def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return step_files(directory)
 
 
-def newest_checkpoints(run_dir: str | Path, last: int) -> list[tuple[int, Path]]:
-    """The newest `last` step checkpoints, oldest first; CheckpointError when there are fewer."""
+DEFAULT_LAST = 5  # without --last: the newest saves, up to this many
+
+
+def newest_checkpoints(run_dir: str | Path, last: int | None) -> list[tuple[int, Path]]:
+    """The newest `last` step checkpoints, oldest first; CheckpointError when there are fewer. None: as many as the run
+    kept (train.keep_checkpoints, 3 by default), up to DEFAULT_LAST."""
+    found = step_checkpoints(run_dir)
+    if last is None:
+        if not found:
+            raise CheckpointError(f"no step-N.pt checkpoint in {checkpoint_dir(run_dir)}; has training saved one yet?")
+        last = min(DEFAULT_LAST, len(found))
     if last < 1:
         raise CheckpointError(f"--last must be at least 1, got {last}")
-    found = step_checkpoints(run_dir)
     if len(found) < last:
         names = ", ".join(p.name for _, p in found) or "none"
         raise CheckpointError(
@@ -56,9 +64,9 @@ def newest_checkpoints(run_dir: str | Path, last: int) -> list[tuple[int, Path]]
     return found[-last:]
 
 
-def _differences(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
+def _differences(first: dict[str, Any], other: dict[str, Any], names: tuple[str, str]) -> list[str]:
     """What keeps two checkpoints' weights from being averaged: config sections, tokenizer, parameter names/shapes."""
-    problems = [f"config section '{s}' differs" for s in WEIGHT_SECTIONS if first["config"].get(s) != other["config"].get(s)]
+    problems = config_differences(first["config"], other["config"], names)
     if first["tokenizer"] != other["tokenizer"]:
         problems.append("the tokenizer differs")
     a, b = first["model"], other["model"]
@@ -83,7 +91,7 @@ def average_weights(files: list[Path]) -> tuple[dict[str, Any], dict[str, Tensor
     state = first
     for file in files[1:]:
         state = load_checkpoint(file)
-        problems = _differences(first, state)
+        problems = _differences(first, state, (files[0].name, file.name))
         problems += [
             f"{n}: non-float tensor differs"
             for n, t in state["model"].items()
@@ -99,8 +107,9 @@ def average_weights(files: list[Path]) -> tuple[dict[str, Any], dict[str, Tensor
     return state, mean
 
 
-def average_checkpoints(run_dir: str | Path, last: int, out: str | Path | None = None) -> AveragedCheckpoint:
-    """Average the newest `last` step checkpoints of a run into `out` (default RUN_DIR/checkpoints/averaged.pt)."""
+def average_checkpoints(run_dir: str | Path, last: int | None = None, out: str | Path | None = None) -> AveragedCheckpoint:
+    """Average the newest `last` step checkpoints of a run (None: `newest_checkpoints`' default) into `out` (default
+    RUN_DIR/checkpoints/averaged.pt)."""
     chosen = newest_checkpoints(run_dir, last)
     files = [p for _, p in chosen]
     newest, weights = average_weights(files)

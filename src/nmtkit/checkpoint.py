@@ -24,13 +24,39 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
-# Config sections that the weights depend on: a resume or an average requires them to match.
+# Config sections that the weights depend on: a resume or an average requires them to match, but for these keys,
+# which the weights do not depend on: a cap that only steers how the tokenizer is trained (a resumed run reuses the
+# run directory's tokenizer and checks its fingerprint), the validation and test splits (the validation split only
+# chooses best.pt), the Arrow cache's folder, and the length of the sinusoidal position table (computed, never saved).
 WEIGHT_SECTIONS = ("data", "tokenizer", "model")
+_MAY_DIFFER = {
+    ("tokenizer", "max_sentences"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("model", "max_positions"),
+}
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint can't be found, read, trusted, or used with this config."""
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+    """The keys of the weight sections where two config trees (`Config.to_dict()`, or a checkpoint's "config") differ,
+    as 'section.key: <names[0]> old, <names[1]> new'; keys the weights do not depend on are left out."""
+    diffs = []
+    for section in WEIGHT_SECTIONS:
+        for key, value in new.get(section, {}).items():
+            if (section, key) in _MAY_DIFFER:
+                continue
+            before = old.get(section, {}).get(key)
+            if section == "data" and key == "train" and isinstance(before, str) and isinstance(value, str):
+                before, value = os.path.normpath(before), os.path.normpath(value)  # ./data/x and data/x are one file
+            if isinstance(value, tuple):
+                value = list(value)
+            if isinstance(before, tuple):
+                before = list(before)
+            if before != value:
+                diffs.append(f"{section}.{key}: {names[0]} {before!r}, {names[1]} {value!r}")
+    return diffs
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -48,10 +74,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read from /proc (setting it to read it would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_atomic(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would: mkstemp's 0600 locks out the run's other users
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -68,12 +109,18 @@ def write_atomic(state: dict[str, Any], path: Path) -> None:
 def _link_atomic(target: Path, link: Path) -> None:
     """Point `link` at `target` (a hard link, so no second copy is written), replacing it atomically."""
     tmp = link.with_name(f".{link.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(target, tmp)
-    except OSError:  # file systems without hard links get a copy
-        shutil.copyfile(target, tmp)
-    os.replace(tmp, link)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(target, tmp)
+        except OSError:  # file systems without hard links get a copy, on disk before its name
+            shutil.copyfile(target, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, link)
+    except OSError as e:  # a full disk while copying: the old link stays, the half copy goes
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not point {link} at {target.name}: {e}; {link} still names the previous save") from e
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is_best: bool, keep: int) -> Path:

@@ -114,7 +114,8 @@ def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("average", help="average the weights of a run's newest step checkpoints into one checkpoint")
     p.add_argument("run_dir", help="the run directory (reads RUN_DIR/checkpoints/step-*.pt)")
-    p.add_argument("--last", type=_positive_int, default=5, metavar="N", help="how many of the newest step checkpoints to average (default 5)")
+    p.add_argument("--last", type=_positive_int, default=None, metavar="N",
+                   help="how many of the newest step checkpoints to average (default: all the run kept, up to 5)")
     p.add_argument("--out", "-o", help="checkpoint file to write (default RUN_DIR/checkpoints/averaged.pt)")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "checkpoints/run"
-    seed: int = 1
+    seed: int = field(default=1, metadata=_check(min=0, max=2**32 - 1))  # numpy's seed range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int = field(default=0, metadata=_check(min=0))  # CPU threads; 0 = torch default
@@ -191,6 +192,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise bad
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/on/off as a boolean
+            raise ValueError(f"{path}: got {value!r}, expected a string; YAML reads unquoted no, yes, on and off as"
+                             " true or false, so quote the value (e.g. 'no' for Norwegian)")
         if not isinstance(value, str):
             raise bad
         return value
@@ -217,7 +221,11 @@ def _check_limits(f: dataclasses.Field, value: Any, path: str) -> str | None:
 def _unknown_key(key: Any, valid: list[str], path: str) -> str:
     name = f"{path}.{key}" if path else str(key)
     close = difflib.get_close_matches(str(key), valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    elsewhere = [s for s in _section_names() if s != path and path and key in _field_types(type(getattr(Config(), s)))]
+    if elsewhere:  # a key of another section, e.g. train.dropout for model.dropout
+        hint = f" (it belongs in another section: {' or '.join(f'{s}.{key}' for s in elsewhere)})"
+    else:
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
     return f"{name}: unknown key{hint}; valid keys: {', '.join(valid)}"
 
 
@@ -268,6 +276,10 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
     elif m.n_heads >= 1 and (m.d_model // m.n_heads) % 2:
         problems.append(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even")
+    if not all(0.0 <= b < 1.0 for b in cfg.train.betas):
+        problems.append(f"train.betas: got {list(cfg.train.betas)}, each must be in [0, 1) (AdamW's moment decay rates)")
+    if cfg.train.min_lr > cfg.train.lr:
+        problems.append(f"train.min_lr: {cfg.train.min_lr} is above train.lr={cfg.train.lr}; the schedule decays from lr to min_lr")
     if cfg.train.schedule == "cosine" and cfg.train.max_steps == 0:
         problems.append("train.schedule: 'cosine' decays to train.min_lr at train.max_steps; set train.max_steps > 0")
     if cfg.data.src_lang == cfg.data.tgt_lang:
@@ -283,14 +295,32 @@ def _validate(cfg: Config, problems: list[str]) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string; read it as the float it means (YAML 1.2)."""
+    """PyYAML follows YAML 1.1, where `3e-4` (no dot) is a string; read it as the float it means (YAML 1.2). Keys are
+    unique: PyYAML would keep the last of two `train:` sections and drop the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                is_repeat = key in seen
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if is_repeat:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping; merge the two", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings that `_Loader` would read as numbers (a hub config named 1e5), so a dumped config reloads as itself."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
 
 
 def _safe_load(text: str) -> Any:
@@ -360,10 +390,22 @@ def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str 
     problems: list[str] = []
     _apply(cfg, tree, problems)
     _apply(cfg, _tree_from_overrides(overrides or [], problems), problems)
+    _expand_home(cfg)
     _validate(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("train", "run_dir"))
+
+
+def _expand_home(cfg: Config) -> None:
+    """`~/runs/x` means the home folder, as in a shell (the YAML file is not read by one)."""
+    for section, key in _PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value.startswith("~"):
+            setattr(getattr(cfg, section), key, os.path.expanduser(value))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -375,4 +417,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     tree = cfg.to_dict()
     tree["train"]["betas"] = list(cfg.train.betas)
-    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+    return yaml.dump(tree, Dumper=_Dumper, sort_keys=False, allow_unicode=True)

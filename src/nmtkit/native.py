@@ -110,13 +110,32 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
         os.chmod(tmp, 0o755 & ~umask)  # readable by the other users of a shared cache, as a compiler's own output is
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # on disk before its name: a crash leaves no empty library under the real name
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)  # atomic: a process building at the same time replaces it with an equal file
+        # then the library's digest, also under a temporary name first: `_load` checks it before loading
+        with open(tmp, "w") as f:
+            f.write(digest + "\n")
+        os.chmod(tmp, 0o644 & ~umask)
+        os.replace(tmp, _digest_file(target))
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeBuildError(f"{name} could not build {source.name}: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _is_intact(library: Path) -> bool:
+    """Whether the library's bytes are those its build wrote: a file cut short (a full disk, an interrupted copy) can
+    crash the process inside the dynamic loader (SIGBUS) instead of failing to load."""
+    try:
+        return _digest_file(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False
 
 
 _float_p, _i64 = ctypes.c_void_p, ctypes.c_int64
@@ -292,10 +311,14 @@ def kernels() -> Kernels | None:
 
 def _load() -> ctypes.CDLL:
     path = build()
+    if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
+        raise NativeBuildError(f"cannot read {path}; set NMTKIT_CACHE to a folder of your own")
+    if not _is_intact(path):  # damaged, or built before libraries had digests: build it again
+        path = build(rebuild=True)
     try:
         return ctypes.CDLL(str(path))
-    except OSError as e:
-        if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
-            raise NativeBuildError(f"cannot read {path} ({e}); set NMTKIT_CACHE to a folder of your own") from e
-        return ctypes.CDLL(str(build(rebuild=True)))  # a damaged file (a full disk, a copy cut short): build it again
+    except OSError as e:  # the file is whole, so the folder is the problem: building again would not help
+        raise NativeBuildError(
+            f"{path} is whole but does not load ({e}); if {path.parent} is on a noexec mount, set NMTKIT_CACHE to another folder"
+        ) from e
 

@@ -19,6 +19,11 @@ def git_commit() -> str:
     """The commit of the nmtkit source tree, with '+dirty' for local changes, or '' outside git."""
     here = Path(__file__).resolve().parent
     try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        if Path(top).resolve() != here.parents[1]:  # nmtkit installed inside another project's repository (its .venv)
+            return ""
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()

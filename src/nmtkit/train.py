@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .allocator import allocator_in_use
 from .batching import make_batches, padding_fraction, read_batch
-from .checkpoint import WEIGHT_SECTIONS, CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
 from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
 from .device import Runtime, choose_runtime, free_memory
@@ -126,34 +126,6 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -
     return tok
 
 
-# Keys of the weight sections that may differ from the checkpoint's on resume, since the weights do not depend on
-# them: a cap that only steers how the tokenizer is trained (a resumed run reuses the run directory's tokenizer and
-# checks its fingerprint), the validation and test splits (the validation split only chooses best.pt), the Arrow
-# cache's folder, and the length of the sinusoidal position table (computed, never saved).
-_RESUME_IGNORES = {
-    ("tokenizer", "max_sentences"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("model", "max_positions"),
-}
-
-
-def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
-    now = current.to_dict()
-    diffs = []
-    for section in WEIGHT_SECTIONS:
-        for key, value in now[section].items():
-            if (section, key) in _RESUME_IGNORES:
-                continue
-            old = saved.get(section, {}).get(key)
-            if section == "data" and key == "train" and isinstance(old, str):
-                old, value = os.path.normpath(old), os.path.normpath(value)  # ./data/x and data/x are one file
-            if isinstance(value, tuple):
-                value = list(value)
-            if isinstance(old, tuple):
-                old = list(old)
-            if old != value:
-                diffs.append(f"{section}.{key}: checkpoint {old!r}, config {value!r}")
-    return diffs
-
-
 # Train keys that decide the batch plan (`make_batches`). They may change on resume (a smaller max_tokens after
 # running out of memory, say), but then the interrupted epoch's plan changes too, and its position must follow.
 _PLAN_KEYS = ("max_tokens", "max_tokens_counts", "seed")
@@ -196,7 +168,7 @@ def _resume(
     if not last.is_file():
         return TrainState()
     saved = load_checkpoint(last)
-    diffs = config_differences(saved["config"], cfg)
+    diffs = config_differences(saved["config"], cfg.to_dict())
     if diffs:
         raise CheckpointError(
             f"{run_dir} holds a run with a different config; refusing to resume. Differences:\n  " + "\n  ".join(diffs)
@@ -216,7 +188,7 @@ def _resume(
         log.warning("resume: data.valid %r -> %r since the checkpoint; the best valid loss so far (%.4f, on the old split)"
                     " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
         state.best_valid_loss, state.evals_without_improvement = math.inf, 0
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch_in_epoch)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch + 1, state.batch_in_epoch)  # 1-based, as the log's
     return state
 
 

@@ -149,6 +149,39 @@ def test_full_disk_raises_checkpoint_error_and_keeps_the_previous_checkpoint(tmp
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "step-000001.pt"]  # no temporary files
 
 
+def test_full_disk_while_copying_last_pt_without_hard_links_keeps_the_previous_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_hard_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_hard_links)
+    save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
+
+    def disk_full_half_way(src: object, dst: object) -> None:
+        Path(str(dst)).write_bytes(b"half a copy")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", disk_full_half_way)
+    with pytest.raises(CheckpointError, match=r"last\.pt at step-000002\.pt: .*No space left on device.*still names the previous save"):
+        save_checkpoint(tmp_path, state_at(2), 2, is_best=False, keep=2)
+    monkeypatch.undo()
+    directory = checkpoint_dir(tmp_path)
+    assert loaded_step(directory / "last.pt") == 1 and not list(directory.glob(".*.tmp"))
+
+
+def test_checkpoints_are_readable_by_the_run_directorys_other_users(tmp_path: Path) -> None:
+    """As any file the process writes under its umask (022 here), not mkstemp's owner-only 0600."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((checkpoint_dir(tmp_path) / "best.pt").stat().st_mode) == 0o644
+
+
 def test_next_save_removes_temporary_files_left_by_a_killed_save(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, state_at(1), 1, is_best=False, keep=2)
     directory = checkpoint_dir(tmp_path)

@@ -62,6 +62,24 @@ def test_lock_of_a_dead_process_is_taken_over(corpus: dict, tmp_path: Path) -> N
     assert not lock.exists()  # released at the end
 
 
+def test_a_second_process_is_refused_even_before_the_owner_has_written_its_pid(tmp_path: Path) -> None:
+    """Two runs starting at once: the second may read the lock file while it is still empty. It must not take that
+    for a stale lock (the kernel's flock says the owner is alive), and must leave the owner's file alone."""
+    import sys
+
+    from nmtkit.run_lock import RunLock
+
+    take = f"from nmtkit.run_lock import RunLock; RunLock({str(tmp_path / 'run')!r}).__enter__()"
+    with RunLock(tmp_path / "run") as lock:
+        lock.path.write_text("")  # as the file is between its creation and its first write
+        proc = subprocess.run([sys.executable, "-c", take], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and "RunLockedError" in proc.stderr and "pid unknown: it is starting" in proc.stderr
+        assert lock.path.exists()
+    assert not lock.path.exists()
+    proc = subprocess.run([sys.executable, "-c", take], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # free again once the owner is done
+
+
 def test_lock_from_another_host_refuses_training_naming_the_host(corpus: dict, tmp_path: Path) -> None:
     write_lock(tmp_path / "run", 12345, "gpu-node-7.example")
     with pytest.raises(RunLockedError, match=r"locked by pid 12345 on host gpu-node-7\.example; if that run is over, delete"):
