@@ -308,7 +308,7 @@ def test_translate_prints_only_translations_by_default(trained_run: Path, capsys
 
 def test_translate_jsonl_has_exactly_the_public_keys(trained_run: Path, capsys) -> None:
     (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE, "--reference", REFERENCE])
-    assert set(record) == {"source", "translation", "tokens", "total_loss", "mean_loss", "reference"}
+    assert set(record) == {"source", "translation", "tokens", "total_loss", "mean_loss", "reference", "truncated"}
     assert record["source"] == SOURCE and isinstance(record["translation"], str)
     for token in record["tokens"]:
         assert set(token) == {"position", "piece", "id", "prob", "loss", "entropy", "top_k"}
@@ -376,6 +376,28 @@ def test_budget_forced_eos_reports_the_probability_of_eos(trained_run: Path) -> 
             assert last.prob == pytest.approx(listed[EOS_ID])
         else:
             assert last.prob <= min(listed.values())
+        # cut short exactly when the model's first choice at the budget was not </s>
+        assert result.truncated == (last.top_k[0].id != EOS_ID)
+    beam = translator.translate([SOURCE], top_k=TOP_K, beam_size=3)[0]
+    assert len(beam.tokens) == 3 and beam.truncated == (beam.tokens[-1].top_k[0].id != EOS_ID)
+
+
+def test_a_truncated_translation_says_so_in_the_table_and_the_jsonl(trained_run: Path) -> None:
+    from nmtkit.show import format_translation
+    from nmtkit.translator import Translator
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    translator.cfg.decode.max_len_a, translator.cfg.decode.max_len_b = 0.0, 1  # room for </s> alone
+    result = translator.translate([SOURCE], top_k=TOP_K)[0]
+    assert [t.id for t in result.tokens] == [EOS_ID] and result.truncated  # the model never starts with </s>
+    assert "truncated: the length budget ended the output" in format_translation(result, show_tokens=True)
+    assert result.to_json()["truncated"] is True
+
+
+def test_bits_alone_prints_the_token_table_with_a_bits_column(trained_run: Path, capsys) -> None:
+    assert main(["translate", "--checkpoint", str(trained_run), "--bits", SOURCE]) == 0
+    out = capsys.readouterr().out
+    assert "entropy    bits  top alternatives" in out and "total loss" in out
 
 
 def test_translate_reads_sentences_from_an_input_file(trained_run: Path, tmp_path: Path, capsys) -> None:

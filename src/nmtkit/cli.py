@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", help="file with one reference per line, aligned with the input")
     p.add_argument("--show-tokens", action="store_true", help="print the per-token table")
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="alternatives per token (default: decode.top_k of the run)")
-    p.add_argument("--bits", action="store_true", help="also show entropy in bits")
+    p.add_argument("--bits", action="store_true", help="the per-token table with entropy in bits too (implies --show-tokens)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--beam", type=_positive_int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
     p.add_argument("--nbest", type=_positive_int, default=1, metavar="N", help="also list the N best hypotheses with their scores (N <= --beam)")
@@ -240,8 +240,8 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     for result in results:
         if args.format == "jsonl":
             print(json.dumps(result.to_json(), ensure_ascii=False))
-        elif args.show_tokens or references is not None or args.nbest > 1:
-            print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens))
+        elif args.show_tokens or args.bits or references is not None or args.nbest > 1:
+            print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens or args.bits))
         else:
             print(result.translation)
     if args.html:

@@ -27,14 +27,16 @@ def format_translation(result: Translation, *, show_bits: bool = False, show_tok
     if show_tokens:
         width = max([display_width(_piece(s.piece)) for s in result.tokens] + [5]) + 2
         head = f"  {'pos':>3}  {pad('piece', width)}{'id':>6}  {'prob':>7}  {'loss':>7}  {'entropy':>7}"
-        head += f"  {'bits':>5}" if show_bits else ""
+        head += f"  {'bits':>6}" if show_bits else ""
         lines += ["", head + "  top alternatives"]
         for s in result.tokens:
             row = f"  {s.position:>3}  {pad(_piece(s.piece), width)}{s.id:>6}  {s.prob:7.4f}  {s.loss:7.4f}  {s.entropy:7.4f}"
-            row += f"  {s.entropy / math.log(2):5.3f}" if show_bits else ""
+            row += f"  {s.entropy / math.log(2):6.3f}" if show_bits else ""  # 10 bits and more from 1,024 pieces on
             alts = "  ".join(f"{_piece(a.piece)} {a.prob:.3f}" for a in s.top_k)
             lines.append(f"{row}  {alts}")
         lines.append(f"  total loss {result.total_loss:.4f} | mean loss {result.mean_loss:.4f} over {len(result.tokens)} tokens (EOS included)")
+        if result.truncated:
+            lines.append("  truncated: the length budget ended the output (decode.max_len_a/max_len_b); </s> was not the model's choice")
     ref = result.reference
     if ref is not None:
         lines += ["", f"reference:   {ref.text}   (teacher forcing)"]

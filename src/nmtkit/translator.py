@@ -190,7 +190,8 @@ class Translator:
             # (B, T, V): not needed, and large to send back from a helper; a fresh empty tensor, since a [:0] view
             # pickles its whole storage
             scores = dataclasses.replace(scores, logits=scores.logits.new_empty((0, *scores.logits.shape[1:])))
-        return DecodedBatch(out, beam if nbest > 1 else None, scores)
+        budget = max_new_tokens(src, self.cfg.decode.max_len_a, self.cfg.decode.max_len_b, self.cfg.model.max_positions)
+        return DecodedBatch(out, beam if nbest > 1 else None, scores, budget)
 
     def _records(self, texts: list[str], references: list[str] | None, decoded: DecodedBatch) -> list[Translation]:
         """One batch's tensors -> its Translations. Runs in the caller: Python objects by the thousand are slower to
@@ -204,7 +205,8 @@ class Translator:
             ids = out.tokens[b, : int(out.lengths[b])].tolist()
             ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
             hypotheses = self._hypotheses(beam, b) if beam is not None else []
-            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, hypotheses))
+            truncated = len(steps) == int(decoded.budget[b]) and steps[-1].top_k[0].id != EOS_ID
+            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, truncated, hypotheses))
         return results
 
     def _hypotheses(self, beam: BeamOutput, b: int) -> list[Hypothesis]:
@@ -257,6 +259,7 @@ class DecodedBatch:
     out: GreedyOutput  # each sentence's (best) translation
     beam: BeamOutput | None  # every hypothesis, when an n-best list was asked for
     scores: ReferenceScores | None  # the references' token scores (without the logits)
+    budget: Tensor  # (B,) each sentence's output length budget, EOS included
 
 
 def _clean(text: str) -> str:
