@@ -262,6 +262,9 @@ def test_a_section_given_twice_is_an_error_not_a_silent_merge(tmp_path: Path) ->
     path.write_text("train:\n  lr: 3.0e-4\n  lr: 1.0e-3\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="line 3, column 3: the key 'lr' appears twice"):
         load_config(path)
+    # a merge key is not a repeat, and a key may override one it merges
+    path.write_text("train:\n  <<: {lr: 1.0e-3, seed: 7}\n  lr: 3.0e-4\n", encoding="utf-8")
+    assert (load_config(path).train.lr, load_config(path).train.seed) == (3e-4, 7)
 
 
 def test_paths_starting_with_a_tilde_mean_the_home_folder(monkeypatch) -> None:

@@ -114,6 +114,16 @@ def test_a_whole_library_that_does_not_load_names_the_folder_and_is_not_rebuilt(
     assert path.stat().st_mtime_ns == built_at  # building again would not help, and every process would pay for it
 
 
+@needs_compiler
+def test_a_library_from_before_digests_loads_where_it_cannot_be_built_again(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    path = native.build()
+    native._digest_file(path).unlink()  # as a cache filled by an earlier nmtkit
+    monkeypatch.setenv("CC", str(cache / "no-such-compiler"))  # and no way to build here
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.kernels() is not None
+    assert "has no digest and can't be built again here" in caplog.text
+
+
 def test_nmtkit_native_0_turns_the_kernel_off_without_building(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NMTKIT_NATIVE", "0")
     assert native.kernels() is None

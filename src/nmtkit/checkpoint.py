@@ -16,8 +16,8 @@ import hashlib
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -74,25 +74,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    """The process's file-creation mask, read from /proc (setting it to read it would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def write_atomic(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mode 666 under the process's umask, as a plain open() gives (mkstemp's 0600 locked out the run's other users)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as a plain open() would: mkstemp's 0600 locks out the run's other users
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -120,7 +110,7 @@ def _link_atomic(target: Path, link: Path) -> None:
         os.replace(tmp, link)
     except OSError as e:  # a full disk while copying: the old link stays, the half copy goes
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not point {link} at {target.name}: {e}; {link} still names the previous save") from e
+        raise CheckpointError(f"could not point {link} at {target.name}: {e}; {link} is as it was before this save") from e
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int, *, is_best: bool, keep: int) -> Path:

@@ -301,14 +301,16 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, expanded by the constructor below
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
-                is_repeat = key in seen
+                is_repeat = (type(key), key) in seen  # by type too: true and 1 are two keys
             except TypeError:  # an unhashable key: the constructor below reports it
                 continue
             if is_repeat:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping; merge the two", key_node.start_mark)
-            seen.add(key)
+            seen.add((type(key), key))
         return super().construct_mapping(node, deep=deep)
 
 
@@ -397,7 +399,7 @@ def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str 
     return cfg
 
 
-_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("train", "run_dir"))
+_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("data", "hub_name"), ("train", "run_dir"))
 
 
 def _expand_home(cfg: Config) -> None:

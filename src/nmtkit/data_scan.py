@@ -155,4 +155,6 @@ def first_bare_carriage_return(path: Path) -> int | None:
             n = block.count(b"\n")
             lines_before += n
             has_line_feed = has_line_feed or n > 0
+            if first is not None and has_line_feed:
+                break
     return first if has_line_feed else None

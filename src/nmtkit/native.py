@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -112,11 +113,12 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
             os.fsync(f.fileno())  # on disk before its name: a crash leaves no empty library under the real name
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)  # atomic: a process building at the same time replaces it with an equal file
-        # then the library's digest, also under a temporary name first: `_load` checks it before loading
-        with open(tmp, "w") as f:
+        # then the library's digest, under a fresh name of its own first (mode 644 under the umask): `_load` checks it
+        digest_tmp = directory / f".{target.name}.{secrets.token_hex(6)}.sha256.tmp"
+        fd = os.open(digest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(digest + "\n")
-        os.chmod(tmp, 0o644 & ~umask)
-        os.replace(tmp, _digest_file(target))
+        os.replace(digest_tmp, _digest_file(target))
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeBuildError(f"{name} could not build {source.name}: {e}") from e
     finally:
@@ -314,7 +316,14 @@ def _load() -> ctypes.CDLL:
     if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
         raise NativeBuildError(f"cannot read {path}; set NMTKIT_CACHE to a folder of your own")
     if not _is_intact(path):  # damaged, or built before libraries had digests: build it again
-        path = build(rebuild=True)
+        try:
+            path = build(rebuild=True)
+        except NativeBuildError:
+            if _digest_file(path).exists():
+                raise
+            # a library from before digests, in a cache we can't build into (another user's, read-only): loaded as
+            # before; only a file cut short since (rare, and without a digest unknowable) could still crash the loader
+            log.info("%s has no digest and can't be built again here; loading it as it is", path)
     try:
         return ctypes.CDLL(str(path))
     except OSError as e:  # the file is whole, so the folder is the problem: building again would not help

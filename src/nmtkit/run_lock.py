@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -27,6 +28,11 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
+# errno values of a file system without flock (Lustre without -o flock, some network mounts): the lock falls back
+# to the pid in the file alone
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK}
+
+
 class RunLock:
     """`with RunLock(run_dir):` refuses to enter while another process holds the lock; a lock left by a dead process
     (same host) is taken over with a log line.
@@ -34,7 +40,8 @@ class RunLock:
     The lock is an exclusive `flock` on `train.lock`, held for the whole run and released by the kernel when the process
     ends, however it ends: two processes starting at once can't both take it (a pid file alone can: the second reads
     the first's file before its pid is written and takes it for stale). The file also names the owner's pid and host,
-    for the error message, and for locks written by a process that does not flock (another host, an older nmtkit).
+    for the error message, and for locks written by a process that does not flock (another host, an older nmtkit, a
+    file system without flock, where this lock falls back to the pid alone).
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -45,63 +52,83 @@ class RunLock:
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = self._read(fd)
-                os.close(fd)
-                pid = owner[0] if owner else "unknown: it is starting"
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by a training process (pid {pid}); wait for it, stop it, "
-                    "or choose another train.run_dir"
-                ) from None
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunLockedError(f"cannot open the lock {self.path} ({e}); check its owner and permissions") from None
             try:
-                is_current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                is_current = False
-            if not is_current:  # the owner finished and removed this file between our open and our lock: again
-                os.close(fd)
-                continue
-            try:
-                self._check_owner(self._read(fd))
-            except RunLockedError:
-                os.close(fd)
+                has_flock = self._flock(fd)
+                if has_flock and not self._is_at_path(fd):  # the owner finished and removed it before our lock: again
+                    os.close(fd)
+                    continue
+                self._check_owner(self._read(fd), has_flock)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": self.host, "flock": has_flock}).encode(), 0)
+                except OSError as e:
+                    raise RunLockedError(f"cannot write the lock {self.path} ({e}); free some space there") from None
+            except BaseException:
+                os.close(fd)  # a refusal or a failure (a full disk) leaves no descriptor, and no flock, behind
                 raise
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": self.host}).encode(), 0)
             self.fd = fd
             return self
         raise RunLockedError(f"could not take the lock {self.path}; remove it if no training runs there")
 
+    def _flock(self, fd: int) -> bool:
+        """Take the flock: True, or False on a file system without flock; RunLockedError while another process has it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self._read(fd)
+            raise RunLockedError(
+                f"{self.path.parent} is in use by a training process (pid {owner[0] if owner else 'unknown: it is starting'});"
+                " wait for it, stop it, or choose another train.run_dir"
+            ) from None
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+            log.warning("%s: this file system has no flock (%s); the lock relies on the pid it holds", self.path, e.strerror)
+            return False
+        return True
+
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
     @staticmethod
-    def _read(fd: int) -> tuple[int, str] | None:
-        """(pid, host) written in the lock file, or None when it is empty or unreadable."""
+    def _read(fd: int) -> tuple[int, str, bool] | None:
+        """(pid, host, whether it held a flock) written in the lock file, or None when it is empty or unreadable."""
         try:
             owner = json.loads(os.pread(fd, 4096, 0) or b"null")
-            return int(owner["pid"]), str(owner["host"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int(owner["pid"]), str(owner["host"]), bool(owner.get("flock", False))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def _check_owner(self, owner: tuple[int, str] | None) -> None:
-        """With the flock taken: raise if the file names a process that may still run without flocking (another
-        host, or a live pid here that is not ours); otherwise log the takeover of a stale lock."""
+    def _check_owner(self, owner: tuple[int, str, bool] | None, has_flock: bool) -> None:
+        """Raise if the file names a process that may still run: one that held a flock is over once we hold it (its pid
+        may be reused by now); one that did not (another host, an older nmtkit, no flock here) is judged by its pid.
+        Otherwise log the takeover of a stale lock."""
         if owner is None:
             return
-        pid, host = owner
-        if host != self.host:
-            raise RunLockedError(
-                f"{self.path.parent} is locked by pid {pid} on host {host}; if that run is over, delete {self.path}"
-            )
-        if pid > 0 and pid != os.getpid() and _is_alive(pid):
-            raise RunLockedError(
-                f"{self.path.parent} is in use by a training process (pid {pid}); wait for it, stop it, "
-                "or choose another train.run_dir"
-            )
-        log.info("taking over the stale lock %s (pid %d is not running)", self.path, pid)
+        pid, host, owner_flocked = owner
+        if not (has_flock and owner_flocked):
+            if host != self.host:
+                raise RunLockedError(
+                    f"{self.path.parent} is locked by pid {pid} on host {host}; if that run is over, delete {self.path}"
+                )
+            if pid > 0 and pid != os.getpid() and _is_alive(pid):
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by a training process (pid {pid}); wait for it, stop it, "
+                    "or choose another train.run_dir"
+                )
+        log.info("taking over the stale lock %s (pid %d on %s is not running)", self.path, pid, host)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.path.unlink(missing_ok=True)  # before the flock goes: a process that opened this file sees it is gone
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if self._is_at_path(self.fd):  # not a file someone put there after deleting ours
+            self.path.unlink(missing_ok=True)  # before the flock goes: a process that opened this file sees it is gone
+        os.close(self.fd)
+        self.fd = None

@@ -161,7 +161,7 @@ def test_full_disk_while_copying_last_pt_without_hard_links_keeps_the_previous_l
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.shutil, "copyfile", disk_full_half_way)
-    with pytest.raises(CheckpointError, match=r"last\.pt at step-000002\.pt: .*No space left on device.*still names the previous save"):
+    with pytest.raises(CheckpointError, match=r"last\.pt at step-000002\.pt: .*No space left on device.*is as it was before this save"):
         save_checkpoint(tmp_path, state_at(2), 2, is_best=False, keep=2)
     monkeypatch.undo()
     directory = checkpoint_dir(tmp_path)
@@ -169,17 +169,17 @@ def test_full_disk_while_copying_last_pt_without_hard_links_keeps_the_previous_l
 
 
 def test_checkpoints_are_readable_by_the_run_directorys_other_users(tmp_path: Path) -> None:
-    """As any file the process writes under its umask (022 here), not mkstemp's owner-only 0600."""
+    """As any file the process writes under its umask (027 here: the group may read), not mkstemp's owner-only 0600."""
     import os
     import stat
 
-    umask = os.umask(0o022)
+    umask = os.umask(0o027)
     try:
         path = save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
     finally:
         os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert stat.S_IMODE((checkpoint_dir(tmp_path) / "best.pt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE((checkpoint_dir(tmp_path) / "best.pt").stat().st_mode) == 0o640
 
 
 def test_next_save_removes_temporary_files_left_by_a_killed_save(tmp_path: Path) -> None:

@@ -80,6 +80,63 @@ def test_a_second_process_is_refused_even_before_the_owner_has_written_its_pid(t
     assert proc.returncode == 0, proc.stderr  # free again once the owner is done
 
 
+def test_a_lock_whose_owner_held_the_flock_is_taken_over_even_if_its_pid_lives_again(tmp_path: Path, live_pid: int) -> None:
+    """After a crash the file keeps the dead owner's pid, which a container may soon give to another process: the
+    kernel's flock, not the pid, says whether the owner still runs."""
+    from nmtkit.run_lock import RunLock
+
+    lock = tmp_path / "run" / "train.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": live_pid, "host": socket.gethostname(), "flock": True}))
+    with RunLock(tmp_path / "run"):
+        assert json.loads(lock.read_text())["pid"] != live_pid
+
+
+def test_without_flock_the_lock_falls_back_to_the_pid_it_holds(tmp_path: Path, live_pid: int, monkeypatch, caplog) -> None:
+    import errno
+
+    from nmtkit import run_lock
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)  # as on Lustre without -o flock
+    with caplog.at_level("WARNING", logger="nmtkit"), run_lock.RunLock(tmp_path / "free"):
+        pass
+    assert "has no flock" in caplog.text
+    write_lock(tmp_path / "taken", live_pid, socket.gethostname())
+    with pytest.raises(RunLockedError, match=rf"pid {live_pid}"):
+        run_lock.RunLock(tmp_path / "taken").__enter__()
+
+
+def test_a_lock_that_could_not_be_written_leaves_no_flock_behind(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from nmtkit import run_lock
+
+    def disk_full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_lock.os, "pwrite", disk_full)
+    with pytest.raises(RunLockedError, match="cannot write the lock .*No space left on device"):
+        run_lock.RunLock(tmp_path / "run").__enter__()
+    monkeypatch.undo()
+    with run_lock.RunLock(tmp_path / "run"):  # the same process may take it: no descriptor kept the flock
+        pass
+
+
+def test_an_owner_leaves_alone_a_lock_file_that_replaced_its_own(tmp_path: Path) -> None:
+    """Someone deletes the owner's lock file (as the refusal message allows) and a second run takes a new one: the
+    first run's exit must not delete the second's."""
+    from nmtkit.run_lock import RunLock
+
+    first = RunLock(tmp_path / "run").__enter__()
+    first.path.unlink()
+    first.path.write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "flock": False}))  # the second run's
+    first.__exit__(None, None, None)
+    assert first.path.exists()
+
+
 def test_lock_from_another_host_refuses_training_naming_the_host(corpus: dict, tmp_path: Path) -> None:
     write_lock(tmp_path / "run", 12345, "gpu-node-7.example")
     with pytest.raises(RunLockedError, match=r"locked by pid 12345 on host gpu-node-7\.example; if that run is over, delete"):
