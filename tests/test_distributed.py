@@ -172,3 +172,23 @@ def test_a_signal_to_one_rank_during_the_setup_stops_every_rank_before_the_first
         out = finish(proc, timeout=60)
     assert "no step to train: stopped by another rank" in out
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == {}
+
+
+def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_lock_error(corpus: dict, tmp_path: Path) -> None:
+    """Rank 0 alone takes the lock; its refusal must reach rank 1 as an error too, not as a broken collective."""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
+        proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
+        with killed_if_hanging(proc):
+            out, _ = proc.communicate(timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert f"nmtkit train: error: {tmp_path / 'run'} is in use by a training process (pid {holder.pid})" in out  # rank 0
+    assert "nmtkit train: error: rank 0 could not take the lock" in out  # rank 1
+    # each rank exits with its message, not in a broken collective (torchrun still prints its own summary of the exits)
+    assert "nmtkit/train.py" not in out and "Connection closed" not in out

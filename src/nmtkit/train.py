@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from .loss import TrainingObjective
 from .metrics import MetricsLog
 from .model import Transformer
 from .rng import restore_rng_states, rng_states, seed_everything
-from .run_lock import RunLock
+from .run_lock import RunLock, RunLockedError
 from .runinfo import write_run_info
 from .schedule import lr_at
 from .step import SkippedSteps, make_optimizer, train_step
@@ -205,11 +206,29 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
     if runtime.device.type == "cuda" and dist.is_distributed:
         runtime.device = torch.device("cuda", dist.local_rank)
     try:
-        lock = RunLock(cfg.train.run_dir) if dist.is_main else contextlib.nullcontext()
-        with lock, StopSignal() as stop:
+        with _run_lock(cfg.train.run_dir, dist), StopSignal() as stop:
             return _train(cfg, argv, runtime, dist, stop)
     finally:
         shutdown_distributed()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: str, dist: Dist) -> Iterator[None]:
+    """Rank 0's lock of the run directory, and its outcome agreed by every rank: a refusal stops them all with the
+    same error (alone, rank 0 would exit and leave the others to fail in their first collective)."""
+    lock, refused = RunLock(run_dir) if dist.is_main else None, None
+    try:
+        if lock is not None:
+            lock.__enter__()
+    except RunLockedError as e:
+        refused = e
+    if dist.any(refused is not None):
+        raise refused or RunLockedError(f"rank 0 could not take the lock of {run_dir}; its message says why")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, stop: StopSignal) -> TrainResult:
