@@ -107,6 +107,15 @@ def test_run_info_records_the_command_line_and_versions(cli_run: dict) -> None:
     assert info["versions"]["nmtkit"] and info["versions"]["torch"]
 
 
+def test_run_info_names_python_m_nmtkit_as_typed(tmp_path: Path, monkeypatch) -> None:
+    from nmtkit.config import Config
+    from nmtkit.runinfo import write_run_info
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "src" / "nmtkit" / "__main__.py"), "train"])
+    write_run_info(tmp_path, Config(), None, "cpu")
+    assert read_jsonl(tmp_path / "run.jsonl")[0]["command"] == ["python -m nmtkit", "train"]
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_commit_is_nmtkits_own_not_that_of_a_project_it_is_installed_in(tmp_path: Path, monkeypatch) -> None:
     """nmtkit installed into a .venv inside someone's repository must not record that repository's commit."""

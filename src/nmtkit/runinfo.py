@@ -50,13 +50,19 @@ def versions() -> dict[str, str]:
     }
 
 
+def _program() -> str:
+    """The command's name as typed: `nmtkit`, a script's name, or `python -m nmtkit` (whose argv[0] is __main__.py)."""
+    name = Path(sys.argv[0]).name
+    return "python -m nmtkit" if name == "__main__.py" else name
+
+
 def write_run_info(run_dir: str | Path, cfg: Config, argv: list[str] | None, runtime_reason: str) -> None:
     """config.yaml (resolved) and run.jsonl (command line, versions, device choice) in the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     info = {
-        "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+        "command": [_program(), *(sys.argv[1:] if argv is None else argv)],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
         "runtime": runtime_reason,
