@@ -19,7 +19,8 @@ import numpy as np
 from nmtkit.batching import collate, read_batch
 from nmtkit.config import load_config
 from nmtkit.data import encode_split, length_arrays, load_split
-from nmtkit.train import epoch_batches, prepare_tokenizer
+from nmtkit.run_tokenizer import prepare_tokenizer
+from nmtkit.train import epoch_batches
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from nmtkit import train as train_module
+from nmtkit import run_tokenizer as tokenizer_module
 from nmtkit.config import DataConfig, TokenizerConfig, load_config
 from nmtkit.data import encode_split, length_arrays, load_split
 from nmtkit.tokenizer import Tokenizer
@@ -113,13 +113,13 @@ def test_tokenizer_trains_on_a_seeded_sample_of_tokenizer_max_sentences(big_corp
         seen.append((list(src_texts), list(tgt_texts)))
         return real_train_tokenizer(cfg, *seen[-1])
 
-    real_train_tokenizer = train_module.train_tokenizer
-    monkeypatch.setattr(train_module, "train_tokenizer", recording_train_tokenizer)
+    real_train_tokenizer = tokenizer_module.train_tokenizer
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", recording_train_tokenizer)
     overrides = [f"data.train={big_corpus}", "tokenizer.vocab_size=1500", "tokenizer.max_sentences=1000"]
     for name in ("a", "b"):
         cfg = load_config(None, [*overrides, f"train.run_dir={tmp_path / name}"])
         raw = load_split(cfg.data, "train", tmp_path / "cache")
-        train_module.prepare_tokenizer(cfg, tmp_path / name, raw)
+        tokenizer_module.prepare_tokenizer(cfg, tmp_path / name, raw)
     (src, tgt), again = seen
     assert len(src) == len(tgt) == 500  # a joint model reads both sides: 500 pairs make 1,000 sentences
     assert again == (src, tgt)  # the sample depends on train.seed only
@@ -140,7 +140,7 @@ from pathlib import Path
 from nmtkit.batching import make_batches, read_batch
 from nmtkit.config import load_config
 from nmtkit.data import encode_split, length_arrays, load_split
-from nmtkit.train import prepare_tokenizer
+from nmtkit.run_tokenizer import prepare_tokenizer
 
 def config(corpus, run_dir):
     return load_config(None, [f"data.train={corpus}", f"train.run_dir={run_dir}", "tokenizer.vocab_size=2000",

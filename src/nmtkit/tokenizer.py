@@ -138,7 +138,7 @@ def _run_trainer(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int
         character_coverage=cfg.character_coverage,
         normalization_rule_name=cfg.normalization,
         # Every sentence given is used: the caller applies tokenizer.max_sentences by sampling pairs (see
-        # train.prepare_tokenizer). SentencePiece's own cap would still pull every sentence of a large corpus
+        # run_tokenizer.prepare_tokenizer). SentencePiece's own cap would still pull every sentence of a large corpus
         # through Python, and setting it changes the model even when the corpus is below the cap.
         input_sentence_size=0,
         shuffle_input_sentence=False,  # its default (True) reorders the input, which changes the model
@@ -161,7 +161,7 @@ def _nonempty(sentences: Iterable[str]) -> Iterator[str]:
 def train_tokenizer(cfg: TokenizerConfig, src_texts: Iterable[str], tgt_texts: Iterable[str]) -> Tokenizer:
     """Train a joint model on both sides, or one model per side when `cfg.joint` is False.
 
-    Every text given is used; `cfg.max_sentences` is the caller's to apply (`train.prepare_tokenizer` samples).
+    Every text given is used; `cfg.max_sentences` is the caller's to apply (`run_tokenizer.prepare_tokenizer` samples).
     """
     if cfg.joint:
         both = _chain(src_texts, tgt_texts)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .config import Config
 from .data import load_split
-from .train import prepare_tokenizer
+from .run_tokenizer import prepare_tokenizer
 
 
 def tokenizer_command(cfg: Config) -> str:

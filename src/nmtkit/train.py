@@ -9,7 +9,6 @@ batches of this epoch" plus restoring the RNG states.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -19,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -29,7 +27,7 @@ from .allocator import allocator_in_use
 from .batching import make_batches, padding_fraction, read_batch
 from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
-from .data import DataError, encode_split, iter_texts, length_arrays, load_split, sample_rows
+from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
@@ -38,11 +36,12 @@ from .metrics import MetricsLog
 from .model import Transformer
 from .rng import restore_rng_states, rng_states, seed_everything
 from .run_lock import RunLock, RunLockedError
+from .run_tokenizer import prepare_tokenizer
 from .runinfo import write_run_info
 from .schedule import lr_at
 from .step import SkippedSteps, make_optimizer, train_step
 from .stop_signal import StopSignal
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer
 from .translator import build_model, check_model_matches, tokenizer_from_state
 
 log = logging.getLogger(__name__)
@@ -71,60 +70,6 @@ class TrainResult:
     state: TrainState
     stop_reason: str
     valid_loss: float
-
-
-# What a tokenizer trained by nmtkit was trained from, written beside its models: the tokenizer section (but
-# max_sentences, a sampling cap) and the data keys that choose the training text.
-_TRAINED_FROM = "trained_from.json"
-_TOKENIZER_DATA_KEYS = ("train", "src_lang", "tgt_lang", "hub_name", "hub_config")
-
-
-def tokenizer_sources(cfg: Config) -> dict[str, Any]:
-    settings = {f"tokenizer.{k}": v for k, v in asdict(cfg.tokenizer).items() if k != "max_sentences"}
-    data = {f"data.{k}": getattr(cfg.data, k) for k in _TOKENIZER_DATA_KEYS}
-    data["data.train"] = os.path.normpath(data["data.train"])  # ./data/x and data/x are one file
-    return settings | data
-
-
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -> Tokenizer:
-    """Reuse the run directory's tokenizer when present, otherwise train one from the training split.
-
-    A reused tokenizer that nmtkit trained must come from the config's settings and training data: one left by an
-    earlier attempt with other settings would otherwise be used silently (a tokenizer put there by hand has no record
-    and is used as it is)."""
-    directory = run_dir / "tokenizer"
-    if Tokenizer.exists(directory):
-        record = directory / _TRAINED_FROM
-        if record.is_file():
-            try:
-                old = json.loads(record.read_text(encoding="utf-8"))
-                assert isinstance(old, dict)
-            except (ValueError, AssertionError):
-                raise ConfigError([f"{record}: not a JSON object of settings; delete it to use the tokenizer as it is"]) from None
-            now = tokenizer_sources(cfg)
-            diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if old.get(k, v) != v]
-            if diffs:
-                raise ConfigError(
-                    diffs, f"{directory} (restore these settings, use a new train.run_dir, delete {record.name} to use"
-                    f" this tokenizer as it is, or, if no checkpoint in {run_dir} uses it, delete {directory} to train a new one)"
-                )
-        log.info("tokenizer: reusing %s", directory)
-        return Tokenizer.load(directory)
-    t0 = time.time()
-    # tokenizer.max_sentences caps what each SentencePiece model reads (a joint one reads both sides), so a
-    # large corpus gives a random sample of pairs, streamed from Arrow: SentencePiece keeps its input in memory.
-    max_pairs = math.ceil(cfg.tokenizer.max_sentences / (2 if cfg.tokenizer.joint else 1))
-    rows = sample_rows(len(train_raw), max_pairs, cfg.train.seed)
-    if rows is not None:
-        log.info("tokenizer: training on %s random pairs of %s (tokenizer.max_sentences=%s)", f"{max_pairs:,}", f"{len(train_raw):,}", f"{cfg.tokenizer.max_sentences:,}")
-    tok = train_tokenizer(cfg.tokenizer, iter_texts(train_raw, "src", rows), iter_texts(train_raw, "tgt", rows))
-    tok.save(directory)
-    partial = directory / f"{_TRAINED_FROM}.partial"  # renamed into place: a crash never leaves half a record
-    partial.write_text(json.dumps(tokenizer_sources(cfg), indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, directory / _TRAINED_FROM)
-    kind = "joint" if tok.is_joint else "separate"
-    log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
-    return tok
 
 
 # Train keys that decide the batch plan (`make_batches`). They may change on resume (a smaller max_tokens after
