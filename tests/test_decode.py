@@ -245,6 +245,19 @@ def test_more_ties_at_the_top_than_k_still_lead_with_the_argmax(kind: str, vocab
     assert all(len(set(row)) == 5 for row in ids.tolist())
 
 
+@pytest.mark.parametrize("kind", STATS_KINDS)
+def test_a_logit_of_minus_infinity_leaves_the_entropy_finite(kind: str) -> None:
+    """A token the model rules out entirely (logit -inf, as a mask gives) has p = 0 and adds nothing to the entropy."""
+    torch.manual_seed(4)
+    logits = torch.randn(4, 1000)
+    logits[:, 17] = float("-inf")
+    _, _, log_z, entropy = stats_of(logits, 5, kind)
+    p = logits.double().softmax(-1)
+    want = -(p * p.log()).nan_to_num().sum(-1)
+    torch.testing.assert_close(entropy.double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(log_z.double(), logits.double().logsumexp(-1), atol=1e-4, rtol=1e-6)
+
+
 def test_native_kernel_takes_the_lower_id_on_ties_and_survives_nan_and_inf() -> None:
     torch.manual_seed(3)
     tied = torch.randint(0, 5, (16, 8000)).float()  # many equal maxima

@@ -70,7 +70,8 @@ class TorchStepStats:
                 return
             p = torch.softmax(x, dim=-1, out=self._buffer("_p", x))  # (B, V)
             torch.sub(top_values[:, 0], p.gather(1, top_ids[:, :1])[:, 0].log(), out=log_z)  # p(argmax) >= 1/V
-            torch.sub(log_z, p.mul_(x).sum(dim=-1), out=entropy)  # p . x in p's own buffer
+            # p . x in p's own buffer; nansum: a -inf logit has p = 0, and 0 * -inf is NaN where it contributes nothing
+            torch.sub(log_z, p.mul_(x).nansum(dim=-1), out=entropy)
 
     @staticmethod
     def _top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
