@@ -244,6 +244,14 @@ def test_max_len_beyond_the_model_positions_exits_2_before_the_run_directory_exi
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_directory_under_a_file_exits_2_naming_it(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    (tmp_path / "a file").write_text("")
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "a file" / "run")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run directory" in err and "a file/run" in err and "Traceback" not in err
+
+
 def test_validation_split_emptied_by_the_filters_exits_2_naming_data_valid(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
     long_pair = {"translation": {"en": " ".join(["word"] * 100), "zh": "字" * 100}}  # beyond max_len 64
     valid = write_jsonl(tmp_path / "long-valid.jsonl", [long_pair] * 3)

@@ -174,6 +174,19 @@ def test_a_signal_to_one_rank_during_the_setup_stops_every_rank_before_the_first
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or losses(tmp_path / "run") == {}
 
 
+def test_a_run_directory_that_cannot_be_created_stops_every_rank_with_the_error(corpus: dict, tmp_path: Path) -> None:
+    """Not only a refusal: any failure of rank 0's lock reaches rank 1 before its first collective."""
+    (tmp_path / "a file").write_text("")
+    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "a file" / "run")
+    proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
+    with killed_if_hanging(proc):
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "nmtkit train: error: cannot create the run directory" in out  # rank 0
+    assert "nmtkit train: error: rank 0 could not take the lock" in out  # rank 1
+    assert "nmtkit/train.py" not in out and "Connection closed" not in out
+
+
 def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_lock_error(corpus: dict, tmp_path: Path) -> None:
     """Rank 0 alone takes the lock; its refusal must reach rank 1 as an error too, not as a broken collective."""
     holder = subprocess.Popen(["sleep", "60"])

@@ -50,8 +50,11 @@ class _RunLogHandler(logging.FileHandler):
     no GPU) leaves no run directory behind."""
 
     def _open(self) -> io.TextIOWrapper:
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+        try:
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            return super()._open()
+        except OSError:  # a run directory that can't be made: the run stops at its lock, with a message naming it
+            return open(os.devnull, "w", encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -305,12 +305,12 @@ class _Loader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
-                is_repeat = (type(key), key) in seen  # by type too: true and 1 are two keys
+                is_repeat = key in seen  # as a dict sees it: true and 1 are one key there too
             except TypeError:  # an unhashable key: the constructor below reports it
                 continue
             if is_repeat:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping; merge the two", key_node.start_mark)
-            seen.add((type(key), key))
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -399,7 +399,7 @@ def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str 
     return cfg
 
 
-_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("data", "hub_name"), ("train", "run_dir"))
+_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("train", "run_dir"))
 
 
 def _expand_home(cfg: Config) -> None:

@@ -100,6 +100,7 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
     except OSError as e:
         raise NativeBuildError(f"cannot write to the kernel cache {directory} ({e}); set NMTKIT_CACHE to a writable folder") from e
     name = " ".join(compiler)
+    digest_tmp = directory / f".{target.name}.{secrets.token_hex(6)}.sha256.tmp"
     try:
         done = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -114,7 +115,6 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
         digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
         os.replace(tmp, target)  # atomic: a process building at the same time replaces it with an equal file
         # then the library's digest, under a fresh name of its own first (mode 644 under the umask): `_load` checks it
-        digest_tmp = directory / f".{target.name}.{secrets.token_hex(6)}.sha256.tmp"
         fd = os.open(digest_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(digest + "\n")
@@ -122,8 +122,9 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NativeBuildError(f"{name} could not build {source.name}: {e}") from e
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, digest_tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 

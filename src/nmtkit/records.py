@@ -75,10 +75,10 @@ class Translation:
     total_loss: float
     mean_loss: float
     reference: ReferenceScore | None = None
+    nbest: list[Hypothesis] = field(default_factory=list)  # best first; empty unless more than one was asked for
     # the output reached its length budget (decode.max_len_a/max_len_b, model.max_positions) and its </s> was put there
     # although the model's first choice was another token: the translation is cut short
     truncated: bool = False
-    nbest: list[Hypothesis] = field(default_factory=list)  # best first; empty unless more than one was asked for
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -50,7 +50,10 @@ class RunLock:
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunLockedError(f"cannot create the run directory {self.path.parent} ({e}); fix train.run_dir") from None
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,9 +96,10 @@ class RunLock:
 
     def _is_at_path(self, fd: int) -> bool:
         try:
-            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
-        except FileNotFoundError:
+            mine, there = os.fstat(fd), os.stat(self.path)
+        except OSError:
             return False
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
     @staticmethod
     def _read(fd: int) -> tuple[int, str, bool] | None:
@@ -107,28 +111,29 @@ class RunLock:
             return None
 
     def _check_owner(self, owner: tuple[int, str, bool] | None, has_flock: bool) -> None:
-        """Raise if the file names a process that may still run: one that held a flock is over once we hold it (its pid
-        may be reused by now); one that did not (another host, an older nmtkit, no flock here) is judged by its pid.
-        Otherwise log the takeover of a stale lock."""
+        """Raise if the file names a process that may still run. Another host's is refused always: some file systems
+        lock within one machine only. Here, one that held a flock is over once we hold it (its pid may be reused by
+        now); one that did not (an older nmtkit, no flock here) is judged by its pid. Otherwise log the takeover."""
         if owner is None:
             return
         pid, host, owner_flocked = owner
-        if not (has_flock and owner_flocked):
-            if host != self.host:
-                raise RunLockedError(
-                    f"{self.path.parent} is locked by pid {pid} on host {host}; if that run is over, delete {self.path}"
-                )
-            if pid > 0 and pid != os.getpid() and _is_alive(pid):
-                raise RunLockedError(
-                    f"{self.path.parent} is in use by a training process (pid {pid}); wait for it, stop it, "
-                    "or choose another train.run_dir"
-                )
-        log.info("taking over the stale lock %s (pid %d on %s is not running)", self.path, pid, host)
+        if host != self.host:
+            raise RunLockedError(
+                f"{self.path.parent} is locked by pid {pid} on host {host}; if that run is over, delete {self.path}"
+            )
+        if not (has_flock and owner_flocked) and pid > 0 and pid != os.getpid() and _is_alive(pid):
+            raise RunLockedError(
+                f"{self.path.parent} is in use by a training process (pid {pid}); wait for it, stop it, "
+                "or choose another train.run_dir"
+            )
+        log.info("taking over the stale lock %s (its owner, pid %d, no longer holds it)", self.path, pid)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self.fd is None:
             return
-        if self._is_at_path(self.fd):  # not a file someone put there after deleting ours
-            self.path.unlink(missing_ok=True)  # before the flock goes: a process that opened this file sees it is gone
-        os.close(self.fd)
-        self.fd = None
+        try:
+            if self._is_at_path(self.fd):  # not a file someone put there after deleting ours
+                self.path.unlink(missing_ok=True)  # before the flock goes: a process that opened this file sees it is gone
+        finally:
+            os.close(self.fd)
+            self.fd = None

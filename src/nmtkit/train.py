@@ -161,15 +161,15 @@ def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
 def _run_lock(run_dir: str, dist: Dist) -> Iterator[None]:
     """Rank 0's lock of the run directory, and its outcome agreed by every rank: a refusal stops them all with the
     same error (alone, rank 0 would exit and leave the others to fail in their first collective)."""
-    lock, refused = RunLock(run_dir) if dist.is_main else None, None
+    lock, failure = RunLock(run_dir) if dist.is_main else None, None
     try:
         if lock is not None:
             lock.__enter__()
-    except RunLockedError as e:
-        refused = e
-    if dist.any(refused is not None):
-        raise refused or RunLockedError(f"rank 0 could not take the lock of {run_dir}; its message says why")
+    except Exception as e:  # whatever it is, the other ranks must hear of it before their first collective
+        failure, lock = e, None
     try:
+        if dist.any(failure is not None):
+            raise failure or RunLockedError(f"rank 0 could not take the lock of {run_dir}; its message says why")
         yield
     finally:
         if lock is not None:

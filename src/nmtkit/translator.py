@@ -206,7 +206,7 @@ class Translator:
             ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
             hypotheses = self._hypotheses(beam, b) if beam is not None else []
             truncated = len(steps) == int(decoded.budget[b]) and steps[-1].top_k[0].id != EOS_ID
-            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, truncated, hypotheses))
+            results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, hypotheses, truncated))
         return results
 
     def _hypotheses(self, beam: BeamOutput, b: int) -> list[Hypothesis]:

@@ -92,6 +92,25 @@ def test_a_lock_whose_owner_held_the_flock_is_taken_over_even_if_its_pid_lives_a
         assert json.loads(lock.read_text())["pid"] != live_pid
 
 
+def test_another_hosts_lock_is_refused_even_when_its_owner_held_a_flock(tmp_path: Path) -> None:
+    """Some file systems lock within one machine only: a flock taken here says nothing about a run on another host."""
+    from nmtkit.run_lock import RunLock
+
+    lock = tmp_path / "run" / "train.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({"pid": 4242, "host": "gpu-node-7.example", "flock": True}))
+    with pytest.raises(RunLockedError, match=r"locked by pid 4242 on host gpu-node-7\.example"):
+        RunLock(tmp_path / "run").__enter__()
+
+
+def test_a_run_directory_that_cannot_be_created_is_a_lock_error_naming_it(tmp_path: Path) -> None:
+    from nmtkit.run_lock import RunLock
+
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(RunLockedError, match="cannot create the run directory .*a file/run.*fix train.run_dir"):
+        RunLock(tmp_path / "a file" / "run").__enter__()
+
+
 def test_without_flock_the_lock_falls_back_to_the_pid_it_holds(tmp_path: Path, live_pid: int, monkeypatch, caplog) -> None:
     import errno
 
