@@ -40,8 +40,9 @@ class RunLock:
     The lock is an exclusive `flock` on `train.lock`, held for the whole run and released by the kernel when the process
     ends, however it ends: two processes starting at once can't both take it (a pid file alone can: the second reads
     the first's file before its pid is written and takes it for stale). The file also names the owner's pid and host,
-    for the error message, and for locks written by a process that does not flock (another host, an older nmtkit, a
-    file system without flock, where this lock falls back to the pid alone).
+    for the error message, for another host's runs (refused always: some file systems lock within one machine only),
+    and for locks written without a flock (an older nmtkit, a file system without flock, where this lock falls back to
+    the pid alone).
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -89,7 +90,7 @@ class RunLock:
             ) from None
         except OSError as e:
             if e.errno not in _NO_FLOCK:
-                raise
+                raise RunLockedError(f"cannot lock {self.path} ({e}); check the file system of train.run_dir") from None
             log.warning("%s: this file system has no flock (%s); the lock relies on the pid it holds", self.path, e.strerror)
             return False
         return True

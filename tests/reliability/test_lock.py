@@ -128,6 +128,19 @@ def test_without_flock_the_lock_falls_back_to_the_pid_it_holds(tmp_path: Path, l
         run_lock.RunLock(tmp_path / "taken").__enter__()
 
 
+def test_a_flock_that_fails_otherwise_is_a_lock_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from nmtkit import run_lock
+
+    def broken(fd: int, operation: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", broken)
+    with pytest.raises(RunLockedError, match=r"cannot lock .*train\.lock .*Input/output error"):
+        run_lock.RunLock(tmp_path / "run").__enter__()
+
+
 def test_a_lock_that_could_not_be_written_leaves_no_flock_behind(tmp_path: Path, monkeypatch) -> None:
     import errno
 
