@@ -252,6 +252,13 @@ def test_a_run_directory_under_a_file_exits_2_naming_it(corpus: dict[str, Path],
     assert "cannot create the run directory" in err and "a file/run" in err and "Traceback" not in err
 
 
+def test_a_train_log_that_cannot_be_written_is_named_and_training_goes_on(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    (tmp_path / "run" / "train.log").mkdir(parents=True)  # a directory where the log file should be
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", train={"max_steps": 2})
+    assert main(["train", "--config", str(config)]) == 0
+    assert f"cannot write {tmp_path / 'run' / 'train.log'}" in capsys.readouterr().err
+
+
 def test_validation_split_emptied_by_the_filters_exits_2_naming_data_valid(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
     long_pair = {"translation": {"en": " ".join(["word"] * 100), "zh": "字" * 100}}  # beyond max_len 64
     valid = write_jsonl(tmp_path / "long-valid.jsonl", [long_pair] * 3)

@@ -193,6 +193,7 @@ def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_loc
     try:
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "train.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        (tmp_path / "run" / "train.log").write_text("the live run's log\n")
         config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
         proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
         with killed_if_hanging(proc):
@@ -205,3 +206,4 @@ def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_loc
     assert "nmtkit train: error: rank 0 could not take the lock" in out  # rank 1
     # each rank exits with its message, not in a broken collective (torchrun still prints its own summary of the exits)
     assert "nmtkit/train.py" not in out and "Connection closed" not in out
+    assert (tmp_path / "run" / "train.log").read_text() == "the live run's log\n"  # the refused job wrote nothing there

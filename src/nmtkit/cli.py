@@ -52,8 +52,12 @@ class _RunLogHandler(logging.FileHandler):
     def _open(self) -> io.TextIOWrapper:
         try:
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-            return super()._open()
         except OSError:  # a run directory that can't be made: the run stops at its lock, with a message naming it
+            return open(os.devnull, "w", encoding="utf-8")
+        try:
+            return super()._open()
+        except OSError as e:
+            print(f"nmtkit: warning: cannot write {self.baseFilename} ({e}); the log goes to the terminal only", file=sys.stderr)
             return open(os.devnull, "w", encoding="utf-8")
 
 

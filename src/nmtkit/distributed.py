@@ -67,8 +67,12 @@ def init_distributed(device_type: str) -> Dist:
         dist.init_process_group(backend=backend)
     if dist.get_backend() != "gloo":  # every rank creates the group, in the same order
         d.host_group = dist.new_group(backend="gloo")
-    log.info("distributed: rank %d of %d (local rank %d, %s)", d.rank, d.world_size, d.local_rank, dist.get_backend())
     return d
+
+
+def describe(d: Dist) -> str:
+    """'rank R of N (local rank L, backend)' for the log."""
+    return f"rank {d.rank} of {d.world_size} (local rank {d.local_rank}, {dist.get_backend()})"
 
 
 def shutdown_distributed() -> None:

@@ -21,7 +21,7 @@ class RunLockedError(RuntimeError):
 def _is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a number no process can have
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -45,6 +45,8 @@ class RunLock:
     the pid alone).
     """
 
+    _held: set[str] = set()  # lock files this process holds: a second entry is refused (flock alone may allow it)
+
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / "train.lock"
         self.host = socket.gethostname()
@@ -55,6 +57,9 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RunLockedError(f"cannot create the run directory {self.path.parent} ({e}); fix train.run_dir") from None
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            raise RunLockedError(f"{self.path.parent} is already in use by a training run of this process")
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,6 +80,7 @@ class RunLock:
                 os.close(fd)  # a refusal or a failure (a full disk) leaves no descriptor, and no flock, behind
                 raise
             self.fd = fd
+            RunLock._held.add(key)
             return self
         raise RunLockedError(f"could not take the lock {self.path}; remove it if no training runs there")
 
@@ -135,6 +141,9 @@ class RunLock:
         try:
             if self._is_at_path(self.fd):  # not a file someone put there after deleting ours
                 self.path.unlink(missing_ok=True)  # before the flock goes: a process that opened this file sees it is gone
+        except OSError as e:  # never in place of the run's own error
+            log.warning("could not remove the lock %s (%s); delete it by hand", self.path, e)
         finally:
             os.close(self.fd)
             self.fd = None
+            RunLock._held.discard(str(self.path.resolve()))

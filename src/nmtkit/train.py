@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, checkpoint_dir, config_differences, loa
 from .config import Config, ConfigError, TrainConfig
 from .data import DataError, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime, free_memory
-from .distributed import Dist, init_distributed, shutdown_distributed
+from .distributed import Dist, describe, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
 from .loss import TrainingObjective
 from .metrics import MetricsLog
@@ -168,7 +168,13 @@ def _run_lock(run_dir: str, dist: Dist) -> Iterator[None]:
     except Exception as e:  # whatever it is, the other ranks must hear of it before their first collective
         failure, lock = e, None
     try:
-        if dist.any(failure is not None):
+        try:
+            refused = dist.any(failure is not None)
+        except Exception:
+            if failure is not None:
+                raise failure from None  # rank 0's own error says more than a broken exchange
+            raise
+        if refused:
             raise failure or RunLockedError(f"rank 0 could not take the lock of {run_dir}; its message says why")
         yield
     finally:
@@ -185,6 +191,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if not dist.is_main:
         log.setLevel(logging.WARNING)  # rank 0 alone logs
     log.info("run %s: %s, %d CPU threads, %s", run_dir, runtime.reason, torch.get_num_threads(), allocator_in_use())
+    if dist.is_distributed:  # logged after the lock: a refused rank 0 must not write into another run's train.log
+        log.info("distributed: %s", describe(dist))
     seed_everything(tc.seed)
     # opened first, so that a missing tensorboard package stops the run before any work
     metrics = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if tc.tensorboard and dist.is_main else None)

@@ -128,6 +128,26 @@ def test_without_flock_the_lock_falls_back_to_the_pid_it_holds(tmp_path: Path, l
         run_lock.RunLock(tmp_path / "taken").__enter__()
 
 
+def test_a_second_entry_by_the_same_process_is_refused_and_a_failed_unlink_never_masks_the_run(tmp_path: Path, monkeypatch, caplog) -> None:
+    from nmtkit import run_lock
+
+    with run_lock.RunLock(tmp_path / "run") as outer:
+        with pytest.raises(RunLockedError, match="already in use by a training run of this process"):
+            run_lock.RunLock(tmp_path / "run").__enter__()
+        assert outer.path.exists()
+
+        def cannot(self: Path, missing_ok: bool = False) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(run_lock.Path, "unlink", cannot)
+        with caplog.at_level("WARNING", logger="nmtkit"):
+            outer.__exit__(None, None, None)  # logs, and raises nothing in place of the run's own error
+    assert "could not remove the lock" in caplog.text
+    monkeypatch.undo()
+    with run_lock.RunLock(tmp_path / "run"):  # released all the same: the flock went with the descriptor
+        pass
+
+
 def test_a_flock_that_fails_otherwise_is_a_lock_error_naming_the_file(tmp_path: Path, monkeypatch) -> None:
     import errno
 
