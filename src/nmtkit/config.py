@@ -221,7 +221,7 @@ def _check_limits(f: dataclasses.Field, value: Any, path: str) -> str | None:
 def _unknown_key(key: Any, valid: list[str], path: str) -> str:
     name = f"{path}.{key}" if path else str(key)
     close = difflib.get_close_matches(str(key), valid, n=1)
-    elsewhere = [s for s in _section_names() if s != path and path and key in _field_types(type(getattr(Config(), s)))]
+    elsewhere = [s for s in _section_names() if path and s != path and _field_type([s, str(key)]) is not None]
     if elsewhere:  # a key of another section, e.g. train.dropout for model.dropout
         hint = f" (it belongs in another section: {' or '.join(f'{s}.{key}' for s in elsewhere)})"
     else:
@@ -314,15 +314,14 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
-
-
 class _Dumper(yaml.SafeDumper):
     """Quotes strings that `_Loader` would read as numbers (a hub config named 1e5), so a dumped config reloads as itself."""
 
 
-_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+for _yaml_class in (_Loader, _Dumper):  # the same float rule for reading and writing
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
 
 
 def _safe_load(text: str) -> Any:

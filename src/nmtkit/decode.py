@@ -230,7 +230,7 @@ def greedy_decode(
         if record:  # after the budget rule, so a forced EOS is recorded with EOS's own probability
             chosen = step_logits.gather(1, nxt[:, None])[:, 0].float()
             torch.sub(log_z, chosen, out=losses[:, t])  # −ln p: finite where p underflows (a forced EOS, say)
-            torch.exp(losses[:, t].neg(), out=probs[:, t])
+            torch.neg(losses[:, t], out=probs[:, t]).exp_()  # into its slot: no allocation in the step
             torch.exp(best - log_z[:, None], out=top_probs[:, t])
             entropy[:, t] = step_entropy
             top_ids[:, t] = best_ids

@@ -104,8 +104,8 @@ def bleu_metric(tgt_lang: str) -> sacrebleu.metrics.BLEU:
         ) from None
 
 
-def quality_metrics(hypotheses: list[str], references: list[str], tgt_lang: str) -> QualityMetrics:
-    bleu = bleu_metric(tgt_lang)
+def quality_metrics(hypotheses: list[str], references: list[str], bleu: sacrebleu.metrics.BLEU) -> QualityMetrics:
+    """BLEU (`bleu_metric`'s, for the target language) and chrF of the hypotheses against one reference each."""
     chrf = sacrebleu.metrics.CHRF()
     b = bleu.corpus_score(hypotheses, [references])
     c = chrf.corpus_score(hypotheses, [references])
@@ -152,8 +152,7 @@ def evaluate_checkpoint(
         cfg.decode.batch_size = batch_size
     if workers is not None:
         cfg.decode.workers = workers
-    if with_bleu:
-        bleu_metric(cfg.data.tgt_lang)  # missing tokenizer extras fail now, not after the decoding
+    bleu = bleu_metric(cfg.data.tgt_lang) if with_bleu else None  # missing tokenizer extras fail now, not after decoding
     data_cfg = evaluation_data(cfg.data, split, data_file)
     raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)))
     if limit:
@@ -171,9 +170,9 @@ def evaluate_checkpoint(
     loss = teacher_forced_metrics(translator.model, ds, max_tokens, translator.runtime, calibration)
     calib = calibration.result()
     quality = None
-    if with_bleu:
+    if bleu is not None:
         hypotheses = translate_all(translator, list(ds["src"]), beam_size, length_penalty)
-        quality = quality_metrics(hypotheses, ds["tgt"], cfg.data.tgt_lang)
+        quality = quality_metrics(hypotheses, ds["tgt"], bleu)
     out = metrics_dict(loss, quality)
     out.update(ece=calib.ece, mean_entropy=calib.mean_entropy, calibration_bins=[asdict(b) for b in calib.bins])
     if plot_dir is not None:

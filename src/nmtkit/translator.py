@@ -161,17 +161,21 @@ class Translator:
         """Greedy steps replayed as CUDA graphs (decode.cuda_graphs, on CUDA only)."""
         return self.cfg.decode.cuda_graphs and self.runtime.device.type == "cuda"
 
-    def translate_ids(self, src: Tensor, top_k: int = 0) -> GreedyOutput:
-        """Greedy decoding of (B, S) source ids under the configured length budget."""
+    def budget(self, src: Tensor) -> Tensor:
+        """(B,) output length budget of each source (EOS included): decode.max_len_a/max_len_b, capped by the positions."""
         d = self.cfg.decode
-        budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
-        with self.runtime.compute():
-            return greedy_decode(self.model, src, budget, top_k=top_k, static=self.uses_cuda_graphs)
+        return max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
 
-    def beam_search_ids(self, src: Tensor, beam_size: int, nbest: int = 1, top_k: int = 0, length_penalty: float = 1.0) -> BeamOutput:
-        """Beam search of (B, S) source ids under the configured length budget (the same one greedy uses)."""
-        d = self.cfg.decode
-        budget = max_new_tokens(src, d.max_len_a, d.max_len_b, self.cfg.model.max_positions)
+    def translate_ids(self, src: Tensor, top_k: int = 0, budget: Tensor | None = None) -> GreedyOutput:
+        """Greedy decoding of (B, S) source ids under the configured length budget (`budget(src)` unless given)."""
+        with self.runtime.compute():
+            return greedy_decode(self.model, src, self.budget(src) if budget is None else budget, top_k=top_k, static=self.uses_cuda_graphs)
+
+    def beam_search_ids(
+        self, src: Tensor, beam_size: int, nbest: int = 1, top_k: int = 0, length_penalty: float = 1.0, budget: Tensor | None = None
+    ) -> BeamOutput:
+        """Beam search of (B, S) source ids under the length budget greedy uses (`budget(src)` unless given)."""
+        budget = self.budget(src) if budget is None else budget
         with self.runtime.compute():
             return beam_search(self.model, src, budget, beam_size=beam_size, nbest=nbest, top_k=top_k, alpha=length_penalty)
 
@@ -179,9 +183,10 @@ class Translator:
         self, texts: list[str], references: list[str] | None, k: int, beam_size: int, nbest: int, length_penalty: float
     ) -> DecodedBatch:
         src = self.encode_source(texts)
+        budget = self.budget(src)
         # Greedy stays its own path (no beam bookkeeping); beam search of width 1 gives the same tokens anyway.
-        beam = self.beam_search_ids(src, beam_size, nbest, k, length_penalty) if beam_size > 1 else None
-        out = beam.rank(0) if beam is not None else self.translate_ids(src, top_k=k)
+        beam = self.beam_search_ids(src, beam_size, nbest, k, length_penalty, budget) if beam_size > 1 else None
+        out = beam.rank(0) if beam is not None else self.translate_ids(src, top_k=k, budget=budget)
         scores = None
         if references is not None:
             tgt_in, tgt_out = self.encode_target(references)
@@ -190,7 +195,6 @@ class Translator:
             # (B, T, V): not needed, and large to send back from a helper; a fresh empty tensor, since a [:0] view
             # pickles its whole storage
             scores = dataclasses.replace(scores, logits=scores.logits.new_empty((0, *scores.logits.shape[1:])))
-        budget = max_new_tokens(src, self.cfg.decode.max_len_a, self.cfg.decode.max_len_b, self.cfg.model.max_positions)
         return DecodedBatch(out, beam if nbest > 1 else None, scores, budget)
 
     def _records(self, texts: list[str], references: list[str] | None, decoded: DecodedBatch) -> list[Translation]:
