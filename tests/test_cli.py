@@ -143,6 +143,14 @@ def test_metrics_record_training_and_validation(cli_run: dict) -> None:
     assert valid_records[0]["valid_loss"] > 0
 
 
+def test_metrics_count_epochs_from_1_as_the_log_does(cli_run: dict) -> None:
+    log = (cli_run["run_dir"] / "train.log").read_text(encoding="utf-8")
+    logged = {int(step): int(epoch) for step, epoch in re.findall(r"step (\d+) \| loss .*? \| epoch (\d+) \|", log)}
+    records = read_jsonl(cli_run["run_dir"] / "metrics.jsonl")
+    assert logged and {r["step"]: r["epoch"] for r in records if "train_loss" in r} == logged
+    assert all(r["epoch"] == logged[r["step"]] for r in records if "valid_loss" in r)
+
+
 def test_train_log_has_one_greppable_line_per_log_step(cli_run: dict) -> None:
     log = (cli_run["run_dir"] / "train.log").read_text(encoding="utf-8")
     assert re.search(r"step 3 \| loss \d+\.\d+ \| lr \S+ \| tok/s", log), log

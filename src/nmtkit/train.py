@@ -281,7 +281,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         else:
             state.evals_without_improvement += 1
         log.info("step %d | valid loss %.4f | ppl %.2f | acc %.3f%s", state.step, m.loss, m.perplexity, m.token_accuracy, " | best" if is_best else "")
-        metrics.write(step=state.step, epoch=state.epoch, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
+        metrics.write(step=state.step, epoch=state.epoch + 1, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
         return is_best
 
     # ---------------------------------------------------------------- the loop
@@ -365,7 +365,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
                 if dist.is_main:
                     metrics.write(
-                        step=state.step, epoch=state.epoch, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen,
+                        step=state.step, epoch=state.epoch + 1, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen,
                         elapsed_s=round(state.elapsed_s, 2), skipped_steps=state.skipped_steps, oom_skipped=state.oom_skipped,
                     )
                 window_loss.zero_()
