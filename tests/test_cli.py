@@ -603,6 +603,17 @@ def test_benchmark_json_reports_the_measured_figures_and_writes_the_profile(corp
     assert ("aten::mm" in table or "mkldnn::_linear_pointwise" in table) and "Self CPU" in table
 
 
+def test_benchmark_takes_device_and_precision_from_the_config_unless_flags_say_otherwise(corpus: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from nmtkit import benchmark
+
+    asked = []
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda cfg, settings, checkpoint: asked.append(settings) or {})
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", train={"device": "cpu", "precision": "fp32"})
+    assert main(["benchmark", "--config", str(config), "--json"]) == 0
+    assert main(["benchmark", "--config", str(config), "--json", "--precision", "bf16", "--device", "auto"]) == 0
+    assert [(s.device, s.precision) for s in asked] == [("cpu", "fp32"), ("auto", "bf16")]
+
+
 def test_unknown_cpu_matmul_backend_exits_2_naming_the_variable(corpus: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("NMTKIT_CPU_MATMUL", "mkl")
     config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")

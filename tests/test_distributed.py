@@ -65,7 +65,9 @@ def single(corpus: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_processes_train_like_one_process_with_the_same_global_batch(corpus: dict, single: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
-    finish(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config)))
+    out = finish(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config)))
+    # rank 0 alone logs and reports: one tokenizer line, one summary
+    assert out.count("| tokenizer: ") == 1 and [line.startswith(f"run {tmp_path / 'run'}:") for line in out.splitlines()].count(True) == 1, out
     one, two = losses(single), losses(tmp_path / "run")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5, 6]
     for step in one:

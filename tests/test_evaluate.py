@@ -56,7 +56,10 @@ def test_evaluate_reads_a_data_file_for_a_model_trained_on_a_hub_corpus(trained_
     data = tmp_path / "pairs.tsv"
     data.write_text("en\tzh\nHello.\t你好。\nThank you.\t谢谢。\n", encoding="utf-8")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--no-bleu", "--json"]) == 0
-    assert '"sentences": 2' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"sentences": 2' in out and '"split": null' in out  # a file of its own, no split of the run's
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--no-bleu"]) == 0
+    assert f"data  {data}\n" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("MeCab") is not None, reason="sacrebleu's Japanese extras are installed")
@@ -69,3 +72,15 @@ def test_evaluate_stops_on_missing_bleu_extras_before_any_decoding(trained_run: 
     assert main(["evaluate", "--checkpoint", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "BLEU's 'ja-mecab' tokenizer needs extra packages" in err and "Traceback" not in err
+
+
+def test_a_missing_test_file_says_how_evaluate_names_another(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """evaluate has no --set: its advice for the checkpoint's (relative) path is --data, and a missing --data file is
+    named as such."""
+    checkpoint = checkpoint_with_data(trained_run, tmp_path, test="not/here/test.jsonl")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--no-bleu"]) == 2
+    err = capsys.readouterr().err
+    assert "data.test: file not found: not/here/test.jsonl" in err and "--data PATH" in err and "--set" not in err
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--no-bleu", "--data", str(tmp_path / "nope.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert f"--data: file not found: {tmp_path / 'nope.tsv'}" in err and "--set" not in err

@@ -299,7 +299,7 @@ def format_benchmark(r: dict) -> str:
             f"new tokens: {r['decode_new_tokens']}, {r['decode_workers']} batch(es) at once{' in processes' if r.get('decode_processes') else ''})"
         )
         lines.append(
-            f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}%); "
+            f"        with the per-token log: {r['decode_sent_per_s_with_log']:,.1f} sentences/s ({100 * r['decode_log_overhead']:+.1f}% time); "
             "kernels: " + ("nmtkit's own" if r.get("decode_kernels") == "native" else "torch ops")
         )
     mem = f"peak RSS {r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else f"peak GPU memory {r['peak_mem_gib']:.2f} GiB"

@@ -86,7 +86,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (uses its best checkpoint) or a .pt file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"],
+        help="default %(default)s: full-precision probabilities; auto: bf16 on GPUs and on CPUs with native bf16 (faster)",
+    )
     p.add_argument("--batch-size", type=_non_negative_int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
     p.add_argument(
         "--workers", type=_non_negative_int, default=None, metavar="N",
@@ -167,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="time the real training step and greedy decoder on fixed work")
     _add_config_args(p)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: train.device of the config")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="default: train.precision of the config")
     p.add_argument("--steps", type=_positive_int, default=30, help="timed training steps per run")
     p.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--eos", action="store_true", help="decoding stops at EOS (default: exactly 48 new tokens)")
@@ -208,7 +211,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
         except DivergenceError as e:
             print(f"nmtkit train: error: {e}", file=sys.stderr)
             return 1
-    print(f"run {result.run_dir}: {result.stop_reason}; step {result.state.step}, best valid loss {result.state.best_valid_loss:.4f}")
+    if is_main:  # the other ranks never validate: their best loss is always inf
+        print(f"run {result.run_dir}: {result.stop_reason}; step {result.state.step}, best valid loss {result.state.best_valid_loss:.4f}")
     return 0
 
 
@@ -288,7 +292,8 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     settings = BenchmarkSettings(
-        device=args.device, precision=args.precision, timed_steps=args.steps, repeats=args.repeats,
+        device=args.device or cfg.train.device, precision=args.precision or cfg.train.precision,
+        timed_steps=args.steps, repeats=args.repeats,
         n_sentences=args.sentences, batch_size=args.batch_size, stop_at_eos=args.eos,
         train=not args.no_train, decode=not args.no_decode, profile=args.profile,
     )

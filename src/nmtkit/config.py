@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str = "") -> None:
         self.problems = problems
         self.source = source
+        if len(problems) == 1 and not source:  # one bad flag or override: the problem is the whole message
+            super().__init__(problems[0])
+            return
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} config problem(s){where}:\n{lines}")

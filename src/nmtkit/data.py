@@ -64,18 +64,21 @@ class Tokenizer(Protocol):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_split(cfg: DataConfig, split: str, cache_dir: str | Path) -> datasets.Dataset:
+def load_split(cfg: DataConfig, split: str, cache_dir: str | Path, key: str = "", fix: str = "") -> datasets.Dataset:
     """Load `cfg.<split>` as a Dataset with exactly two string columns, `src` and `tgt`.
 
-    `cache_dir` is the `datasets` cache: the Arrow tables (and later the encoded ones) live there.
+    `cache_dir` is the `datasets` cache: the Arrow tables (and later the encoded ones) live there. Errors name the
+    setting `key` (by default `data.<split>`) and, where the file is missing, tell how to name another: `fix` (by
+    default the config, or `--set data.<split>=PATH`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    source, key = getattr(cfg, split), f"data.{split}"
+    source, key = getattr(cfg, split), key or f"data.{split}"
+    fix = fix or f"fix the path in the config or pass --set {key}=PATH"
     if cfg.hub_name:
         return _load_hub(cfg, source, key, str(cache_dir))
     if "{lang}" in source:
-        return _load_text_pair(cfg, source, key, str(cache_dir))
+        return _load_text_pair(cfg, source, key, str(cache_dir), fix)
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in _JSON_SUFFIXES and suffix not in _TABLE_SEPARATORS:
@@ -83,18 +86,15 @@ def load_split(cfg: DataConfig, split: str, cache_dir: str | Path) -> datasets.D
             f"{key}: {source!r} has an unsupported file type {suffix or '(none)'!r}; use .jsonl/.json, .tsv/.csv,"
             " a line-aligned text pair written as 'path/train.{lang}', or set data.hub_name"
         )
-    _require_file(path, key)
+    _require_file(path, key, fix)
     if suffix in _JSON_SUFFIXES:
         return _load_json(cfg, path, str(cache_dir))
     return _load_table(cfg, path, _TABLE_SEPARATORS[suffix], str(cache_dir))
 
 
-def _require_file(path: Path, key: str) -> None:
+def _require_file(path: Path, key: str, fix: str) -> None:
     if not path.is_file():
-        raise DataError(
-            f"{key}: file not found: {path} (relative paths start at {Path.cwd()});"
-            f" fix the path in the config or pass --set {key}=PATH"
-        )
+        raise DataError(f"{key}: file not found: {path} (relative paths start at {Path.cwd()}); {fix}")
 
 
 def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> tuple[datasets.Dataset | None, str]:
@@ -171,12 +171,12 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
     return pair
 
 
-def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str) -> datasets.Dataset:
+def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix: str) -> datasets.Dataset:
     langs = (cfg.src_lang, cfg.tgt_lang)
     paths = [Path(pattern.replace("{lang}", lang)) for lang in langs]
     sides = []
     for path, lang in zip(paths, langs, strict=True):
-        _require_file(path, f"{key} ({pattern!r} with {{lang}}={lang!r})")
+        _require_file(path, f"{key} ({pattern!r} with {{lang}}={lang!r})", fix)
         if (line := first_bare_carriage_return(path)) is not None:
             raise DataError(
                 f"{path}, line {line}: a carriage return (\\r) inside the line, which the text reader takes for a line"

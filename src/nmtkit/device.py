@@ -117,10 +117,10 @@ def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             reasons.append("precision auto -> fp32 (this CPU has no native bf16 matmuls)")
     else:
         if precision == "fp16" and dev.type == "cpu":
-            raise DeviceError("train.precision fp16 is for CUDA; on CPU use bf16 (where supported) or fp32")
+            raise DeviceError("precision fp16 (train.precision or --precision) is for CUDA; on CPU use bf16 (where supported) or fp32")
         if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError("train.precision bf16: this GPU has no bf16 support; use fp16 or fp32")
-        reasons.append(f"precision {precision} (asked for)")
+            raise DeviceError("precision bf16 (train.precision or --precision): this GPU has no bf16 support; use fp16 or fp32")
+        reasons.append(f"precision {precision} (as set)")
     if dev.type == "cpu":
         cpu_matmul.wanted()  # a bad NMTKIT_CPU_MATMUL fails here, whatever the precision
         if precision == "fp32":

@@ -154,7 +154,9 @@ def evaluate_checkpoint(
         cfg.decode.workers = workers
     bleu = bleu_metric(cfg.data.tgt_lang) if with_bleu else None  # missing tokenizer extras fail now, not after decoding
     data_cfg = evaluation_data(cfg.data, split, data_file)
-    raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)))
+    # the checkpoint's data paths are its training run's, relative to where that ran; evaluate reads another with --data
+    key, fix = ("--data", "check the path") if data_file else (f"data.{split}", "run where the training ran, or pass --data PATH")
+    raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)), key=key, fix=fix)
     if limit:
         raw = raw.select(range(min(limit, len(raw))))
     ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
@@ -180,7 +182,7 @@ def evaluate_checkpoint(
     out.update(
         checkpoint=str(resolve_checkpoint(checkpoint)),
         data=getattr(data_cfg, split),
-        split=split,
+        split=None if data_file else split,  # a --data file is no split of the run's
         label_smoothing_in_loss=False,
         decoding="greedy" if beam_size <= 1 else f"beam {beam_size}, length penalty {length_penalty}",
         filtered_out=n_too_long,
@@ -238,7 +240,7 @@ def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, 
 
 def format_metrics(m: dict) -> str:
     rows = [
-        ("data", f"{m['data']} ({m['split']})"),
+        ("data", f"{m['data']} ({m['split']})" if m["split"] else m["data"]),
         ("sentences", f"{m['sentences']:,}"),
         ("target tokens", f"{m['tokens']:,} (EOS included)"),
         ("loss", f"{m['loss']:.4f} nats/token (plain cross-entropy, no label smoothing)"),

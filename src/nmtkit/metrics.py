@@ -26,7 +26,7 @@ def open_tensorboard(log_dir: Path) -> Any:
     except ImportError as e:  # torch raises ImportError itself when the tensorboard package is absent
         raise TensorBoardMissingError(
             "train.tensorboard is true but the tensorboard package is not installed; "
-            "run `pip install tensorboard` (or `pip install nmtkit[tensorboard]`), or set train.tensorboard: false"
+            "run `pip install tensorboard` (in a clone of nmtkit: `pip install -e '.[tensorboard]'`), or set train.tensorboard: false"
         ) from e
     return SummaryWriter(log_dir=str(log_dir))
 

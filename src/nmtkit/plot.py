@@ -1,6 +1,6 @@
 """Figures: a run's training curves (`nmtkit plot RUN_DIR`) and the reliability diagram of `nmtkit evaluate --plot`.
 
-matplotlib is an optional dependency (`pip install 'nmtkit[plot]'`), imported only when a figure is drawn, so the
+matplotlib is an optional dependency (`pip install matplotlib`, or the `plot` extra), imported only when a figure is drawn, so the
 rest of nmtkit works without it. Figures are drawn on matplotlib's Agg canvas directly, not through pyplot, so no
 GUI backend is touched and no global figure state is left behind.
 """
@@ -25,7 +25,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotError(
-            "plotting needs matplotlib, which is not installed; install it with: pip install 'nmtkit[plot]'"
+            "plotting needs matplotlib, which is not installed; install it with: pip install matplotlib (in a clone of nmtkit: pip install -e '.[plot]')"
         ) from None
 
 

@@ -189,7 +189,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if not dist.is_main:
-        log.setLevel(logging.WARNING)  # rank 0 alone logs
+        logging.getLogger(__package__).setLevel(logging.WARNING)  # rank 0 alone logs (data, tokenizer and all)
     log.info("run %s: %s, %d CPU threads, %s", run_dir, runtime.reason, torch.get_num_threads(), allocator_in_use())
     if dist.is_distributed:  # logged after the lock: a refused rank 0 must not write into another run's train.log
         log.info("distributed: %s", describe(dist))

@@ -177,3 +177,11 @@ def test_real_cuda_out_of_memory_keeps_the_last_checkpoint_and_releases_the_lock
         torch.cuda.empty_cache()
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
     assert not (run_dir / "train.lock").exists()
+
+
+def test_fp16_on_cpu_is_refused_naming_both_ways_to_set_it(trained_run: Path, corpus: dict, tmp_path: Path) -> None:
+    code, out, err = run_main(["translate", "--checkpoint", str(trained_run), "--device", "cpu", "--precision", "fp16", "Hello."])
+    assert code == 2 and "precision fp16 (train.precision or --precision) is for CUDA" in err and "Traceback" not in err
+    with pytest.raises(DeviceError, match=r"precision fp16 \(train.precision or --precision\) is for CUDA"):
+        train(tiny_config(corpus, tmp_path / "run", train={"device": "cpu", "precision": "fp16"}))
+    assert not (tmp_path / "run").exists()
