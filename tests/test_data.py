@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -57,6 +58,29 @@ def test_jsonl_translation_schema_gives_src_and_tgt_columns(tmp_path: Path, cach
     ds = load_split(cfg_for(path), "train", cache)
     assert ds.column_names == ["src", "tgt"]
     assert ds[:] == {"src": ["Hello.", "Thanks."], "tgt": ["你好。", "谢谢。"]}
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.tsv", "train.{lang}"])
+def test_a_file_replaced_by_another_with_the_same_modification_time_is_read_again(tmp_path: Path, cache: Path, name: str) -> None:
+    """`cp -p`, `rsync -a` and `tar x` keep a file's modification time, which is all `datasets` knows it by: the
+    replaced file must not be served from the first one's cache."""
+    def write(records: list[tuple[str, str]]) -> None:
+        if name.endswith(".jsonl"):
+            write_jsonl(tmp_path / name, pairs(records))
+        elif name.endswith(".tsv"):
+            (tmp_path / name).write_text("en\tzh\n" + "".join(f"{en}\t{zh}\n" for en, zh in records), encoding="utf-8")
+        else:
+            for i, lang in enumerate(("en", "zh")):
+                (tmp_path / f"train.{lang}").write_text("".join(pair[i] + "\n" for pair in records), encoding="utf-8")
+
+    write([("Hello.", "你好。"), ("Thanks.", "谢谢。")])
+    files = sorted(tmp_path.glob(name.replace("{lang}", "*")))
+    times = [f.stat().st_mtime_ns for f in files]
+    assert load_split(cfg_for(tmp_path / name), "train", cache)["src"] == ["Hello.", "Thanks."]
+    write([("Howdy.", "您好。"), ("Cheers.", "干杯。")])  # the same sizes in bytes, in place (the same inode)
+    for f, t in zip(files, times, strict=True):
+        os.utime(f, ns=(t, t))
+    assert load_split(cfg_for(tmp_path / name), "train", cache)["src"] == ["Howdy.", "Cheers."]
 
 
 def test_language_keys_come_from_the_config(tmp_path: Path, cache: Path) -> None:

@@ -98,9 +98,16 @@ def _require_file(path: Path, key: str, fix: str) -> None:
 
 
 def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> tuple[datasets.Dataset | None, str]:
-    """Run a packaged `datasets` builder on one file: (dataset, "") or (None, why it failed)."""
+    """Run a packaged `datasets` builder on one file: (dataset, "") or (None, why it failed).
+
+    `datasets` knows a local file by its path and modification time alone, so a file replaced by another with the
+    same time (`cp -p`, `rsync -a`, `tar x`, `touch -r`) would be served from the old one's Arrow cache, and so would
+    its encoded tables. Each file's tables therefore live under a folder named for its whole identity: size, times
+    (ctime included, which no tool sets back) and inode."""
+    st = path.stat()
+    identity = _hash(str(path.resolve()), *(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)))
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(Path(cache_dir) / "files" / identity[:16]), **options)
     except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
         cause = e.__cause__ or e
         return None, f"{type(cause).__name__}: {cause}"
@@ -336,6 +343,20 @@ def encode_split(
         is_applied=apply_filters,
     )
     return encoded, report
+
+
+def content_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
+    """A digest of the values of `columns` (int32 id lists or numbers) in row order, read as Arrow batches: two
+    encoded splits with the same digest hold the same pairs."""
+    h = hashlib.blake2b(digest_size=16)
+    for batch in ds.with_format("arrow", columns=list(columns)).iter(batch_size=_ROWS_PER_BATCH):
+        for name in columns:
+            for chunk in batch.column(name).chunks:
+                if pa.types.is_list(chunk.type):
+                    h.update(chunk.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                    chunk = chunk.flatten()
+                h.update(chunk.to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
 
 
 def length_arrays(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from .allocator import allocator_in_use
 from .batching import make_batches, padding_fraction, read_batch
 from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
-from .data import DataError, encode_split, length_arrays, load_split
+from .data import DataError, content_digest, encode_split, length_arrays, load_split
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, describe, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
@@ -62,6 +62,10 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
     oom_skipped: int = 0  # batches skipped because they ran out of memory
     bad_steps_in_a_row: int = 0
+    # what the run trains and validates on, to notice files changed at the same path on resume (empty: not recorded)
+    train_data_digest: str = ""  # the training pairs' lengths, in order: what the batch plan is made of (their ids
+    # would tell more, but reading a 10M-pair table's ids brings ~1 GB of its pages into memory)
+    valid_data_digest: str = ""  # the validation pairs' piece ids
 
 
 @dataclass
@@ -106,13 +110,13 @@ def _follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: Trai
 
 def _resume(
     run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: Transformer, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, lengths: tuple[np.ndarray, np.ndarray],
+    scaler: torch.amp.GradScaler, lengths: tuple[np.ndarray, np.ndarray], digests: tuple[str, str],
 ) -> TrainState:
     """Restore everything from last.pt when the run directory has one; refuse a changed config (weight sections),
-    follow a changed batch plan (`_follow_batch_plan`)."""
+    follow a changed batch plan (`_follow_batch_plan`) or changed data (`_follow_data`)."""
     last = checkpoint_dir(run_dir) / "last.pt"
     if not last.is_file():
-        return TrainState()
+        return TrainState(train_data_digest=digests[0], valid_data_digest=digests[1])
     saved = load_checkpoint(last)
     diffs = config_differences(saved["config"], cfg.to_dict())
     if diffs:
@@ -128,14 +132,34 @@ def _resume(
     scaler.load_state_dict(saved["scaler"])
     restore_rng_states(saved["rng"])
     state = TrainState(**saved["train_state"])
-    _follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
+    if not _follow_data(cfg, state, len(lengths[0]), digests[0]):
+        _follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
     old_valid = saved["config"].get("data", {}).get("valid", cfg.data.valid)
     if os.path.normpath(old_valid) != os.path.normpath(cfg.data.valid):  # losses of two splits do not compare
         log.warning("resume: data.valid %r -> %r since the checkpoint; the best valid loss so far (%.4f, on the old split)"
                     " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
         state.best_valid_loss, state.evals_without_improvement = math.inf, 0
+    elif state.valid_data_digest not in ("", digests[1]):
+        log.warning("resume: the pairs of data.valid (%s) changed since the checkpoint; the best valid loss so far (%.4f, on"
+                    " the old pairs) is forgotten, and the next evaluation makes best.pt", cfg.data.valid, state.best_valid_loss)
+        state.best_valid_loss, state.evals_without_improvement = math.inf, 0
+    state.train_data_digest, state.valid_data_digest = digests
     log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch + 1, state.batch_in_epoch)  # 1-based, as the log's
     return state
+
+
+def _follow_data(cfg: Config, state: TrainState, n_pairs: int, digest: str) -> bool:
+    """When the training pairs changed since the checkpoint (a file edited, appended to or replaced at the same path),
+    end the interrupted epoch: its batch plan was made for the old pairs, and its position means nothing in a plan of
+    the new ones. True when they changed."""
+    if state.train_data_digest in ("", digest):  # unchanged, or a checkpoint that did not record them
+        return False
+    ends = f"epoch {state.epoch + 1} ends here and training goes on with epoch {state.epoch + 2}" if state.batch_in_epoch else "the next epoch is planned over them"
+    log.warning("resume: the training pairs of data.train (%s; %s after filtering) changed since the checkpoint; %s",
+                cfg.data.train, f"{n_pairs:,}", ends)
+    if state.batch_in_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    return True
 
 
 def train(cfg: Config, argv: list[str] | None = None) -> TrainResult:
@@ -223,7 +247,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
-    state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens))
+    digests = (content_digest(train_ds, ("src_len", "tgt_len")), content_digest(valid_ds, ("src_ids", "tgt_ids")))
+    state = _resume(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens), digests)
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
     # The training computation (model + fused loss) is one module, which DDP wraps when

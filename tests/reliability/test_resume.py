@@ -9,7 +9,9 @@ tests/test_cli.py::test_resume_with_a_changed_model_exits_2_naming_the_differenc
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -146,3 +148,39 @@ def test_resume_with_a_new_seed_at_an_epoch_boundary_keeps_the_position(corpus: 
     assert any("train.seed 1 -> 7" in r.getMessage() and "next epoch" in r.getMessage() for r in caplog.records)
     assert not any("cut into new batches" in r.getMessage() for r in caplog.records)
     assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (1, 2)
+
+
+def own_copy(corpus: dict, folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    return {split: Path(shutil.copy(path, folder / path.name)) for split, path in corpus.items()}
+
+
+def test_resume_after_the_training_file_changed_at_its_path_ends_the_interrupted_epoch(corpus: dict, tmp_path: Path, caplog) -> None:
+    """Pairs appended to data.train make a new batch plan: batch 6 of the old plan means nothing in it, so the
+    interrupted epoch ends (with a warning) rather than skipping or repeating an arbitrary share of the new pairs."""
+    data, run = own_copy(corpus, tmp_path / "data"), tmp_path / "run"
+    assert train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 6})).state.batch_in_epoch == 6
+    lines = data["train"].read_text(encoding="utf-8").splitlines(keepends=True)
+    with open(data["train"], "a", encoding="utf-8") as f:
+        f.writelines(lines[:100])
+    with caplog.at_level("INFO", logger="nmtkit.train"):
+        resumed = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 8}))
+    warning = next(r.getMessage() for r in caplog.records if "training pairs of data.train" in r.getMessage())
+    assert "changed since the checkpoint; epoch 1 ends here and training goes on with epoch 2" in warning
+    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (1, 2)
+
+
+def test_resume_after_the_validation_file_changed_at_its_path_forgets_the_best_loss(corpus: dict, tmp_path: Path, caplog) -> None:
+    """Other pairs in data.valid, even with the old file's modification time (as `cp -p` or `rsync -a` leave it), are
+    another split: the best loss measured on the old pairs no longer decides best.pt."""
+    data, run = own_copy(corpus, tmp_path / "data"), tmp_path / "run"
+    first = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 6}))
+    old_times = data["valid"].stat()
+    data["valid"].write_text(data["test"].read_text(encoding="utf-8"), encoding="utf-8")  # 40 other pairs
+    os.utime(data["valid"], ns=(old_times.st_atime_ns, old_times.st_mtime_ns))
+    with caplog.at_level("INFO", logger="nmtkit.train"):
+        resumed = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 12}))
+    assert any("the pairs of data.valid" in r.getMessage() and "is forgotten" in r.getMessage() for r in caplog.records)
+    valid_at_12 = logged(run, "valid_loss")[12]
+    assert resumed.state.best_valid_loss == valid_at_12 != first.state.best_valid_loss  # step 12 made best.pt on the new pairs
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 12
