@@ -84,3 +84,12 @@ def test_a_missing_test_file_says_how_evaluate_names_another(trained_run: Path, 
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--no-bleu", "--data", str(tmp_path / "nope.tsv")]) == 2
     err = capsys.readouterr().err
     assert f"--data: file not found: {tmp_path / 'nope.tsv'}" in err and "--set" not in err
+
+
+def test_bleu_segments_chinese_japanese_and_korean_under_their_two_and_three_letter_codes() -> None:
+    """Tatoeba names Mandarin `cmn`: scored with 13a, a Chinese sentence would be one unsegmented word."""
+    from nmtkit.evaluate import bleu_tokenizer
+
+    for code in ("zh", "zh-Hans", "zh_CN", "cmn", "zho", "yue", "CMN"):
+        assert bleu_tokenizer(code) == "zh", code
+    assert [bleu_tokenizer(c) for c in ("ja", "jpn", "ko", "kor", "en", "deu", "fr")] == ["ja-mecab"] * 2 + ["ko-mecab"] * 2 + ["13a"] * 3

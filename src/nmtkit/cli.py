@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -97,6 +98,17 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
     )
 
 
+def _finite_float(text: str) -> float:
+    """An argparse type for a finite number: a NaN length penalty sorts every beam hypothesis first."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _whole_number(minimum: int) -> Callable[[str], int]:
     """An argparse type for whole numbers >= minimum, whose error names the value (a negative --batch-size or
     --top-k otherwise fails deep inside decoding)."""
@@ -152,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--beam", type=_positive_int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
     p.add_argument("--nbest", type=_positive_int, default=1, metavar="N", help="also list the N best hypotheses with their scores (N <= --beam)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="ALPHA", help="beam score = sum of ln p / length^ALPHA (default 1.0; 0 = raw sum)")
+    p.add_argument("--length-penalty", type=_finite_float, default=1.0, metavar="ALPHA", help="beam score = sum of ln p / length^ALPHA (default 1.0; 0 = raw sum)")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with tokens coloured by probability")
 
     p = sub.add_parser("evaluate", help="loss, perplexity, accuracy, calibration, BLEU and chrF on a held-out set")
@@ -162,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_non_negative_int, default=0, help="only the first N pairs")
     p.add_argument("--no-bleu", action="store_true", help="skip greedy decoding, BLEU and chrF")
     p.add_argument("--beam", type=_positive_int, default=1, help="beam size for the BLEU/chrF translations (default: greedy)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are log-probability / length^this")
+    p.add_argument("--length-penalty", type=_finite_float, default=1.0, help="beam scores are log-probability / length^this")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="DIR", help="also draw the reliability diagram into DIR/reliability.png (needs matplotlib)")
 
@@ -196,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nmtkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop quietly, as `cat` does
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # stdout may be no real file
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not fail again
+            os.close(devnull)
+        return 141
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -230,10 +248,16 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .show import format_translation
     from .translator import Translator
 
-    texts = list(args.text) or _read_lines(args.input or "-", "--input")
-    references = args.reference
+    if args.text and args.input:
+        raise ConfigError(["sentences on the command line and --input: give one or the other"])
+    if args.reference is not None and args.references:
+        raise ConfigError(["--reference and --references: give one or the other"])
+    texts = _checked_arguments(args.text, "sentence") or _read_lines(args.input or "-", "--input")
+    references = _checked_arguments(args.reference, "--reference") if args.reference is not None else None
     if args.references:
         references = _read_lines(args.references, "--references")
+    if args.html:
+        _check_writable(args.html, "--html")  # before the decoding, not after it
     if references is not None and len(references) != len(texts):
         raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
@@ -256,8 +280,34 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         else:
             print(result.translation)
     if args.html:
-        log.info("wrote %s", write_html(args.html, results))
+        try:
+            log.info("wrote %s", write_html(args.html, results))
+        except OSError as e:
+            raise ConfigError([f"--html: cannot write {args.html} ({e.strerror or e})"]) from None
     return 0
+
+
+def _checked_arguments(values: list[str], name: str) -> list[str]:
+    """Command-line text, refused where it is not UTF-8: Python keeps such bytes as lone surrogates, which neither the
+    tokenizer nor a JSON line can hold."""
+    for i, value in enumerate(values, 1):
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            raise ConfigError([f"{name} {i} on the command line is not UTF-8 text: {value.encode('utf-8', 'replace')!r}"])
+    return list(values)
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse an output file that could not be written (its folders are made when it is written)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError([f"{flag}: {path} is a folder; give a file name"])
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError([f"{flag}: cannot write {path}: {existing} is not a folder"])
+    if not os.access(existing, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError([f"{flag}: cannot write {path} (permission denied)"])
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -305,17 +355,24 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
 def _read_lines(path: str, flag: str) -> list[str]:
     """One sentence per line, lines ending at a line feed only (as `wc -l` counts them, and as the training data's
     text files are checked): a stray carriage return inside a line must not split it and shift the references."""
-    if path == "-":
-        if isinstance(sys.stdin, io.TextIOWrapper):
-            sys.stdin.reconfigure(newline="\n")
-        return [line.removesuffix("\n").removesuffix("\r") for line in sys.stdin]
+    name = "stdin" if path == "-" else path
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            return [line.removesuffix("\n").removesuffix("\r") for line in f]
+        if path == "-":  # bytes, decoded strictly: the locale's reader would let bad bytes through or raise mid-read
+            stdin = getattr(sys.stdin, "buffer", None)
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            data = Path(path).read_bytes()
+        text = data.decode("utf-8-sig")  # an editor's byte order mark is not part of the first sentence
     except FileNotFoundError:
         raise ConfigError([f"{flag}: file not found: {path}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{flag}: cannot read {path} ({e.strerror or e})"]) from None
     except UnicodeDecodeError as e:
-        raise ConfigError([f"{flag}: {path} is not UTF-8 text (byte {e.start})"]) from None
+        raise ConfigError([f"{flag}: {name} is not UTF-8 text (byte {e.start})"]) from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's own line feed
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 COMMANDS = {

@@ -86,9 +86,11 @@ class QualityMetrics:
 
 
 def bleu_tokenizer(tgt_lang: str) -> str:
-    """sacrebleu's tokenizer for the target language: zh/ja/ko need their own, others use 13a."""
+    """sacrebleu's tokenizer for the target language (an ISO 639-1 or -3 code, with or without a region or script):
+    Chinese, Japanese and Korean need their own, others use 13a."""
     lang = tgt_lang.lower().split("-")[0].split("_")[0]
-    return {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}.get(lang, "13a")
+    chinese, japanese, korean = ("zh", "zho", "chi", "cmn", "yue", "wuu", "nan", "hak"), ("ja", "jpn"), ("ko", "kor")
+    return "zh" if lang in chinese else "ja-mecab" if lang in japanese else "ko-mecab" if lang in korean else "13a"
 
 
 def bleu_metric(tgt_lang: str) -> sacrebleu.metrics.BLEU:

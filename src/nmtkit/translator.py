@@ -99,7 +99,11 @@ class Translator:
     def encode_target(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Reference texts -> tgt_in (BOS + ids) and tgt_out (ids + EOS), each (B, T)."""
         limit = self.cfg.model.max_positions - 1
-        ids = [i[:limit] for i in self.tokenizer.encode_tgt([_clean(t) for t in texts])]
+        ids = self.tokenizer.encode_tgt([_clean(t) for t in texts])
+        for text, i in zip(texts, ids):
+            if len(i) > limit:  # scored as cut here, with an EOS the reference does not have there
+                log.warning("reference truncated from %d to %d pieces (model.max_positions): %.40s...", len(i), limit, text)
+        ids = [i[:limit] for i in ids]
         tgt_in = pad_sequence([torch.tensor([BOS_ID] + i) for i in ids], batch_first=True, padding_value=PAD_ID)
         tgt_out = pad_sequence([torch.tensor(i + [EOS_ID]) for i in ids], batch_first=True, padding_value=PAD_ID)
         return tgt_in.to(self.runtime.device), tgt_out.to(self.runtime.device)

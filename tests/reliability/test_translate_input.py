@@ -3,13 +3,18 @@ within its length budget; a source longer than the model's positions is truncate
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from reliability_helpers import one_torch_thread  # noqa: F401 (autouse: tiny models train on one thread)
+from reliability_helpers import one_torch_thread, run_main, subprocess_env  # noqa: F401 (autouse: tiny models train on one thread)
 
+from nmtkit import translator as translator_module
 from nmtkit.records import Translation
 from nmtkit.tokenizer import EOS_ID, PAD_ID
 from nmtkit.translator import Translator
@@ -80,3 +85,81 @@ def test_inference_keeps_format_characters_as_training_does_and_drops_control_ch
     joined = "I like\u200c cats."
     assert ids(joined) == translator.tokenizer.encode_src([joined])[0] + [EOS_ID] != ids("I like cats.")
     assert ids("I like\x07 cats.\x1b") == ids("I like cats.")
+
+
+def test_a_reference_longer_than_max_positions_is_truncated_with_a_warning(translator: Translator, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="nmtkit"):
+        tgt_in, _ = translator.encode_target([INPUTS["5000-words"]])
+    assert tgt_in.shape[1] == translator.cfg.model.max_positions  # BOS + the truncated pieces
+    assert "reference truncated" in caplog.text and "model.max_positions" in caplog.text
+
+
+# ----------------------------------------------------------------------------- the command line's input and output
+
+
+def translate_cli(trained_run: Path, *argv: str, stdin: bytes | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    return run_main(["translate", "--checkpoint", str(trained_run), "--device", "cpu", *argv])
+
+
+def test_input_that_is_not_utf8_exits_2_whether_from_stdin_a_file_or_the_command_line(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    code, out, err = translate_cli(trained_run, "--format", "jsonl", stdin=b"Hello.\nbad \xff byte\n", monkeypatch=monkeypatch)
+    assert code == 2 and "--input: stdin is not UTF-8 text (byte 11)" in err and out == ""
+    (tmp_path / "in.txt").write_bytes(b"bad \xff byte\n")
+    code, _, err = translate_cli(trained_run, "-i", str(tmp_path / "in.txt"))
+    assert code == 2 and f"--input: {tmp_path / 'in.txt'} is not UTF-8 text (byte 4)" in err
+    code, _, err = translate_cli(trained_run, "caf\udce9 ok")  # how Python hands over an argument's bad byte
+    assert code == 2 and "sentence 1 on the command line is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_sentence_or_reference(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    for name, text in (("plain", "Hello.\r\nThank you.\n"), ("bom", "\ufeffHello.\r\nThank you.\n")):
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8", newline="")
+        (tmp_path / f"{name}.ref").write_text(text.replace("Hello.", "你好。").replace("Thank you.", "谢谢。"), encoding="utf-8", newline="")
+    records = {}
+    for name in ("plain", "bom"):
+        code, out, err = translate_cli(trained_run, "-i", str(tmp_path / f"{name}.txt"), "--references", str(tmp_path / f"{name}.ref"), "--format", "jsonl")
+        assert code == 0, err
+        records[name] = [json.loads(line) for line in out.splitlines()]
+    assert records["bom"] == records["plain"] and records["bom"][0]["source"] == "Hello."
+    code, out, _ = translate_cli(trained_run, "--format", "jsonl", stdin="\ufeffHello.\n".encode(), monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(out)["source"] == "Hello."
+
+
+def test_conflicting_or_unusable_input_and_output_paths_exit_2_before_any_decoding(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before checking the paths")
+
+    monkeypatch.setattr(translator_module.Translator, "translate", no_decoding)
+    (tmp_path / "in.txt").write_text("Hello.\n", encoding="utf-8")
+    cases = {
+        ("Hello.", "-i", str(tmp_path / "in.txt")): "sentences on the command line and --input: give one or the other",
+        ("Hello.", "-r", "你好。", "--references", str(tmp_path / "in.txt")): "--reference and --references: give one or the other",
+        ("-i", str(tmp_path)): f"--input: cannot read {tmp_path}",
+        ("Hello.", "--html", str(tmp_path / "in.txt" / "page.html")): f"{tmp_path / 'in.txt'} is not a folder",
+        ("Hello.", "--html", str(tmp_path)): f"--html: {tmp_path} is a folder",
+    }
+    for argv, message in cases.items():
+        code, out, err = translate_cli(trained_run, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_a_length_penalty_that_is_not_finite_is_refused(trained_run: Path, capsys) -> None:
+    from nmtkit.cli import main
+
+    for value in ("nan", "inf"):
+        with pytest.raises(SystemExit) as info:
+            main(["translate", "--checkpoint", str(trained_run), "--beam", "3", "--length-penalty", value, "Hello."])
+        assert info.value.code == 2 and f"expected a finite number, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(trained_run: Path, tmp_path: Path) -> None:
+    """`nmtkit translate ... | head -1`: the closed pipe stops it with the status a signal would give, no traceback."""
+    (tmp_path / "in.txt").write_text("I like cats.\n" * 300, encoding="utf-8")
+    command = [sys.executable, "-m", "nmtkit", "translate", "--checkpoint", str(trained_run), "--device", "cpu", "--show-tokens", "-i", str(tmp_path / "in.txt")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()[-2000:]
