@@ -83,6 +83,13 @@ def test_a_file_replaced_by_another_with_the_same_modification_time_is_read_agai
     assert load_split(cfg_for(tmp_path / name), "train", cache)["src"] == ["Howdy.", "Cheers."]
 
 
+def test_a_byte_order_mark_is_not_part_of_a_text_pairs_first_sentence(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("\ufeffHello.\nThanks.\n", encoding="utf-8")
+    (tmp_path / "train.zh").write_text("\ufeff你好。\n谢谢。\n", encoding="utf-8")
+    ds = load_split(cfg_for(tmp_path / "train.{lang}"), "train", cache)
+    assert ds[0] == {"src": "Hello.", "tgt": "你好。"}
+
+
 def test_language_keys_come_from_the_config(tmp_path: Path, cache: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", pairs([("Hello.", "你好。")]))
     ds = load_split(cfg_for(path, src_lang="zh", tgt_lang="en"), "train", cache)
@@ -174,10 +181,19 @@ def test_missing_language_key_names_file_and_line(tmp_path: Path, cache: Path) -
     assert "missing key 'translation.zh'" in message and "translation.en, translation.de" in message
 
 
-def test_null_value_in_flat_record_counts_as_missing(tmp_path: Path, cache: Path) -> None:
+def test_null_value_in_flat_record_is_named_as_null(tmp_path: Path, cache: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [{"en": "a", "zh": "甲"}, {"en": None, "zh": "乙"}])
-    with pytest.raises(DataError, match=r"train\.jsonl, line 2: missing key 'en' \(keys present: en, zh\)"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: 'en' is null, expected a string"):
         load_split(cfg_for(path), "train", cache)
+
+
+def test_a_value_that_is_no_string_is_shown_shortened(tmp_path: Path, cache: Path) -> None:
+    """A file of columns ({"en": [every sentence], ...}) must not print the whole column into the error."""
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"en": ["a sentence"] * 50_000, "zh": ["一句话"] * 50_000}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"'en' is list \['a sentence', .*\], expected a string") as e:
+        load_split(cfg_for(path), "train", cache)
+    assert len(str(e.value)) < 500
 
 
 def test_language_absent_from_every_record_names_the_first_line(tmp_path: Path, cache: Path) -> None:

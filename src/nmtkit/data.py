@@ -189,7 +189,7 @@ def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix
                 f"{path}, line {line}: a carriage return (\\r) inside the line, which the text reader takes for a line"
                 " break, so the two files' lines would no longer pair up; remove it, e.g. `sed -i 's/\\r$//; s/\\r/ /g' FILE`"
             )
-        ds, why = _load_builder("text", path, cache_dir)
+        ds, why = _load_builder("text", path, cache_dir, encoding="utf-8-sig")  # an editor's byte order mark is not text
         if ds is None:
             for _ in read_lines(path):  # raises on the first line that is not UTF-8
                 pass

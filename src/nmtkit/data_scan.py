@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,8 @@ def scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
             )
         for lang, key in ((cfg.src_lang, "data.src_lang"), (cfg.tgt_lang, "data.tgt_lang")):
             value = values.get(lang)
+            if value is None and lang in values:
+                raise DataError(f"{path}, {where}: '{prefix}{lang}' is null, expected a string; fill it or drop the record")
             if value is None:
                 present = ", ".join(f"{prefix}{k}" for k in values) or "none"
                 raise DataError(
@@ -85,7 +88,8 @@ def scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
                     f" add it, drop the record, or change {key}"
                 )
             if not isinstance(value, str):
-                raise DataError(f"{path}, {where}: '{prefix}{lang}' is {value!r}, expected a string")
+                shown = reprlib.repr(value)  # a whole column of a file in another layout can be megabytes
+                raise DataError(f"{path}, {where}: '{prefix}{lang}' is {type(value).__name__} {shown}, expected a string")
 
 
 def read_header(path: Path, sep: str) -> list[str]:
