@@ -6,6 +6,7 @@ Everything is written under pytest's temporary directories, so tests never touch
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,17 @@ def trained_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(autouse=True)
 def _deterministic_threads() -> None:
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """For tests of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`): a second thread only adds
+    waiting, and on a busy machine a lot of it (6x measured on 2 shared cores). Restored afterwards, for the session
+    fixtures other tests build."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
