@@ -537,10 +537,10 @@ def test_negative_or_zero_counts_on_the_command_line_exit_2_naming_the_flag(argv
 
 
 def test_stdin_lines_end_at_line_feeds_only(monkeypatch) -> None:
-    from nmtkit.cli import _read_lines
+    from nmtkit.text_input import read_lines
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hello.\rThank you.\r\nI like cats.\n"), encoding="utf-8"))
-    assert _read_lines("-", "--input") == ["Hello.\rThank you.", "I like cats."]
+    assert read_lines("-", "--input") == ["Hello.\rThank you.", "I like cats."]
 
 
 def test_translate_input_file_lines_end_at_line_feeds_only(trained_run: Path, tmp_path: Path, capsys) -> None:

@@ -246,20 +246,21 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .beam import check_beam_settings
     from .html_view import write_html
     from .show import format_translation
+    from .text_input import check_writable, checked_arguments, read_lines, stdin_chunks
     from .translator import Translator
 
     if args.text and args.input:
         raise ConfigError(["sentences on the command line and --input: give one or the other"])
     if args.reference is not None and args.references:
         raise ConfigError(["--reference and --references: give one or the other"])
-    texts = _checked_arguments(args.text, "sentence") or _read_lines(args.input or "-", "--input")
-    references = _checked_arguments(args.reference, "--reference") if args.reference is not None else None
+    texts = checked_arguments(args.text, "sentence") or None
+    if texts is None and args.input not in (None, "-"):
+        texts = read_lines(args.input, "--input")
+    references = checked_arguments(args.reference, "--reference") if args.reference is not None else None
     if args.references:
-        references = _read_lines(args.references, "--references")
+        references = read_lines(args.references, "--references")
     if args.html:
-        _check_writable(args.html, "--html")  # before the decoding, not after it
-    if references is not None and len(references) != len(texts):
-        raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
+        check_writable(args.html, "--html")  # before the decoding, not after it
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
     try:
         check_beam_settings(args.beam, args.nbest, translator.tokenizer.tgt_vocab_size)
@@ -269,45 +270,40 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         translator.cfg.decode.batch_size = args.batch_size
     if args.workers is not None:
         translator.cfg.decode.workers = args.workers
-    results = translator.translate(
-        texts, references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
-    )
-    for result in results:
-        if args.format == "jsonl":
-            print(json.dumps(result.to_json(), ensure_ascii=False))
-        elif args.show_tokens or args.bits or references is not None or args.nbest > 1:
-            print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens or args.bits))
-        else:
-            print(result.translation)
+    # Translated and printed a chunk at a time: stdin's lines as they arrive, a file's in chunks of many batches (a
+    # stopped run keeps what it printed). References pair with the whole input, so with them stdin is read first.
+    chunk = translator.cfg.decode.batch_size * translator.workers * 8
+    if texts is None and references is not None:
+        texts = read_lines("-", "--input")
+    if texts is not None:
+        if references is not None and len(references) != len(texts):
+            raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
+        chunks: Iterator[list[str]] = (texts[i : i + chunk] for i in range(0, len(texts), chunk))
+    else:
+        chunks = stdin_chunks(chunk)
+    results, done = [], 0
+    for part in chunks:
+        part_references = references[done : done + len(part)] if references is not None else None
+        done += len(part)
+        translations = translator.translate(
+            part, part_references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
+        )
+        for result in translations:
+            if args.format == "jsonl":
+                print(json.dumps(result.to_json(), ensure_ascii=False))
+            elif args.show_tokens or args.bits or references is not None or args.nbest > 1:
+                print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens or args.bits))
+            else:
+                print(result.translation)
+        sys.stdout.flush()
+        if args.html:  # kept for the page only
+            results += translations
     if args.html:
         try:
             log.info("wrote %s", write_html(args.html, results))
         except OSError as e:
             raise ConfigError([f"--html: cannot write {args.html} ({e.strerror or e})"]) from None
     return 0
-
-
-def _checked_arguments(values: list[str], name: str) -> list[str]:
-    """Command-line text, refused where it is not UTF-8: Python keeps such bytes as lone surrogates, which neither the
-    tokenizer nor a JSON line can hold."""
-    for i, value in enumerate(values, 1):
-        if any("\udc80" <= c <= "\udcff" for c in value):
-            raise ConfigError([f"{name} {i} on the command line is not UTF-8 text: {value.encode('utf-8', 'replace')!r}"])
-    return list(values)
-
-
-def _check_writable(path: str, flag: str) -> None:
-    """Refuse an output file that could not be written (its folders are made when it is written)."""
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError([f"{flag}: {path} is a folder; give a file name"])
-    existing = target.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError([f"{flag}: cannot write {path}: {existing} is not a folder"])
-    if not os.access(existing, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ConfigError([f"{flag}: cannot write {path} (permission denied)"])
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -350,29 +346,6 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     result = run_benchmark(cfg, settings, args.checkpoint)
     print(json.dumps(result) if args.json else format_benchmark(result))
     return 0
-
-
-def _read_lines(path: str, flag: str) -> list[str]:
-    """One sentence per line, lines ending at a line feed only (as `wc -l` counts them, and as the training data's
-    text files are checked): a stray carriage return inside a line must not split it and shift the references."""
-    name = "stdin" if path == "-" else path
-    try:
-        if path == "-":  # bytes, decoded strictly: the locale's reader would let bad bytes through or raise mid-read
-            stdin = getattr(sys.stdin, "buffer", None)
-            data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
-        else:
-            data = Path(path).read_bytes()
-        text = data.decode("utf-8-sig")  # an editor's byte order mark is not part of the first sentence
-    except FileNotFoundError:
-        raise ConfigError([f"{flag}: file not found: {path}"]) from None
-    except OSError as e:
-        raise ConfigError([f"{flag}: cannot read {path} ({e.strerror or e})"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{flag}: {name} is not UTF-8 text (byte {e.start})"]) from None
-    lines = text.split("\n")
-    if lines[-1] == "":  # the last line's own line feed
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
 
 
 COMMANDS = {

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -105,10 +106,10 @@ def translate_cli(trained_run: Path, *argv: str, stdin: bytes | None = None, mon
 
 def test_input_that_is_not_utf8_exits_2_whether_from_stdin_a_file_or_the_command_line(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     code, out, err = translate_cli(trained_run, "--format", "jsonl", stdin=b"Hello.\nbad \xff byte\n", monkeypatch=monkeypatch)
-    assert code == 2 and "--input: stdin is not UTF-8 text (byte 11)" in err and out == ""
+    assert code == 2 and "--input: stdin, line 2 is not UTF-8 text (byte 4 of the line)" in err and out == ""
     (tmp_path / "in.txt").write_bytes(b"bad \xff byte\n")
     code, _, err = translate_cli(trained_run, "-i", str(tmp_path / "in.txt"))
-    assert code == 2 and f"--input: {tmp_path / 'in.txt'} is not UTF-8 text (byte 4)" in err
+    assert code == 2 and f"--input: {tmp_path / 'in.txt'}, line 1 is not UTF-8 text (byte 4 of the line)" in err
     code, _, err = translate_cli(trained_run, "caf\udce9 ok")  # how Python hands over an argument's bad byte
     assert code == 2 and "sentence 1 on the command line is not UTF-8 text" in err and "Traceback" not in err
 
@@ -163,3 +164,26 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(trained_run: Path, t
     proc.stdout.close()  # the reader goes away after one line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_stdin_lines_are_translated_as_they_arrive(trained_run: Path) -> None:
+    """A pipe or terminal gets each line's translation before the next line is written (fairseq-interactive's and
+    Marian's behaviour), and input that is all there at once still comes out whole and in order."""
+    command = [sys.executable, "-m", "nmtkit", "translate", "--checkpoint", str(trained_run), "--device", "cpu", "--format", "jsonl"]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        for sentence in ("Hello.", "I like cats."):
+            proc.stdin.write(f"{sentence}\n".encode())
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 60)  # never hang: nothing in a minute is a failure
+            assert ready, f"no translation of {sentence!r} while stdin stays open"
+            assert json.loads(proc.stdout.readline())["source"] == sentence
+        proc.stdin.write(b"Thank you.\nGood night.\n")
+        proc.stdin.close()
+        assert [json.loads(line)["source"] for line in proc.stdout] == ["Thank you.", "Good night."]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:  # a failed assertion above: no process left behind
+            proc.kill()
+            proc.wait(timeout=60)

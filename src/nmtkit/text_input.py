@@ -1,0 +1,96 @@
+"""What `nmtkit translate` reads: sentences from the command line, a file or stdin, as strict UTF-8, one per line.
+
+Lines end at a line feed only (as `wc -l` counts them, and as the training data's text files are checked): a stray
+carriage return inside a line must not split it and shift the references. stdin comes in chunks of the lines that
+have arrived, so a pipe or a terminal gets each translation as soon as its line is in, while input that is all there
+at once still fills whole chunks of batches.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def read_lines(path: str, flag: str) -> list[str]:
+    """Every line of a file ('-': of stdin), decoded strictly; a byte order mark is dropped."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        else:
+            data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{flag}: file not found: {path}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{flag}: cannot read {path} ({e.strerror or e})"]) from None
+    raw = data.split(b"\n")
+    if raw[-1] == b"":  # the last line's own line feed
+        raw.pop()
+    return _decode_lines(raw, flag, name, first_line=1)
+
+
+def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
+    """stdin's lines in chunks of at most `max_lines`: whatever has arrived, once at least one line has. Read with
+    os.read and select, below Python's buffered reader, whose buffer select cannot see."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # no descriptor (a replaced sys.stdin): all of it at once
+        lines = read_lines("-", flag)
+        yield from (lines[i : i + max_lines] for i in range(0, len(lines), max_lines))
+        return
+    pending, ready, first_line = b"", list[bytes](), 1
+    while True:
+        if ready and (len(ready) >= max_lines or not select.select([fd], [], [], 0)[0]):
+            chunk, ready = ready[:max_lines], ready[max_lines:]
+            yield _decode_lines(chunk, flag, "stdin", first_line)
+            first_line += len(chunk)
+            continue
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        *complete, pending = (pending + data).split(b"\n")
+        ready += complete
+    ready += [pending] if pending else []
+    for i in range(0, len(ready), max_lines):
+        yield _decode_lines(ready[i : i + max_lines], flag, "stdin", first_line + i)
+
+
+def _decode_lines(raw: list[bytes], flag: str, name: str, first_line: int) -> list[str]:
+    lines = []
+    for number, line in enumerate(raw, first_line):
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's byte order mark is no text
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"{flag}: {name}, line {number} is not UTF-8 text (byte {e.start} of the line)"]) from None
+        lines.append(text.removesuffix("\r"))
+    return lines
+
+
+def checked_arguments(values: list[str], name: str) -> list[str]:
+    """Command-line text, refused where it is not UTF-8: Python keeps such bytes as lone surrogates, which neither the
+    tokenizer nor a JSON line can hold."""
+    for i, value in enumerate(values, 1):
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            raise ConfigError([f"{name} {i} on the command line is not UTF-8 text: {value.encode('utf-8', 'replace')!r}"])
+    return list(values)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Refuse an output file that could not be written (its folders are made when it is written)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError([f"{flag}: {path} is a folder; give a file name"])
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError([f"{flag}: cannot write {path}: {existing} is not a folder"])
+    if not os.access(existing, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError([f"{flag}: cannot write {path} (permission denied)"])
