@@ -93,6 +93,7 @@ def test_resuming_allows_another_test_split_cache_folder_or_spelling_of_the_same
     saved = Config().to_dict()
     saved["data"].update(test="elsewhere/test.jsonl", cache_dir="/tmp/arrow", train="./" + Config().data.train, valid="v.jsonl")
     saved["model"]["max_positions"] = 64  # sinusoidal: computed, not saved with the weights
+    saved["model"].update(dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)  # regularisation of later steps
     assert config_differences(saved, Config().to_dict()) == []
     saved["data"]["train"] = "other/train.jsonl"
     assert config_differences(saved, Config().to_dict()) == [f"data.train: checkpoint 'other/train.jsonl', config {Config().data.train!r}"]

@@ -27,10 +27,12 @@ FORMAT_VERSION = 1
 # Config sections that the weights depend on: a resume or an average requires them to match, but for these keys,
 # which the weights do not depend on: a cap that only steers how the tokenizer is trained (a resumed run reuses the
 # run directory's tokenizer and checks its fingerprint), the validation and test splits (the validation split only
-# chooses best.pt), the Arrow cache's folder, and the length of the sinusoidal position table (computed, never saved).
+# chooses best.pt), the Arrow cache's folder, the length of the sinusoidal position table (computed, never saved),
+# and the dropout rates (regularisation of the steps to come).
 WEIGHT_SECTIONS = ("data", "tokenizer", "model")
 _MAY_DIFFER = {
     ("tokenizer", "max_sentences"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("model", "max_positions"),
+    ("model", "dropout"), ("model", "attention_dropout"), ("model", "activation_dropout"),
 }
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 

@@ -134,6 +134,8 @@ class TrainConfig:
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     # mirror metrics.jsonl to TensorBoard event files in RUN_DIR/tensorboard (needs `pip install tensorboard`)
     tensorboard: bool = False
+    # fine-tuning: a checkpoint (file or run directory) whose weights and tokenizer start this run (init_from.py)
+    init_from: str = ""
 
 
 @dataclass
@@ -401,7 +403,7 @@ def config_from_tree(tree: Any, overrides: list[str] | None = None, source: str 
     return cfg
 
 
-_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("train", "run_dir"))
+_PATH_KEYS = (("data", "train"), ("data", "valid"), ("data", "test"), ("data", "cache_dir"), ("train", "run_dir"), ("train", "init_from"))
 
 
 def _expand_home(cfg: Config) -> None:

@@ -38,13 +38,24 @@ def tokenizer_sources(cfg: Config) -> dict[str, Any]:
     return settings | data
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset) -> Tokenizer:
-    """Reuse the run directory's tokenizer when present, otherwise train one from the training split.
+def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, given: Tokenizer | None = None) -> Tokenizer:
+    """Reuse the run directory's tokenizer when present, otherwise train one from the training split; or, with
+    `given` (the tokenizer of `train.init_from`'s checkpoint), use that one.
 
     A reused tokenizer that nmtkit trained must come from the config's settings and training data: one left by an
     earlier attempt with other settings would otherwise be used silently (a tokenizer put there by hand has no record
     and is used as it is)."""
     directory = run_dir / "tokenizer"
+    if given is not None:
+        if Tokenizer.exists(directory) and Tokenizer.load(directory).fingerprint != given.fingerprint:
+            raise ConfigError([
+                f"train.init_from: {directory} holds another tokenizer than the checkpoint's, whose pieces its weights"
+                f" are trained on; use a new train.run_dir, or delete {directory}"
+            ])
+        if not Tokenizer.exists(directory):
+            given.save(directory)  # no trained_from.json: the config's tokenizer section did not make it
+        log.info("tokenizer: the checkpoint's of train.init_from (%d/%d pieces) -> %s", given.src_vocab_size, given.tgt_vocab_size, directory)
+        return given
     if Tokenizer.exists(directory):
         record = directory / _TRAINED_FROM
         if record.is_file():

@@ -8,14 +8,17 @@ import numpy as np
 
 from .config import Config
 from .data import load_split
+from .init_from import init_checkpoint
 from .run_tokenizer import prepare_tokenizer
+from .translator import tokenizer_from_state
 
 
 def tokenizer_command(cfg: Config) -> str:
     run_dir = Path(cfg.train.run_dir)
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     train_raw = load_split(cfg.data, "train", cache_dir)
-    tok = prepare_tokenizer(cfg, run_dir, train_raw)
+    init = init_checkpoint(cfg, run_dir)  # with train.init_from, the vocabulary training will use is that checkpoint's
+    tok = prepare_tokenizer(cfg, run_dir, train_raw, tokenizer_from_state(init[1]) if init else None)
     sample = train_raw.select(range(min(2000, len(train_raw))))
     src_lens = np.array([len(x) for x in tok.encode_src(list(sample["src"]))])
     tgt_lens = np.array([len(x) for x in tok.encode_tgt(list(sample["tgt"]))])

@@ -31,6 +31,7 @@ from .data import DataError, content_digest, encode_split, length_arrays, load_s
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, describe, init_distributed, shutdown_distributed
 from .evaluate import teacher_forced_metrics
+from .init_from import init_checkpoint
 from .loss import TrainingObjective
 from .metrics import MetricsLog
 from .model import Transformer
@@ -227,7 +228,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     train_raw = load_split(cfg.data, "train", cache_dir)
     valid_raw = load_split(cfg.data, "valid", cache_dir)
-    tokenizer = prepare_tokenizer(cfg, run_dir, train_raw)
+    init = init_checkpoint(cfg, run_dir)  # fine-tuning: another run's weights and tokenizer start this one
+    tokenizer = prepare_tokenizer(cfg, run_dir, train_raw, tokenizer_from_state(init[1]) if init else None)
     train_ds, report = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
     log.info("data: %s", report.summary())
     valid_ds, vreport = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=True)
@@ -245,6 +247,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     model = build_model(cfg, tokenizer, cfg.train.attention_kernel).to(runtime.device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     log.info("model: %.2fM parameters, vocab %d/%d, %s-norm", n_params / 1e6, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, cfg.model.norm)
+    if init is not None:
+        check_model_matches(model, init[1]["model"], str(init[0]))
+        model.load_state_dict(init[1]["model"])
+        log.info("model: weights of %s (step %d) from train.init_from", init[0], init[1].get("step", 0))
+        del init
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     digests = (content_digest(train_ds, ("src_len", "tgt_len")), content_digest(valid_ds, ("src_ids", "tgt_ids")))
