@@ -374,3 +374,16 @@ def test_iter_texts_streams_a_column_in_batches_and_keeps_only_the_masked_rows(t
     mask = np.zeros(10, dtype=bool)
     mask[[0, 3, 4, 9]] = True
     assert list(iter_texts(ds, "src", mask)) == ["s0", "s3", "s4", "s9"]
+
+
+@pytest.mark.parametrize("bom", [False, True], ids=["plain", "byte-order-mark"])
+def test_records_whose_other_fields_mix_types_still_give_their_language_pairs(tmp_path: Path, cache: Path, bom: bool, caplog) -> None:
+    """An "id" that is a number in one record and a string in another stops the Arrow reader; the pairs themselves
+    are fine, so only the language fields are read."""
+    records = [{"id": 4, "translation": {"en": "Hello.", "zh": "你好。"}}, {"id": "x5", "translation": {"en": "Thanks.", "zh": "谢谢。"}}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    if bom:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = load_split(cfg_for(path), "train", cache)
+    assert ds[:] == {"src": ["Hello.", "Thanks."], "tgt": ["你好。", "谢谢。"]}
+    assert "reading only the fields 'en' and 'zh' instead" in caplog.text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,11 +33,14 @@ from .data_scan import (
     check_header,
     first_bare_carriage_return,
     has_records,
+    json_records,
     read_header,
     read_lines,
     scan_json,
     scan_table,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "FilterReport", "encode_split", "iter_texts", "length_arrays", "load_split", "sample_rows"]
 
@@ -104,15 +108,20 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
     same time (`cp -p`, `rsync -a`, `tar x`, `touch -r`) would be served from the old one's Arrow cache, and so would
     its encoded tables. Each file's tables therefore live under a folder named for its whole identity: size, times
     (ctime included, which no tool sets back) and inode."""
-    st = path.stat()
-    identity = _hash(str(path.resolve()), *(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)))
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(Path(cache_dir) / "files" / identity[:16]), **options)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_file_cache(path, cache_dir), **options)
     except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
         cause = e.__cause__ or e
         return None, f"{type(cause).__name__}: {cause}"
     assert isinstance(ds, datasets.Dataset)
     return ds, ""
+
+
+def _file_cache(path: Path, cache_dir: str) -> str:
+    """The folder of `cache_dir` for one file's tables, named for its whole identity (see `_load_builder`)."""
+    st = path.stat()
+    identity = _hash(str(path.resolve()), *(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)))
+    return str(Path(cache_dir) / "files" / identity[:16])
 
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
@@ -126,9 +135,22 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
         raise DataError(f"{path}: the file has no records (it is empty or blank); fill it or point the config at another file")
     if why:
         scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
+        if ds is None:  # every record has its two strings: the reader failed on another field (a mixed-type "id", say)
+            log.warning("%s: %s; reading only the fields %r and %r instead (in Python, slower)", path, why, cfg.src_lang, cfg.tgt_lang)
+            return datasets.Dataset.from_generator(
+                _json_pairs, features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
+                gen_kwargs={"path": str(path), "src": cfg.src_lang, "tgt": cfg.tgt_lang}, cache_dir=_file_cache(path, cache_dir),
+            )
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None
     return pair
+
+
+def _json_pairs(path: str, src: str, tgt: str) -> Iterator[dict[str, str]]:
+    """The two language strings of each record (nested under "translation" or flat), which `scan_json` checked."""
+    for _, record in json_records(Path(path)):
+        values = record["translation"] if "translation" in record else record
+        yield {"src": values[src], "tgt": values[tgt]}
 
 
 def _has_null_record(path: Path) -> bool:

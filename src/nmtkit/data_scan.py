@@ -37,9 +37,11 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
 def json_records(path: Path) -> Iterator[tuple[str, Any]]:
     """("line N" or "record N", parsed record) for a JSON Lines file or a JSON array; DataError on bad syntax."""
     with open(path, "rb") as f:
-        is_array = f.read(64).lstrip().startswith(b"[")
+        is_array = f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
     if not is_array:
         for number, text in read_lines(path):
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a byte order mark, which the Arrow reader skips too
             if text.strip():
                 try:
                     yield f"line {number}", json.loads(text)
@@ -51,7 +53,7 @@ def json_records(path: Path) -> Iterator[tuple[str, Any]]:
         return
     raw = path.read_bytes()
     try:
-        records = json.loads(raw.decode("utf-8"))
+        records = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}, line {line}: invalid UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
