@@ -90,6 +90,17 @@ def test_a_byte_order_mark_is_not_part_of_a_text_pairs_first_sentence(tmp_path: 
     assert ds[0] == {"src": "Hello.", "tgt": "你好。"}
 
 
+def test_a_changed_file_leaves_no_tables_of_what_it_was_in_the_cache(tmp_path: Path, cache: Path) -> None:
+    """Each identity of a file gets its tables; the older ones (10M pairs: gigabytes) go when a newer is made."""
+    path = write_jsonl(tmp_path / "train.jsonl", pairs([("Hello.", "你好。")]))
+    load_split(cfg_for(path), "train", cache)
+    os.chmod(path, 0o600)  # a new change time, the same content
+    load_split(cfg_for(path), "train", cache)
+    write_jsonl(tmp_path / "other.jsonl", pairs([("Thanks.", "谢谢。")]))
+    load_split(cfg_for(tmp_path / "other.jsonl"), "train", cache)
+    assert len(list((cache / "files").iterdir())) == 2  # one per file
+
+
 def test_language_keys_come_from_the_config(tmp_path: Path, cache: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", pairs([("Hello.", "你好。")]))
     ds = load_split(cfg_for(path, src_lang="zh", tgt_lang="en"), "train", cache)

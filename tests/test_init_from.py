@@ -69,3 +69,19 @@ def test_a_missing_init_checkpoint_is_a_clear_error(corpus: dict, tmp_path: Path
 
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):
         train(tiny_config(corpus, tmp_path / "run", train={"init_from": str(tmp_path / "nope")}))
+
+
+def test_a_tokenizer_copied_for_fine_tuning_is_not_taken_for_the_configs_own(corpus: dict, trained_run: Path, tmp_path: Path) -> None:
+    """A fine-tuning start that ended before its first checkpoint leaves the checkpoint's tokenizer behind: a start
+    without train.init_from must not train from scratch on it as if the config had made it."""
+    run = tmp_path / "run"
+    settings = {"init_from": str(trained_run), "max_steps": 1}
+    train(tiny_config(corpus, run, train=settings))
+    last = run / "checkpoints" / "last.pt"
+    kept = last.read_bytes()
+    for f in (run / "checkpoints").iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError, match="is the tokenizer of train.init_from .* no checkpoint of this run uses it yet"):
+        train(tiny_config(corpus, run, train={"max_steps": 2}))
+    last.write_bytes(kept)  # with its checkpoint, the fine-tuned run resumes without naming init_from again
+    assert train(tiny_config(corpus, run, train={"max_steps": 2})).state.step == 2

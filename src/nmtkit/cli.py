@@ -261,6 +261,8 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         references = read_lines(args.references, "--references")
     if args.html:
         check_writable(args.html, "--html")  # before the decoding, not after it
+    if texts is not None and references is not None and len(references) != len(texts):  # before loading a model
+        raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
     try:
         check_beam_settings(args.beam, args.nbest, translator.tokenizer.tgt_vocab_size)
@@ -270,9 +272,10 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         translator.cfg.decode.batch_size = args.batch_size
     if args.workers is not None:
         translator.cfg.decode.workers = args.workers
-    # Translated and printed a chunk at a time: stdin's lines as they arrive, a file's in chunks of many batches (a
-    # stopped run keeps what it printed). References pair with the whole input, so with them stdin is read first.
-    chunk = translator.cfg.decode.batch_size * translator.workers * 8
+    # Translated and printed a chunk at a time: stdin's lines as they arrive, a file's in chunks of 64 rounds of
+    # batches, each sorted by length (a stopped run keeps what it printed). References pair with the whole input, so
+    # with them stdin is read first.
+    chunk = translator.cfg.decode.batch_size * translator.workers * 64
     if texts is None and references is not None:
         texts = read_lines("-", "--input")
     if texts is not None:

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +119,16 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
 
 
 def _file_cache(path: Path, cache_dir: str) -> str:
-    """The folder of `cache_dir` for one file's tables, named for its whole identity (see `_load_builder`)."""
+    """The folder of `cache_dir` for one file's tables, named for the file's path and its whole identity (see
+    `_load_builder`). Folders of the same path with an older identity hold tables of what the file was: removed."""
     st = path.stat()
-    identity = _hash(str(path.resolve()), *(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)))
-    return str(Path(cache_dir) / "files" / identity[:16])
+    where = _hash(str(path.resolve()))[:12]
+    identity = _hash(*(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))[:12]
+    files = Path(cache_dir) / "files"
+    for stale in files.glob(f"{where}-*"):
+        if stale.name != f"{where}-{identity}":
+            shutil.rmtree(stale, ignore_errors=True)  # a process reading it keeps its open tables (unlinked, not gone)
+    return str(files / f"{where}-{identity}")
 
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
@@ -373,11 +380,11 @@ def content_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for batch in ds.with_format("arrow", columns=list(columns)).iter(batch_size=_ROWS_PER_BATCH):
         for name in columns:
-            for chunk in batch.column(name).chunks:
-                if pa.types.is_list(chunk.type):
-                    h.update(chunk.value_lengths().to_numpy(zero_copy_only=False).tobytes())
-                    chunk = chunk.flatten()
-                h.update(chunk.to_numpy(zero_copy_only=False).tobytes())
+            column = batch.column(name).combine_chunks()  # the same bytes however the table's chunks fall
+            if pa.types.is_list(column.type):
+                h.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+                column = column.flatten()
+            h.update(column.to_numpy(zero_copy_only=False).tobytes())
     return h.hexdigest()
 
 

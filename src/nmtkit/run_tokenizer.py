@@ -53,7 +53,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
                 f" are trained on; use a new train.run_dir, or delete {directory}"
             ])
         if not Tokenizer.exists(directory):
-            given.save(directory)  # no trained_from.json: the config's tokenizer section did not make it
+            given.save(directory)
+            _write_record(directory, {"train.init_from": cfg.train.init_from})  # not the config's tokenizer section
         log.info("tokenizer: the checkpoint's of train.init_from (%d/%d pieces) -> %s", given.src_vocab_size, given.tgt_vocab_size, directory)
         return given
     if Tokenizer.exists(directory):
@@ -65,6 +66,12 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
                 old = None
             if not isinstance(old, dict):
                 raise ConfigError([f"{record}: not a JSON object of settings; delete it to use the tokenizer as it is"])
+            if "train.init_from" in old and not (run_dir / "checkpoints" / "last.pt").is_file():
+                raise ConfigError([
+                    f"{directory} is the tokenizer of train.init_from {old['train.init_from']!r}, and no checkpoint of"
+                    f" this run uses it yet; set train.init_from again to fine-tune, or delete {directory} to train"
+                    " from scratch with a tokenizer of the config's"
+                ])
             now = tokenizer_sources(cfg)
             diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if old.get(k, v) != v]
             if diffs:
@@ -83,9 +90,13 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
         log.info("tokenizer: training on %s random pairs of %s (tokenizer.max_sentences=%s)", f"{max_pairs:,}", f"{len(train_raw):,}", f"{cfg.tokenizer.max_sentences:,}")
     tok = train_tokenizer(cfg.tokenizer, iter_texts(train_raw, "src", rows), iter_texts(train_raw, "tgt", rows))
     tok.save(directory)
-    partial = directory / f"{_TRAINED_FROM}.partial"  # renamed into place: a crash never leaves half a record
-    partial.write_text(json.dumps(tokenizer_sources(cfg), indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, directory / _TRAINED_FROM)
+    _write_record(directory, tokenizer_sources(cfg))
     kind = "joint" if tok.is_joint else "separate"
     log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
     return tok
+
+
+def _write_record(directory: Path, sources: dict[str, Any]) -> None:
+    partial = directory / f"{_TRAINED_FROM}.partial"  # renamed into place: a crash never leaves half a record
+    partial.write_text(json.dumps(sources, indent=1) + "\n", encoding="utf-8")
+    os.replace(partial, directory / _TRAINED_FROM)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,27 +38,39 @@ def read_lines(path: str, flag: str) -> list[str]:
 
 
 def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
-    """stdin's lines in chunks of at most `max_lines`: whatever has arrived, once at least one line has. Read with
-    os.read and select, below Python's buffered reader, whose buffer select cannot see."""
+    """stdin's lines in chunks of at most `max_lines`: from a pipe or a terminal, whatever has arrived once at least
+    one line has (read with os.read and select, below Python's buffered reader, whose buffer select cannot see); from
+    a file (`< FILE`), or where select can't watch stdin, all of it, cut into chunks as a file's lines are."""
     try:
         fd = sys.stdin.fileno()
-    except (AttributeError, OSError, ValueError):  # no descriptor (a replaced sys.stdin): all of it at once
+        streams = not stat.S_ISREG(os.fstat(fd).st_mode)
+        if streams:
+            select.select([fd], [], [], 0)  # raises where stdin can't be watched (Windows pipes and consoles)
+    except (AttributeError, OSError, ValueError):  # no descriptor (a replaced sys.stdin)
+        streams = False
+    if not streams:
         lines = read_lines("-", flag)
         yield from (lines[i : i + max_lines] for i in range(0, len(lines), max_lines))
         return
-    pending, ready, first_line = b"", list[bytes](), 1
+    pending, ready, first_line = bytearray(), list[bytes](), 1
     while True:
         if ready and (len(ready) >= max_lines or not select.select([fd], [], [], 0)[0]):
             chunk, ready = ready[:max_lines], ready[max_lines:]
             yield _decode_lines(chunk, flag, "stdin", first_line)
             first_line += len(chunk)
             continue
-        data = os.read(fd, 1 << 16)
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError as e:
+            raise ConfigError([f"{flag}: cannot read stdin ({e.strerror or e})"]) from None
         if not data:
             break
-        *complete, pending = (pending + data).split(b"\n")
-        ready += complete
-    ready += [pending] if pending else []
+        pending += data
+        if b"\n" in data:  # split only when a line ended: a long line arriving in pieces is not copied again and again
+            *complete, rest = bytes(pending).split(b"\n")
+            ready += complete
+            pending = bytearray(rest)
+    ready += [bytes(pending)] if pending else []
     for i in range(0, len(ready), max_lines):
         yield _decode_lines(ready[i : i + max_lines], flag, "stdin", first_line + i)
 

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,10 @@ def _resume(
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     restore_rng_states(saved["rng"])
-    state = TrainState(**saved["train_state"])
+    known = {f.name for f in fields(TrainState)}
+    if unknown := sorted(set(saved["train_state"]) - known):  # written by a newer nmtkit
+        log.warning("resume: %s records %s, which this version of nmtkit does not know; left out", last, ", ".join(unknown))
+    state = TrainState(**{k: v for k, v in saved["train_state"].items() if k in known})
     if not _follow_data(cfg, state, len(lengths[0]), digests[0]):
         _follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
     old_valid = saved["config"].get("data", {}).get("valid", cfg.data.valid)
@@ -214,7 +217,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if not dist.is_main:
-        logging.getLogger(__package__).setLevel(logging.WARNING)  # rank 0 alone logs (data, tokenizer and all)
+        logging.getLogger(__package__).setLevel(logging.ERROR)  # rank 0 alone logs (data, tokenizer, warnings and all)
     log.info("run %s: %s, %d CPU threads, %s", run_dir, runtime.reason, torch.get_num_threads(), allocator_in_use())
     if dist.is_distributed:  # logged after the lock: a refused rank 0 must not write into another run's train.log
         log.info("distributed: %s", describe(dist))

@@ -184,3 +184,16 @@ def test_resume_after_the_validation_file_changed_at_its_path_forgets_the_best_l
     valid_at_12 = logged(run, "valid_loss")[12]
     assert resumed.state.best_valid_loss == valid_at_12 != first.state.best_valid_loss  # step 12 made best.pt on the new pairs
     assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 12
+
+
+def test_a_checkpoint_from_a_newer_nmtkit_resumes_leaving_out_what_it_does_not_know(corpus: dict, tmp_path: Path, caplog) -> None:
+    from nmtkit.checkpoint import write_atomic
+
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 3}))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["train_state"]["a_later_field"] = 7
+    write_atomic(state, run / "checkpoints" / "last.pt")
+    with caplog.at_level("INFO", logger="nmtkit.train"):
+        assert train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 4})).state.step == 4
+    assert any("a_later_field" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import select
 import subprocess
 import sys
@@ -128,13 +129,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_sentence_or_reference(traine
     assert code == 0 and json.loads(out)["source"] == "Hello."
 
 
-def test_conflicting_or_unusable_input_and_output_paths_exit_2_before_any_decoding(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded before checking the paths")
+def test_conflicting_or_unusable_input_and_output_paths_exit_2_before_loading_the_model(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the input")
 
-    monkeypatch.setattr(translator_module.Translator, "translate", no_decoding)
+    monkeypatch.setattr(translator_module.Translator, "from_checkpoint", no_loading)
     (tmp_path / "in.txt").write_text("Hello.\n", encoding="utf-8")
+    (tmp_path / "two.txt").write_text("你好。\n谢谢。\n", encoding="utf-8")
     cases = {
+        ("-i", str(tmp_path / "in.txt"), "--references", str(tmp_path / "two.txt")): "2 references for 1 sentences",
         ("Hello.", "-i", str(tmp_path / "in.txt")): "sentences on the command line and --input: give one or the other",
         ("Hello.", "-r", "你好。", "--references", str(tmp_path / "in.txt")): "--reference and --references: give one or the other",
         ("-i", str(tmp_path)): f"--input: cannot read {tmp_path}",
@@ -187,3 +190,21 @@ def test_stdin_lines_are_translated_as_they_arrive(trained_run: Path) -> None:
         if proc.poll() is None:  # a failed assertion above: no process left behind
             proc.kill()
             proc.wait(timeout=60)
+
+
+def test_stdin_from_a_file_or_a_pipe_gives_every_line_once_in_order(tmp_path: Path, monkeypatch) -> None:
+    from nmtkit.text_input import stdin_chunks
+
+    text = "\ufeffone\r\ntwo\nthree \u4e09\nfour\nfive"  # a byte order mark, CRLF, no final line feed
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8", newline="")
+    with open(tmp_path / "in.txt", encoding="utf-8") as f:  # `< FILE`: read whole, cut like a file
+        monkeypatch.setattr(sys, "stdin", f)
+        assert list(stdin_chunks(2)) == [["one", "two"], ["three 三", "four"], ["five"]]
+    read_end, write_end = os.pipe()
+    os.write(write_end, text.encode())
+    os.close(write_end)
+    with open(read_end, encoding="utf-8") as pipe:  # a pipe: chunks of what has arrived, at most 2 lines each
+        monkeypatch.setattr(sys, "stdin", pipe)
+        chunks = list(stdin_chunks(2))
+    assert [line for chunk in chunks for line in chunk] == ["one", "two", "three 三", "four", "five"]
+    assert all(1 <= len(chunk) <= 2 for chunk in chunks)
