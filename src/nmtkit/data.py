@@ -142,6 +142,8 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
         raise DataError(f"{path}: the file has no records (it is empty or blank); fill it or point the config at another file")
     if why:
         scan_json(path, cfg, nested=None if ds is None else "translation" in ds.column_names)
+        if ds is None and next(json_records(path), None) is None:  # "[]"
+            raise DataError(f"{path}: the file has no records; fill it or point the config at another file")
         if ds is None:  # every record has its two strings: the reader failed on another field (a mixed-type "id", say)
             log.warning("%s: %s; reading only the fields %r and %r instead (in Python, slower)", path, why, cfg.src_lang, cfg.tgt_lang)
             return datasets.Dataset.from_generator(

@@ -134,8 +134,8 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
 
 
 def has_records(path: Path, skip_lines: int = 0) -> bool:
-    """Whether the file has a non-blank line after its first `skip_lines` (a header)."""
-    return any(text.strip() for number, text in read_lines(path) if number > skip_lines)
+    """Whether the file has a non-blank line after its first `skip_lines` (a header); a byte order mark is no content."""
+    return any(text.removeprefix("\ufeff").strip() for number, text in read_lines(path) if number > skip_lines)
 
 
 _BARE_CR = re.compile(rb"\r(?!\n)")
