@@ -61,14 +61,29 @@ def test_a_run_with_its_own_checkpoint_resumes_instead(corpus: dict, trained_run
     train(tiny_config(corpus, run, train=settings))
     with caplog.at_level(logging.INFO, logger="nmtkit"):
         result = train(tiny_config(corpus, run, train={**settings, "max_steps": 2}))
-    assert result.state.step == 2 and "has a checkpoint of its own, so the run resumes from it" in caplog.text
+    assert result.state.step == 2 and "is not used" not in caplog.text  # the run's own start, named again
+    other = str(trained_run / "checkpoints" / "last.pt")
+    with caplog.at_level(logging.INFO, logger="nmtkit"):
+        result = train(tiny_config(corpus, run, train={"init_from": other, "max_steps": 3}))
+    assert result.state.step == 3
+    assert f"train.init_from {other!r} is not used: {run} resumes from its own checkpoint (which started from {str(trained_run)!r})" in caplog.text
 
 
 def test_a_missing_init_checkpoint_is_a_clear_error(corpus: dict, tmp_path: Path) -> None:
     from nmtkit.checkpoint import CheckpointError
 
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):
-        train(tiny_config(corpus, tmp_path / "run", train={"init_from": str(tmp_path / "nope")}))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):  # before any data is read or cached
+        train(tiny_config({**corpus, "train": tmp_path / "missing.jsonl"}, tmp_path / "run", train={"init_from": str(tmp_path / "nope")}))
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_separate_vocabularies_read_in_the_other_direction_are_warned_about(corpus: dict, tmp_path: Path, caplog) -> None:
+    """A checkpoint with separate en and zh vocabularies, fine-tuned zh -> en, would read Chinese with the English model."""
+    train(tiny_config(corpus, tmp_path / "en-zh", tokenizer={"joint": False, "vocab_size": 1000}, train={"max_steps": 1}))
+    with caplog.at_level(logging.WARNING, logger="nmtkit"):
+        train(tiny_config(corpus, tmp_path / "zh-en", data={"src_lang": "zh", "tgt_lang": "en"},
+                          train={"init_from": str(tmp_path / "en-zh"), "max_steps": 1}))
+    assert "separate vocabularies for en -> zh, and this run reads zh -> en" in caplog.text
 
 
 def test_a_tokenizer_copied_for_fine_tuning_is_not_taken_for_the_configs_own(corpus: dict, trained_run: Path, tmp_path: Path) -> None:

@@ -253,6 +253,8 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(["sentences on the command line and --input: give one or the other"])
     if args.reference is not None and args.references:
         raise ConfigError(["--reference and --references: give one or the other"])
+    if args.references == "-" and not args.text and args.input in (None, "-"):
+        raise ConfigError(["--references -: stdin can't hold both the sentences and their references; give one as a file"])
     texts = checked_arguments(args.text, "sentence") or None
     if texts is None and args.input not in (None, "-"):
         texts = read_lines(args.input, "--input")

@@ -26,8 +26,7 @@ def init_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] |
     directory already has a checkpoint to resume (which then wins, with a log line)."""
     if not cfg.train.init_from:
         return None
-    if (checkpoint_dir(run_dir) / "last.pt").is_file():
-        log.info("train.init_from: %s has a checkpoint of its own, so the run resumes from it", run_dir)
+    if (checkpoint_dir(run_dir) / "last.pt").is_file():  # the resume says so, where it is not the run's own start
         return None
     path = resolve_checkpoint(cfg.train.init_from)
     saved = load_checkpoint(path)
@@ -36,4 +35,9 @@ def init_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] |
     diffs = [f"model.{k}: train.init_from's checkpoint has {theirs.get(k)!r}, the config {ours[k]!r}" for k in ARCHITECTURE_KEYS if theirs.get(k) != ours[k]]
     if diffs:
         raise ConfigError(diffs, f"train.init_from {path} (set the model section to the checkpoint's)")
+    data = saved["config"].get("data", {})
+    langs = (data.get("src_lang"), data.get("tgt_lang"))
+    if saved["tokenizer"].get("tgt") is not None and langs != (cfg.data.src_lang, cfg.data.tgt_lang):
+        log.warning("train.init_from: %s has separate vocabularies for %s -> %s, and this run reads %s -> %s: each side's"
+                    " text goes through the checkpoint's vocabulary of that side", path, *langs, cfg.data.src_lang, cfg.data.tgt_lang)
     return path, saved

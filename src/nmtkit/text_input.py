@@ -22,7 +22,9 @@ def read_lines(path: str, flag: str) -> list[str]:
     """Every line of a file ('-': of stdin), decoded strictly; a byte order mark is dropped."""
     name = "stdin" if path == "-" else path
     try:
-        if path == "-":
+        if path == "-" and sys.stdin is None:  # started with stdin closed (`<&-`, some service managers): no lines
+            data = b""
+        elif path == "-":
             stdin = getattr(sys.stdin, "buffer", None)
             data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
         else:
@@ -34,7 +36,10 @@ def read_lines(path: str, flag: str) -> list[str]:
     raw = data.split(b"\n")
     if raw[-1] == b"":  # the last line's own line feed
         raw.pop()
-    return _decode_lines(raw, flag, name, first_line=1)
+    lines, error = _decode_lines(raw, flag, name, first_line=1)
+    if error is not None:
+        raise error
+    return lines
 
 
 def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
@@ -56,7 +61,11 @@ def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
     while True:
         if ready and (len(ready) >= max_lines or not select.select([fd], [], [], 0)[0]):
             chunk, ready = ready[:max_lines], ready[max_lines:]
-            yield _decode_lines(chunk, flag, "stdin", first_line)
+            lines, error = _decode_lines(chunk, flag, "stdin", first_line)
+            if lines:
+                yield lines  # the lines before a bad one are still translated
+            if error is not None:
+                raise error
             first_line += len(chunk)
             continue
         try:
@@ -72,18 +81,24 @@ def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
             pending = bytearray(rest)
     ready += [bytes(pending)] if pending else []
     for i in range(0, len(ready), max_lines):
-        yield _decode_lines(ready[i : i + max_lines], flag, "stdin", first_line + i)
+        lines, error = _decode_lines(ready[i : i + max_lines], flag, "stdin", first_line + i)
+        if lines:
+            yield lines
+        if error is not None:
+            raise error
 
 
-def _decode_lines(raw: list[bytes], flag: str, name: str, first_line: int) -> list[str]:
-    lines = []
+def _decode_lines(raw: list[bytes], flag: str, name: str, first_line: int) -> tuple[list[str], ConfigError | None]:
+    """The lines decoded up to the first that is not UTF-8, and the error naming that one (None if all are)."""
+    lines: list[str] = []
     for number, line in enumerate(raw, first_line):
         try:
             text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's byte order mark is no text
         except UnicodeDecodeError as e:
-            raise ConfigError([f"{flag}: {name}, line {number} is not UTF-8 text (byte {e.start} of the line)"]) from None
+            where = name if name == "stdin" else f"{flag}: {name}"
+            return lines, ConfigError([f"{where}, line {number} is not UTF-8 text (byte {e.start} of the line)"])
         lines.append(text.removesuffix("\r"))
-    return lines
+    return lines, None
 
 
 def checked_arguments(values: list[str], name: str) -> list[str]:

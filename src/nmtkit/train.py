@@ -120,6 +120,10 @@ def _resume(
         return TrainState(train_data_digest=digests[0], valid_data_digest=digests[1])
     saved = load_checkpoint(last)
     diffs = config_differences(saved["config"], cfg.to_dict())
+    started_from = saved["config"].get("train", {}).get("init_from", "")
+    if cfg.train.init_from and cfg.train.init_from != started_from:
+        log.warning("train.init_from %r is not used: %s resumes from its own checkpoint (%s)", cfg.train.init_from, run_dir,
+                    f"which started from {started_from!r}" if started_from else "which started from scratch")
     if diffs:
         raise CheckpointError(
             f"{run_dir} holds a run with a different config; refusing to resume. Differences:\n  " + "\n  ".join(diffs)
@@ -228,10 +232,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     # Rank 0 trains the tokenizer and writes the Arrow caches; the other ranks wait, then read them.
     if not dist.is_main:
         dist.barrier()
+    init = init_checkpoint(cfg, run_dir)  # fine-tuning: another run's weights and tokenizer start this one (checked first)
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     train_raw = load_split(cfg.data, "train", cache_dir)
     valid_raw = load_split(cfg.data, "valid", cache_dir)
-    init = init_checkpoint(cfg, run_dir)  # fine-tuning: another run's weights and tokenizer start this one
     tokenizer = prepare_tokenizer(cfg, run_dir, train_raw, tokenizer_from_state(init[1]) if init else None)
     train_ds, report = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
     log.info("data: %s", report.summary())

@@ -107,7 +107,7 @@ def translate_cli(trained_run: Path, *argv: str, stdin: bytes | None = None, mon
 
 def test_input_that_is_not_utf8_exits_2_whether_from_stdin_a_file_or_the_command_line(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     code, out, err = translate_cli(trained_run, "--format", "jsonl", stdin=b"Hello.\nbad \xff byte\n", monkeypatch=monkeypatch)
-    assert code == 2 and "--input: stdin, line 2 is not UTF-8 text (byte 4 of the line)" in err and out == ""
+    assert code == 2 and "error: stdin, line 2 is not UTF-8 text (byte 4 of the line)" in err and out == ""
     (tmp_path / "in.txt").write_bytes(b"bad \xff byte\n")
     code, _, err = translate_cli(trained_run, "-i", str(tmp_path / "in.txt"))
     assert code == 2 and f"--input: {tmp_path / 'in.txt'}, line 1 is not UTF-8 text (byte 4 of the line)" in err
@@ -208,3 +208,26 @@ def test_stdin_from_a_file_or_a_pipe_gives_every_line_once_in_order(tmp_path: Pa
         chunks = list(stdin_chunks(2))
     assert [line for chunk in chunks for line in chunk] == ["one", "two", "three 三", "four", "five"]
     assert all(1 <= len(chunk) <= 2 for chunk in chunks)
+
+
+def test_a_stream_translates_the_lines_before_a_bad_one_and_closed_stdin_is_no_input(tmp_path: Path, monkeypatch) -> None:
+    from nmtkit.config import ConfigError
+    from nmtkit.text_input import stdin_chunks
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"one\ntwo\nbad \xff\nfour\n")
+    os.close(write_end)
+    got = []
+    with open(read_end, encoding="utf-8") as pipe:
+        monkeypatch.setattr(sys, "stdin", pipe)
+        with pytest.raises(ConfigError, match=r"^stdin, line 3 is not UTF-8 text"):
+            for chunk in stdin_chunks(10):
+                got += chunk
+    assert got == ["one", "two"]
+    monkeypatch.setattr(sys, "stdin", None)  # started with stdin closed
+    assert list(stdin_chunks(10)) == []
+
+
+def test_references_on_stdin_with_the_sentences_on_stdin_are_refused(trained_run: Path) -> None:
+    code, _, err = run_main(["translate", "--checkpoint", str(trained_run), "--references", "-"])
+    assert code == 2 and "stdin can't hold both the sentences and their references" in err
