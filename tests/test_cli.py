@@ -182,6 +182,17 @@ def test_rerun_with_more_steps_continues_from_the_last_step(cli_run: dict, tmp_p
     assert len(read_jsonl(run_dir / "run.jsonl")) == 2  # one line per start
 
 
+def test_a_fresh_start_beside_an_earlier_runs_records_marks_where_its_own_begin(cli_run: dict, tmp_path: Path) -> None:
+    """Without last.pt the run starts afresh; its records must not read as a continuation of the earlier ones."""
+    run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
+    (run_dir / "checkpoints" / "last.pt").unlink()
+    before = read_jsonl(run_dir / "metrics.jsonl")
+    code, _, err = run_main(["train", "--config", str(cli_run["config"]), "--set", "train.max_steps=3", "--set", f"train.run_dir={run_dir}"])
+    assert code == 0, err
+    assert "holds the records of an earlier run but no last.pt: this run starts afresh" in err
+    assert read_jsonl(run_dir / "metrics.jsonl")[len(before)] == {"step": 0, "resumed": True}
+
+
 def test_rerun_with_the_same_max_steps_does_nothing(cli_run: dict, tmp_path: Path) -> None:
     run_dir = copy_run(cli_run["run_dir"], tmp_path / "run")
     metrics_before = (run_dir / "metrics.jsonl").read_text(encoding="utf-8")

@@ -329,8 +329,12 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     per_step = tc.accum_steps * dist.world_size
     model.train()
     stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
-    if state.step and dist.is_main:  # resumed: what a stopped run logged after this step is redone, and `nmtkit plot` drops it
-        metrics.write(step=state.step, resumed=True)
+    earlier_records = (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size > 0
+    if not state.step and earlier_records:
+        log.warning("%s holds the records of an earlier run but no last.pt: this run starts afresh, its metrics follow a"
+                    " mark in metrics.jsonl, and its saves replace the earlier ones of the same steps", run_dir)
+    if (state.step or earlier_records) and dist.is_main:  # resumed (or restarted): what was logged after this step is
+        metrics.write(step=state.step, resumed=True)  # redone, and `nmtkit plot` drops it
     if stop_reason:
         limit = stop_reason.startswith("reached train.")  # max_steps, max_epochs or max_minutes
         log.info("no step to train: %s%s", stop_reason, " (raise it with --set to continue)" if limit else "")
