@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
-from nmtkit.checkpoint import load_checkpoint
+from nmtkit.checkpoint import CheckpointError, load_checkpoint
 from nmtkit.config import ConfigError
 from nmtkit.tokenizer import Tokenizer
 from nmtkit.train import train
@@ -70,8 +70,6 @@ def test_a_run_with_its_own_checkpoint_resumes_instead(corpus: dict, trained_run
 
 
 def test_a_missing_init_checkpoint_is_a_clear_error(corpus: dict, tmp_path: Path) -> None:
-    from nmtkit.checkpoint import CheckpointError
-
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):  # before any data is read or cached
         train(tiny_config({**corpus, "train": tmp_path / "missing.jsonl"}, tmp_path / "run", train={"init_from": str(tmp_path / "nope")}))
     assert not (tmp_path / "run" / "cache").exists()
@@ -100,3 +98,13 @@ def test_a_tokenizer_copied_for_fine_tuning_is_not_taken_for_the_configs_own(cor
         train(tiny_config(corpus, run, train={"max_steps": 2}))
     last.write_bytes(kept)  # with its checkpoint, the fine-tuned run resumes without naming init_from again
     assert train(tiny_config(corpus, run, train={"max_steps": 2})).state.step == 2
+
+
+def test_a_fine_tuned_run_resumes_whatever_its_unused_tokenizer_section_says(corpus: dict, trained_run: Path, tmp_path: Path) -> None:
+    """Its tokenizer is the checkpoint's, so the config's tokenizer section made nothing and may change."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"init_from": str(trained_run), "max_steps": 1}))
+    resumed = train(tiny_config(corpus, run, tokenizer={"vocab_size": 8000, "type": "bpe"}, train={"max_steps": 2}))
+    assert resumed.state.step == 2
+    with pytest.raises(CheckpointError, match=r"model\.d_ff"):  # the model section still has to match
+        train(tiny_config(corpus, run, model={"d_ff": 128}, train={"max_steps": 3}))

@@ -45,7 +45,11 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], names: tuple[st
     """The keys of the weight sections where two config trees (`Config.to_dict()`, or a checkpoint's "config") differ,
     as 'section.key: <names[0]> old, <names[1]> new'; keys the weights do not depend on are left out."""
     diffs = []
+    # a fine-tuned run's tokenizer is its init_from checkpoint's: its config's tokenizer section made nothing
+    fine_tuned = bool(old.get("train", {}).get("init_from"))
     for section in WEIGHT_SECTIONS:
+        if section == "tokenizer" and fine_tuned:
+            continue
         for key, value in new.get(section, {}).items():
             if (section, key) in _MAY_DIFFER:
                 continue
