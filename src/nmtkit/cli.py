@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
@@ -25,6 +26,9 @@ from .metrics import TensorBoardMissingError
 from .plot import PlotError
 from .run_lock import RunLockedError
 from .tokenizer import TokenizerError
+
+if TYPE_CHECKING:
+    from .records import Translation
 
 log = logging.getLogger("nmtkit")
 USER_ERRORS = (
@@ -245,7 +249,6 @@ def cmd_tokenizer(args: argparse.Namespace, argv: list[str] | None) -> int:
 def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .beam import check_beam_settings
     from .html_view import write_html
-    from .show import format_translation
     from .text_input import check_writable, checked_arguments, read_lines, stdin_chunks
     from .translator import Translator
 
@@ -294,12 +297,7 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
             part, part_references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
         )
         for result in translations:
-            if args.format == "jsonl":
-                print(json.dumps(result.to_json(), ensure_ascii=False))
-            elif args.show_tokens or args.bits or references is not None or args.nbest > 1:
-                print(format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens or args.bits))
-            else:
-                print(result.translation)
+            print(_shown(result, args, with_table=args.show_tokens or args.bits or references is not None or args.nbest > 1))
         sys.stdout.flush()
         if args.html:  # kept for the page only
             results += translations
@@ -309,6 +307,17 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         except OSError as e:
             raise ConfigError([f"--html: cannot write {args.html} ({e.strerror or e})"]) from None
     return 0
+
+
+def _shown(result: Translation, args: argparse.Namespace, with_table: bool) -> str:
+    """One translation as `translate` prints it: a JSON line, the token table, or the text alone."""
+    from .show import format_translation
+
+    if args.format == "jsonl":
+        return json.dumps(result.to_json(), ensure_ascii=False)
+    if with_table:
+        return format_translation(result, show_bits=args.bits, show_tokens=args.show_tokens or args.bits)
+    return result.translation
 
 
 def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
