@@ -93,6 +93,21 @@ def test_two_node_rendezvous_on_localhost_trains_and_then_resumes(corpus: dict, 
     assert max(losses(tmp_path / "run")) == 8
 
 
+def test_two_processes_fine_tune_from_another_runs_checkpoint(corpus: dict, single: Path, tmp_path: Path) -> None:
+    """train.init_from under torchrun: rank 0 writes the checkpoint's tokenizer, the other rank waits and reads it, and
+    both start from the same weights (a different start on one rank would fail DDP's first broadcast check or diverge)."""
+    from nmtkit.checkpoint import load_checkpoint
+    from nmtkit.tokenizer import Tokenizer
+
+    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run", init_from=str(single), lr=1e-12, warmup_steps=0, max_steps=2)
+    out = finish(torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config)))
+    assert "from train.init_from" in out
+    assert Tokenizer.load(tmp_path / "run" / "tokenizer").fingerprint == Tokenizer.load(single / "tokenizer").fingerprint
+    start = load_checkpoint(single / "checkpoints" / "best.pt")["model"]
+    after = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert max((after[k].float() - start[k].float()).abs().max().item() for k in start) < 1e-6
+
+
 def workers(agent_pid: int) -> dict[int, int]:
     """torchrun's worker processes by rank: {RANK: pid} (Linux /proc). Each runs in a session of its own."""
     found = {}
