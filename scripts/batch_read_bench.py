@@ -18,7 +18,8 @@ import numpy as np
 
 from nmtkit.batching import collate, read_batch
 from nmtkit.config import load_config
-from nmtkit.data import encode_split, length_arrays, load_split
+from nmtkit.data import load_split
+from nmtkit.encoded import encode_split, length_arrays
 from nmtkit.run_tokenizer import prepare_tokenizer
 from nmtkit.train import epoch_batches
 

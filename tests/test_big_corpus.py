@@ -17,7 +17,8 @@ import pytest
 
 from nmtkit import run_tokenizer as tokenizer_module
 from nmtkit.config import DataConfig, TokenizerConfig, load_config
-from nmtkit.data import encode_split, length_arrays, load_split
+from nmtkit.data import load_split
+from nmtkit.encoded import encode_split, length_arrays
 from nmtkit.tokenizer import Tokenizer
 
 ROOT = Path(__file__).parents[1]
@@ -139,7 +140,8 @@ import json, sys
 from pathlib import Path
 from nmtkit.batching import make_batches, read_batch
 from nmtkit.config import load_config
-from nmtkit.data import encode_split, length_arrays, load_split
+from nmtkit.data import load_split
+from nmtkit.encoded import encode_split, length_arrays
 from nmtkit.run_tokenizer import prepare_tokenizer
 
 def config(corpus, run_dir):

@@ -12,7 +12,8 @@ import pytest
 
 from nmtkit import data
 from nmtkit.config import DataConfig
-from nmtkit.data import DataError, FilterReport, encode_split, iter_texts, load_split, sample_rows
+from nmtkit.data import DataError, iter_texts, load_split, sample_rows
+from nmtkit.encoded import FilterReport, encode_split
 
 BUNDLED = Path(__file__).parents[1] / "data" / "tatoeba-en-zh"
 
@@ -378,7 +379,7 @@ def test_sample_rows_draws_exactly_n_rows_the_same_way_for_a_seed() -> None:
 
 
 def test_iter_texts_streams_a_column_in_batches_and_keeps_only_the_masked_rows(tmp_path: Path, cache: Path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "_ROWS_PER_BATCH", 3)  # 10 rows: batches of 3, 3, 3, 1
+    monkeypatch.setattr(data, "ROWS_PER_BATCH", 3)  # 10 rows: batches of 3, 3, 3, 1
     records = [(f"s{i}", f"t{i}") for i in range(10)]
     ds = load_split(cfg_for(write_jsonl(tmp_path / "train.jsonl", pairs(records))), "train", cache)
     assert list(iter_texts(ds, "tgt")) == [t for _, t in records]

@@ -30,10 +30,11 @@ from .allocator import allocator_in_use
 from .batching import Batch, read_batch
 from .config import Config, ModelConfig
 from .cpu_matmul import mm_nn
-from .data import DataError, encode_split, length_arrays, load_split
+from .data import DataError, load_split
 from .decode import GreedyOutput, greedy_decode
 from .decode_workers import map_batches, resolve_workers, uses_processes
 from .device import Runtime, choose_runtime, for_inference
+from .encoded import encode_split, length_arrays
 from .loss import TrainingObjective, chunk_kernel
 from .model import Transformer, uses_sdpa
 from .rng import seed_everything

@@ -1,11 +1,9 @@
-"""Parallel text through Hugging Face `datasets`: load a split, tokenise it into a cached Arrow table, filter.
+"""Parallel text through Hugging Face `datasets`: load a split as a memory-mapped Arrow table of text pairs.
 
 `load_split` reads .jsonl/.json (HF translation schema or flat records), .tsv/.csv (a column per language),
 a line-aligned text pair `path/train.{lang}`, or a hub dataset, and returns a Dataset with two string
-columns, `src` and `tgt`. `encode_split` writes piece ids and lengths with a `map` cached on disk under a
-fingerprint of (data, tokenizer), so a second run does not re-encode, and counts (and, for training,
-removes) empty, too long and badly length-ratioed pairs. Every table is memory-mapped, and every pass over
-a whole split reads it a batch at a time, so a corpus of millions of pairs never becomes Python objects.
+columns, `src` and `tgt` (`encoded.py` tokenises it). Every table is memory-mapped, and every pass over a
+whole split reads it a batch at a time, so a corpus of millions of pairs never becomes Python objects.
 
 Errors: the normal path lets `datasets`/Arrow do the work. Only when loading fails, or the loaded columns
 show a problem (a null, a missing column, invalid UTF-8), do we scan the file once in Python to point at the
@@ -20,9 +18,8 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import datasets
 import numpy as np
@@ -43,27 +40,15 @@ from .data_scan import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "FilterReport", "encode_split", "iter_texts", "length_arrays", "load_split", "sample_rows"]
+__all__ = ["DataError", "iter_texts", "load_split", "sample_rows"]
 
 SPLITS = ("train", "valid", "test")
 _JSON_SUFFIXES = (".jsonl", ".json")
 _TABLE_SEPARATORS = {".tsv": "\t", ".csv": ","}
-# Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
-_ENCODE_VERSION = "v2"  # v2: ids and lengths only, no copy of the text
 # A line whose first value is `null` (after JSON whitespace): see `_has_null_record`.
 _NULL_LINE = re.compile(rb"\n[ \t\r]*null")
 _SCAN_BLOCK = 1 << 24  # bytes read at a time by `_has_null_record`
-_ROWS_PER_BATCH = 10_000  # rows per Arrow batch when a pass reads a whole split (about 1 MB)
-
-
-class Tokenizer(Protocol):
-    """What `encode_split` needs: piece ids without BOS/EOS, and a hash that identifies the model."""
-
-    fingerprint: str
-
-    def encode_src(self, texts: list[str]) -> list[list[int]]: ...
-
-    def encode_tgt(self, texts: list[str]) -> list[list[int]]: ...
+ROWS_PER_BATCH = 10_000  # rows per Arrow batch when a pass reads a whole split (about 1 MB)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -122,8 +107,8 @@ def _file_cache(path: Path, cache_dir: str) -> str:
     """The folder of `cache_dir` for one file's tables, named for the file's path and its whole identity (see
     `_load_builder`). Folders of the same path with an older identity hold tables of what the file was: removed."""
     st = path.stat()
-    where = _hash(str(path.resolve()))[:12]
-    identity = _hash(*(str(v) for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))[:12]
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    identity = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}".encode()).hexdigest()[:12]
     files = Path(cache_dir) / "files"
     for stale in files.glob(f"{where}-*"):
         if stale.name != f"{where}-{identity}":
@@ -296,110 +281,6 @@ def _column_problem(pair: datasets.Dataset | None, cfg: DataConfig) -> str:
     return ""
 
 
-# ----------------------------------------------------------------------------- encoding and filters
-
-
-@dataclass
-class FilterReport:
-    """What the length filters found in one split. Counts are pairs; each pair counts under its first reason."""
-
-    split: str
-    total: int
-    kept: int  # pairs in the returned dataset (= total when the filters were only counted)
-    empty: int  # a side is empty after strip
-    too_long: int  # src or tgt has more than data.max_len pieces
-    bad_ratio: int  # longer side / shorter side > data.max_len_ratio
-    is_applied: bool = True  # False: counted but not removed (valid/test)
-
-    def summary(self) -> str:
-        reasons = f"empty {self.empty:,}, too long {self.too_long:,}, length ratio {self.bad_ratio:,}"
-        if not self.is_applied:
-            return f"{self.split}: {self.total:,} pairs, not filtered (would drop: {reasons})"
-        return f"{self.split}: kept {self.kept:,} of {self.total:,} pairs ({reasons})"
-
-
-def encode_split(
-    ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, split: str, apply_filters: bool = True
-) -> tuple[datasets.Dataset, FilterReport]:
-    """Piece ids `src_ids`/`tgt_ids` (int32 lists, no BOS/EOS) and lengths `src_len`/`tgt_len` (int32).
-
-    The encoded table is cached on disk next to `ds` under a fingerprint of (ds, tokenizer), so the same data
-    and tokenizer are encoded once. Filtered pairs are always counted. With `apply_filters` (training) they
-    are removed, and the result holds the four encoded columns only; without (evaluation) every pair stays
-    and the result also has `ds`'s `src`/`tgt` text, for references.
-    """
-    fingerprint = _hash(ds._fingerprint, tokenizer.fingerprint, _ENCODE_VERSION)
-    features = datasets.Features()
-    for side in ("src", "tgt"):
-        features[f"{side}_ids"] = datasets.List(datasets.Value("int32"))
-        features[f"{side}_len"] = datasets.Value("int32")
-    # The text is not copied into the encoded table: `ds` has it already, and random training reads would
-    # bring its pages into memory too (for 10M pairs the table is 0.9 GB without the text, 1.5 GB with it).
-    encoded = ds.map(
-        _encode_batch,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer},
-        features=features,
-        remove_columns=ds.column_names,
-        new_fingerprint=fingerprint,
-        load_from_cache_file=True,
-        num_proc=None,
-        desc=f"encoding {split}",
-    )
-    lens = encoded.with_format("numpy", columns=["src_len", "tgt_len"])[:]  # two int32 arrays, not the corpus
-    empty, too_long, bad_ratio = _filter_reasons(lens["src_len"], lens["tgt_len"], cfg.max_len, cfg.max_len_ratio)
-    n_drop = int(empty.sum() + too_long.sum() + bad_ratio.sum())
-    if not apply_filters:
-        encoded = datasets.concatenate_datasets([ds, encoded], axis=1)  # the text again, without a copy
-    elif n_drop:
-        # The kept rows are written to a new table, one vectorised pass in Arrow. (`Dataset.filter` would
-        # keep an index mapping instead, and every read through one goes row by row in Python: reading the
-        # lengths of 10M pairs would build 10M one-row tables.)
-        encoded = encoded.with_format("arrow").map(
-            _keep_rows,
-            batched=True,
-            batch_size=_ROWS_PER_BATCH,
-            fn_kwargs={"max_len": cfg.max_len, "max_ratio": cfg.max_len_ratio},
-            new_fingerprint=_hash(fingerprint, "keep rows", str(cfg.max_len), repr(cfg.max_len_ratio)),
-            load_from_cache_file=True,
-            desc=f"filtering {split}",
-        ).with_format(None)
-    report = FilterReport(
-        split=split,
-        total=len(lens["src_len"]),
-        kept=len(encoded),
-        empty=int(empty.sum()),
-        too_long=int(too_long.sum()),
-        bad_ratio=int(bad_ratio.sum()),
-        is_applied=apply_filters,
-    )
-    return encoded, report
-
-
-def content_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:
-    """A digest of the values of `columns` (int32 id lists or numbers) in row order, read as Arrow batches: two
-    encoded splits with the same digest hold the same pairs."""
-    h = hashlib.blake2b(digest_size=16)
-    for batch in ds.with_format("arrow", columns=list(columns)).iter(batch_size=_ROWS_PER_BATCH):
-        for name in columns:
-            column = batch.column(name).combine_chunks()  # the same bytes however the table's chunks fall
-            if pa.types.is_list(column.type):
-                h.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
-                column = column.flatten()
-            h.update(column.to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()
-
-
-def length_arrays(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(src_len, tgt_len) of an encoded split as two int32 arrays, read in one Arrow slice.
-
-    (Indexing a column of a formatted dataset returns a lazy Column that converts row by row,
-    which takes seconds on a corpus; slicing first is a single columnar read.)
-    """
-    lens = ds.with_format("numpy", columns=["src_len", "tgt_len"])[:]
-    return lens["src_len"], lens["tgt_len"]
-
-
 def sample_rows(n_rows: int, n_sample: int, seed: int) -> np.ndarray | None:
     """A boolean mask (n_rows,) with `n_sample` rows drawn at random, or None (every row) when that is all."""
     if n_sample <= 0 or n_sample >= n_rows:
@@ -415,42 +296,9 @@ def iter_texts(ds: datasets.Dataset, column: str, rows: np.ndarray | None = None
     Read from the Arrow table a batch at a time, so memory stays at one batch of strings whatever the size of
     the split (iterating a Dataset row by row is as lean but builds a dict per row, which is slow).
     """
-    batches = ds.with_format("arrow", columns=[column]).iter(_ROWS_PER_BATCH)
-    for start, batch in zip(range(0, len(ds), _ROWS_PER_BATCH), batches, strict=True):
+    batches = ds.with_format("arrow", columns=[column]).iter(ROWS_PER_BATCH)
+    for start, batch in zip(range(0, len(ds), ROWS_PER_BATCH), batches, strict=True):
         texts = batch.column(column)
         if rows is not None:
             texts = texts.filter(pa.array(rows[start : start + len(texts)]))
         yield from texts.to_pylist()
-
-
-def _hash(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
-
-
-def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for side, encode in (("src", tokenizer.encode_src), ("tgt", tokenizer.encode_tgt)):
-        texts = batch[side]
-        # A whitespace-only side gets no pieces, so "empty" means the same thing for every tokenizer.
-        ids = [piece_ids if text.strip() else [] for text, piece_ids in zip(texts, encode(texts), strict=True)]
-        out[f"{side}_ids"] = ids
-        out[f"{side}_len"] = [len(x) for x in ids]
-    return out
-
-
-def _filter_reasons(
-    src_len: np.ndarray, tgt_len: np.ndarray, max_len: int, max_ratio: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean masks (N,), disjoint: a pair is flagged for its first reason in the order empty, too long, ratio."""
-    src_len, tgt_len = np.asarray(src_len, dtype=np.int64), np.asarray(tgt_len, dtype=np.int64)
-    shorter, longer = np.minimum(src_len, tgt_len), np.maximum(src_len, tgt_len)
-    empty = shorter == 0
-    too_long = ~empty & (longer > max_len)
-    bad_ratio = ~empty & ~too_long & (longer / np.maximum(shorter, 1) > max_ratio)
-    return empty, too_long, bad_ratio
-
-
-def _keep_rows(batch: pa.Table, max_len: int, max_ratio: float) -> pa.Table:
-    src_len, tgt_len = batch.column("src_len").to_numpy(), batch.column("tgt_len").to_numpy()
-    empty, too_long, bad_ratio = _filter_reasons(src_len, tgt_len, max_len, max_ratio)
-    return batch.filter(pa.array(~(empty | too_long | bad_ratio)))

@@ -26,9 +26,10 @@ from .beam import check_beam_settings
 from .calibration import CalibrationAccumulator
 from .checkpoint import resolve_checkpoint
 from .config import ConfigError, DataConfig
-from .data import DataError, encode_split, length_arrays, load_split
+from .data import DataError, load_split
 from .decode_workers import decode_in_input_order
 from .device import Runtime
+from .encoded import encode_split, length_arrays
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
 from .tokenizer import PAD_ID

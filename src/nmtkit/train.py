@@ -27,9 +27,10 @@ from .allocator import allocator_in_use
 from .batching import make_batches, padding_fraction, read_batch
 from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, TrainConfig
-from .data import DataError, content_digest, encode_split, length_arrays, load_split
+from .data import DataError, load_split
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, describe, init_distributed, shutdown_distributed
+from .encoded import content_digest, encode_split, length_arrays
 from .evaluate import teacher_forced_metrics
 from .init_from import init_checkpoint
 from .loss import TrainingObjective

@@ -18,7 +18,8 @@ from reliability_helpers import (
 )
 
 from nmtkit.config import DataConfig
-from nmtkit.data import DataError, encode_split, load_split
+from nmtkit.data import DataError, load_split
+from nmtkit.encoded import encode_split
 
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
