@@ -249,7 +249,7 @@ def cmd_tokenizer(args: argparse.Namespace, argv: list[str] | None) -> int:
 def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .beam import check_beam_settings
     from .html_view import write_html
-    from .text_input import check_writable, checked_arguments, read_lines, stdin_chunks
+    from .text_input import check_writable, checked_arguments, chunked, read_lines, stdin_chunks
     from .translator import Translator
 
     if args.text and args.input:
@@ -258,12 +258,14 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(["--reference and --references: give one or the other"])
     if args.references == "-" and not args.text and args.input in (None, "-"):
         raise ConfigError(["--references -: stdin can't hold both the sentences and their references; give one as a file"])
-    texts = checked_arguments(args.text, "sentence") or None
-    if texts is None and args.input not in (None, "-"):
-        texts = read_lines(args.input, "--input")
     references = checked_arguments(args.reference, "--reference") if args.reference is not None else None
     if args.references:
         references = read_lines(args.references, "--references")
+    # sentences read whole now, or from stdin as they arrive (None); references pair with the whole input, so with
+    # them stdin is read whole too
+    texts = checked_arguments(args.text, "sentence") or None
+    if texts is None and (args.input not in (None, "-") or references is not None):
+        texts = read_lines(args.input or "-", "--input")
     if args.html:
         check_writable(args.html, "--html")  # before the decoding, not after it
     if texts is not None and references is not None and len(references) != len(texts):  # before loading a model
@@ -278,17 +280,9 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.workers is not None:
         translator.cfg.decode.workers = args.workers
     # Translated and printed a chunk at a time: stdin's lines as they arrive, a file's in chunks of 64 rounds of
-    # batches, each sorted by length (a stopped run keeps what it printed). References pair with the whole input, so
-    # with them stdin is read first.
+    # batches, each sorted by length (a stopped run keeps what it printed).
     chunk = translator.cfg.decode.batch_size * translator.workers * 64
-    if texts is None and references is not None:
-        texts = read_lines("-", "--input")
-    if texts is not None:
-        if references is not None and len(references) != len(texts):
-            raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
-        chunks: Iterator[list[str]] = (texts[i : i + chunk] for i in range(0, len(texts), chunk))
-    else:
-        chunks = stdin_chunks(chunk)
+    chunks = chunked(texts, chunk) if texts is not None else stdin_chunks(chunk)
     results, done = [], 0
     for part in chunks:
         part_references = references[done : done + len(part)] if references is not None else None

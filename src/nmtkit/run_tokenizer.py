@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from .checkpoint import checkpoint_dir
 from .config import Config, ConfigError
 from .data import iter_texts, sample_rows
 from .tokenizer import Tokenizer, train_tokenizer
@@ -66,7 +67,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
                 old = None
             if not isinstance(old, dict):
                 raise ConfigError([f"{record}: not a JSON object of settings; delete it to use the tokenizer as it is"])
-            if "train.init_from" in old and not (run_dir / "checkpoints" / "last.pt").is_file():
+            if "train.init_from" in old and not (checkpoint_dir(run_dir) / "last.pt").is_file():
                 raise ConfigError([
                     f"{directory} is the tokenizer of train.init_from {old['train.init_from']!r}, and no checkpoint of"
                     f" this run uses it yet; set train.init_from again to fine-tune, or delete {directory} to train"

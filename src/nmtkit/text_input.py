@@ -54,8 +54,7 @@ def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
     except (AttributeError, OSError, ValueError):  # no descriptor (a replaced sys.stdin)
         streams = False
     if not streams:
-        lines = read_lines("-", flag)
-        yield from (lines[i : i + max_lines] for i in range(0, len(lines), max_lines))
+        yield from chunked(read_lines("-", flag), max_lines)
         return
     pending, ready, first_line = bytearray(), list[bytes](), 1
     while True:
@@ -86,6 +85,10 @@ def stdin_chunks(max_lines: int, flag: str = "--input") -> Iterator[list[str]]:
             yield lines
         if error is not None:
             raise error
+
+
+def chunked(lines: list[str], size: int) -> Iterator[list[str]]:
+    return (lines[i : i + size] for i in range(0, len(lines), size))
 
 
 def _decode_lines(raw: list[bytes], flag: str, name: str, first_line: int) -> tuple[list[str], ConfigError | None]:

@@ -330,7 +330,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     per_step = tc.accum_steps * dist.world_size
     model.train()
     stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
-    earlier_records = (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size > 0
+    earlier_records = metrics.path.is_file() and metrics.path.stat().st_size > 0
     if not state.step and earlier_records:
         log.warning("%s holds the records of an earlier run but no last.pt: this run starts afresh, its metrics follow a"
                     " mark in metrics.jsonl, and its saves replace the earlier ones of the same steps", run_dir)

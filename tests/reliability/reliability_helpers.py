@@ -25,10 +25,9 @@ from nmtkit.cli import main
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread() -> None:
-    """Autouse wherever imported. The tiny models train fastest on one thread; with two, a step can take
-    100 times longer while another process keeps the cores busy (threads wait for each other)."""
-    torch.set_num_threads(1)
+def one_torch_thread(one_thread: None) -> None:
+    """Autouse wherever imported: conftest's `one_thread` for every test of the module. The tiny models train fastest
+    on one thread; with two, a step can take 100 times longer while another process keeps the cores busy."""
 
 
 def write_config(path: Path, corpus: dict[str, Path], run_dir: Path, **sections: dict) -> Path:
