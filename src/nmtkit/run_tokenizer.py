@@ -74,7 +74,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
                     " from scratch with a tokenizer of the config's"
                 ])
             now = tokenizer_sources(cfg)
-            diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if old.get(k, v) != v]
+            diffs = [f"{k}: tokenizer trained with {old.get(k)!r}, config has {v!r}" for k, v in now.items() if not _same(k, old.get(k, v), v)]
             if diffs:
                 raise ConfigError(
                     diffs, f"{directory} (restore these settings, use a new train.run_dir, delete {record.name} to use"
@@ -95,6 +95,14 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
     kind = "joint" if tok.is_joint else "separate"
     log.info("tokenizer: trained %s %s vocabulary (%d pieces) in %.1fs -> %s", kind, cfg.tokenizer.type, tok.tgt_vocab_size, time.time() - t0, directory)
     return tok
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """One recorded setting against the config's: equal, or for data.train the same file spelled another way
+    (relative against absolute, through a link)."""
+    if old == new:
+        return True
+    return key == "data.train" and isinstance(old, str) and isinstance(new, str) and os.path.realpath(old) == os.path.realpath(new)
 
 
 def _write_record(directory: Path, sources: dict[str, Any]) -> None:
