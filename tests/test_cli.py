@@ -288,7 +288,7 @@ def test_validation_split_emptied_by_the_filters_exits_2_naming_data_valid(corpu
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_tokenizer_trained_with_other_settings_is_refused_naming_them(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_a_tokenizer_trained_with_other_settings_is_refused_naming_them(corpus: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     """A first attempt that stopped after training its tokenizer (no checkpoint yet) must not lend that tokenizer to
     a second attempt with another vocabulary size."""
     config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
@@ -299,6 +299,16 @@ def test_a_tokenizer_trained_with_other_settings_is_refused_naming_them(corpus: 
     assert "tokenizer.vocab_size: tokenizer trained with 1200, config has 500" in err and "Traceback" not in err
     # the same settings, the data path spelled another way: reused
     assert main(["tokenizer", "--config", str(config), "--set", f"data.train={corpus['train'].parent}/./{corpus['train'].name}"]) == 0
+    # ... relative instead of absolute, or through a link: the same file, reused
+    monkeypatch.chdir(corpus["train"].parent)
+    assert main(["tokenizer", "--config", str(config), "--set", f"data.train={corpus['train'].name}"]) == 0
+    (tmp_path / "link.jsonl").symlink_to(corpus["train"])
+    assert main(["tokenizer", "--config", str(config), "--set", f"data.train={tmp_path / 'link.jsonl'}"]) == 0
+    # another file is refused, named
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(corpus["train"].read_bytes())
+    assert main(["tokenizer", "--config", str(config), "--set", f"data.train={other}"]) == 2
+    assert f"data.train: tokenizer trained with {str(corpus['train'])!r}, config has {str(other)!r}" in capsys.readouterr().err
     # a damaged record is named, with the way out
     record = tmp_path / "run" / "tokenizer" / "trained_from.json"
     record.write_text('{"tokenizer.vocab_size": 12', encoding="utf-8")
@@ -451,6 +461,28 @@ def test_translate_reads_sentences_from_an_input_file(trained_run: Path, tmp_pat
     assert [r["source"] for r in batched] == sentences
     whole = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--input", str(path), "--batch-size", "16"])
     assert [r["translation"] for r in batched] == [r["translation"] for r in whole]  # batching changes nothing
+
+
+def test_a_blank_source_line_gives_a_blank_line_back_with_no_tokens(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """A blank line (a paragraph break in a document) stays blank, so the output stays line-aligned with the input:
+    decoded, an empty source gets whatever the model invents from </s> alone."""
+    from nmtkit.show import format_translation
+    from nmtkit.translator import Translator
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    blank, spaces, text = translator.translate(["", "   ", SOURCE], references=["", "你好。", REFERENCE], top_k=TOP_K)
+    assert text.tokens and text.translation
+    for result in (blank, spaces):
+        assert (result.translation, result.tokens, result.total_loss, result.truncated) == ("", [], 0.0, False)
+        assert "a blank source: nothing was translated" in format_translation(result, show_tokens=True)
+    assert [t.piece for t in spaces.reference.tokens][-1] == "</s>" and spaces.reference.total_loss > 0  # still scored
+    beam_blank, beam_text = translator.translate(["", SOURCE], top_k=TOP_K, beam_size=3, nbest=2)
+    assert [(h.translation, h.tokens) for h in beam_blank.nbest] == [("", [])] and len(beam_text.nbest) == 2
+    path = tmp_path / "input.txt"
+    path.write_text(f"{SOURCE}\n\nHello.\n", encoding="utf-8")
+    assert main(["translate", "--checkpoint", str(trained_run), "--input", str(path)]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2] and lines[3] == ""
 
 
 def test_translate_reads_sentences_from_stdin(trained_run: Path, capsys, monkeypatch) -> None:

@@ -24,7 +24,9 @@ def _piece(piece: str) -> str:
 def format_translation(result: Translation, *, show_bits: bool = False, show_tokens: bool = True) -> str:
     lines = [f"source:      {result.source}", f"translation: {result.translation}"]
     lines += format_nbest(result)
-    if show_tokens:
+    if show_tokens and not result.tokens:
+        lines += ["", "  a blank source: nothing was translated"]
+    elif show_tokens:
         width = max([display_width(_piece(s.piece)) for s in result.tokens] + [5]) + 2
         head = f"  {'pos':>3}  {pad('piece', width)}{'id':>6}  {'prob':>7}  {'loss':>7}  {'entropy':>7}"
         head += f"  {'bits':>6}" if show_bits else ""

@@ -208,10 +208,13 @@ class Translator:
         out, beam, scores = decoded.out, decoded.beam, decoded.scores
         results = []
         for b, text in enumerate(texts):
+            ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
+            if not text.strip():  # a blank line stays one, as a line-aligned output needs (a model would invent a sentence)
+                results.append(Translation(text, "", [], 0.0, 0.0, ref, [Hypothesis("", 0.0, 0.0, [])] if beam is not None else []))
+                continue
             steps = self._token_steps(out, b)
             total, mean = total_and_mean([s.loss for s in steps])
             ids = out.tokens[b, : int(out.lengths[b])].tolist()
-            ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
             hypotheses = self._hypotheses(beam, b) if beam is not None else []
             truncated = len(steps) == int(decoded.budget[b]) and steps[-1].top_k[0].id != EOS_ID
             results.append(Translation(text, self.tokenizer.decode_tgt(ids), steps, total, mean, ref, hypotheses, truncated))
