@@ -20,8 +20,8 @@ from nmtkit.batching import collate, read_batch
 from nmtkit.config import load_config
 from nmtkit.data import load_split
 from nmtkit.encoded import encode_split, length_arrays
+from nmtkit.resume import epoch_batches
 from nmtkit.run_tokenizer import prepare_tokenizer
-from nmtkit.train import epoch_batches
 
 
 def main() -> None:

@@ -37,11 +37,11 @@ from .device import Runtime, choose_runtime, for_inference
 from .encoded import encode_split, length_arrays
 from .loss import TrainingObjective, chunk_kernel
 from .model import Transformer, uses_sdpa
+from .resume import TrainState, epoch_batches
 from .rng import seed_everything
 from .run_tokenizer import prepare_tokenizer
 from .step import SkippedSteps, make_optimizer, train_step
 from .tokenizer import EOS_ID, PAD_ID
-from .train import TrainState, epoch_batches
 from .translator import Translator, build_model
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from .config import Config
 from .device import Runtime
 
 if TYPE_CHECKING:
-    from .train import TrainState
+    from .resume import TrainState
 
 log = logging.getLogger(__name__)
 

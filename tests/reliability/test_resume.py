@@ -29,7 +29,8 @@ from reliability_helpers import (
 
 from conftest import tiny_config
 from nmtkit.checkpoint import load_checkpoint
-from nmtkit.train import TrainState, train
+from nmtkit.resume import TrainState
+from nmtkit.train import train
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -113,7 +114,7 @@ def stop_then_resume_with(corpus: dict, run: Path, caplog, stop_at: int, **chang
     resumed state and the warning about the new batch plan ("" when there was none)."""
     half = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": stop_at}))
     assert (half.state.epoch, half.state.batch_in_epoch) == (0, stop_at)
-    with caplog.at_level("WARNING", logger="nmtkit.train"):
+    with caplog.at_level("WARNING", logger="nmtkit"):
         resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": stop_at + 1, **changes}))
     assert resumed.state.step == stop_at + 1
     return resumed.state, next((r.getMessage() for r in caplog.records if "cut into new batches" in r.getMessage()), "")
@@ -143,7 +144,7 @@ def test_resume_with_a_new_seed_at_an_epoch_boundary_keeps_the_position(corpus: 
     run = tmp_path / "run"
     first = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 28}))
     assert (first.state.epoch, first.state.batch_in_epoch) == (1, 0)  # the 28-batch epoch is complete
-    with caplog.at_level("INFO", logger="nmtkit.train"):
+    with caplog.at_level("INFO", logger="nmtkit"):
         resumed = train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 30, "seed": 7}))
     assert any("train.seed 1 -> 7" in r.getMessage() and "next epoch" in r.getMessage() for r in caplog.records)
     assert not any("cut into new batches" in r.getMessage() for r in caplog.records)
@@ -163,7 +164,7 @@ def test_resume_after_the_training_file_changed_at_its_path_ends_the_interrupted
     lines = data["train"].read_text(encoding="utf-8").splitlines(keepends=True)
     with open(data["train"], "a", encoding="utf-8") as f:
         f.writelines(lines[:100])
-    with caplog.at_level("INFO", logger="nmtkit.train"):
+    with caplog.at_level("INFO", logger="nmtkit"):
         resumed = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 8}))
     warning = next(r.getMessage() for r in caplog.records if "training pairs of data.train" in r.getMessage())
     assert "changed since the checkpoint; epoch 1 ends here and training goes on with epoch 2" in warning
@@ -178,7 +179,7 @@ def test_resume_after_the_validation_file_changed_at_its_path_forgets_the_best_l
     old_times = data["valid"].stat()
     data["valid"].write_text(data["test"].read_text(encoding="utf-8"), encoding="utf-8")  # 40 other pairs
     os.utime(data["valid"], ns=(old_times.st_atime_ns, old_times.st_mtime_ns))
-    with caplog.at_level("INFO", logger="nmtkit.train"):
+    with caplog.at_level("INFO", logger="nmtkit"):
         resumed = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 12}))
     assert any("the pairs of data.valid" in r.getMessage() and "is forgotten" in r.getMessage() for r in caplog.records)
     valid_at_12 = logged(run, "valid_loss")[12]
@@ -194,6 +195,6 @@ def test_a_checkpoint_from_a_newer_nmtkit_resumes_leaving_out_what_it_does_not_k
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     state["train_state"]["a_later_field"] = 7
     write_atomic(state, run / "checkpoints" / "last.pt")
-    with caplog.at_level("INFO", logger="nmtkit.train"):
+    with caplog.at_level("INFO", logger="nmtkit"):
         assert train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 4})).state.step == 4
     assert any("a_later_field" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
