@@ -209,7 +209,8 @@ class Translator:
         results = []
         for b, text in enumerate(texts):
             ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
-            if not text.strip():  # a blank line stays one, as a line-aligned output needs (a model would invent a sentence)
+            if not _clean(text).strip():  # a blank line (or one of control characters) stays blank, as a line-aligned
+                # output needs: decoded from </s> alone, the model would invent a sentence
                 results.append(Translation(text, "", [], 0.0, 0.0, ref, [Hypothesis("", 0.0, 0.0, [])] if beam is not None else []))
                 continue
             steps = self._token_steps(out, b)

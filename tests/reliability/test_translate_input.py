@@ -31,7 +31,10 @@ INPUTS = {
     "mixed-scripts": "Hello 你好 Привет مرحبا שלום नमस्ते こんにちは 안녕",
     "unpaired-surrogate": "bad \ud800 half",
     "private-use-and-unassigned": "\ue000\U0010fffd\U000e0001",
+    "control-characters-only": "\x00\x07\x1b\x7f",
 }
+# nothing to translate: a blank translation with no tokens, so the output stays line-aligned with the input
+BLANK = {"empty", "whitespace", "newlines", "control-characters-only"}
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +49,29 @@ def budget(translator: Translator, text: str) -> int:
     return min(m.max_positions, math.floor(d.max_len_a * src_len + d.max_len_b))
 
 
-def assert_well_formed(result: Translation, text: str, translator: Translator) -> None:
+def assert_well_formed(result: Translation, name: str, translator: Translator) -> None:
+    text = INPUTS[name]
     assert isinstance(result, Translation)
     assert result.source == text
+    if name in BLANK:
+        assert (result.translation, result.tokens, result.truncated) == ("", [], False)
+        return
     assert result.tokens and result.tokens[-1].id == EOS_ID
     assert len(result.tokens) <= budget(translator, text)
     assert all(0.0 <= step.prob <= 1.0 and math.isfinite(step.loss) for step in result.tokens)
 
 
 @pytest.mark.parametrize("name", INPUTS)
-def test_odd_input_gets_a_translation_that_ends_with_eos_within_its_budget(name: str, translator: Translator) -> None:
+def test_odd_input_gets_a_translation_that_ends_with_eos_within_its_budget_or_a_blank_one(name: str, translator: Translator) -> None:
     (result,) = translator.translate([INPUTS[name]])
-    assert_well_formed(result, INPUTS[name], translator)
+    assert_well_formed(result, name, translator)
 
 
 def test_odd_inputs_in_one_batch_each_get_a_well_formed_translation(translator: Translator) -> None:
-    texts = list(INPUTS.values())
-    results = translator.translate(texts)
-    assert len(results) == len(texts)
-    for text, result in zip(texts, results):
-        assert_well_formed(result, text, translator)
+    results = translator.translate(list(INPUTS.values()))
+    assert len(results) == len(INPUTS)
+    for name, result in zip(INPUTS, results):
+        assert_well_formed(result, name, translator)
 
 
 def test_source_longer_than_max_positions_is_truncated_with_a_warning(translator: Translator, caplog: pytest.LogCaptureFixture) -> None:
