@@ -399,3 +399,26 @@ def test_records_whose_other_fields_mix_types_still_give_their_language_pairs(tm
     ds = load_split(cfg_for(path), "train", cache)
     assert ds[:] == {"src": ["Hello.", "Thanks."], "tgt": ["你好。", "谢谢。"]}
     assert "reading only the fields 'en' and 'zh' instead" in caplog.text
+
+
+def test_a_file_read_in_python_once_goes_straight_to_its_table_on_the_next_start(tmp_path: Path, cache: Path, caplog, monkeypatch) -> None:
+    """The Arrow reader's failure and the scan of every record (about a minute for 10M pairs) are done once per
+    file: the file's cache folder remembers it, for the same language fields."""
+    records = [{"id": 4, "translation": {"en": "Hello.", "zh": "你好。"}}, {"id": "x5", "translation": {"en": "Thanks.", "zh": "谢谢。"}}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    first = load_split(cfg_for(path), "train", cache)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the file was read or scanned again")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "scan_json", not_again)
+        m.setattr(data, "_load_builder", not_again)
+        again = load_split(cfg_for(path), "train", cache)
+        reversed_direction = load_split(cfg_for(path, src_lang="zh", tgt_lang="en"), "train", cache)
+    assert again[:] == first[:] == {"src": ["Hello.", "Thanks."], "tgt": ["你好。", "谢谢。"]}
+    assert reversed_direction[:] == {"src": ["你好。", "谢谢。"], "tgt": ["Hello.", "Thanks."]}
+    assert "(in Python, cached)" in caplog.text
+    # other fields are checked again, and named when the records lack them
+    with pytest.raises(DataError, match=r"line 1: missing key 'translation.fr'"):
+        load_split(cfg_for(path, src_lang="fr"), "train", cache)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -117,6 +118,12 @@ def _file_cache(path: Path, cache_dir: str) -> str:
 
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
+    read_in_python = Path(_file_cache(path, cache_dir)) / _READ_IN_PYTHON
+    earlier = _read_in_python_before(read_in_python)
+    if earlier is not None and set(earlier["fields"]) == {cfg.src_lang, cfg.tgt_lang}:  # this very file (the folder is
+        # its identity's) failed the reader before, and its records were checked to hold these two strings
+        log.warning("%s: %s; reading only the fields %r and %r instead (in Python, cached)", path, earlier["why"], cfg.src_lang, cfg.tgt_lang)
+        return _json_pairs_table(path, cfg, cache_dir)
     if _has_null_record(path):
         scan_json(path, cfg, nested=None)  # raises at the first record that is not an object
     # on_mixed_types=None: a record without a key becomes a null we can detect, not a JSON-string column.
@@ -131,13 +138,33 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
             raise DataError(f"{path}: the file has no records; fill it or point the config at another file")
         if ds is None:  # every record has its two strings: the reader failed on another field (a mixed-type "id", say)
             log.warning("%s: %s; reading only the fields %r and %r instead (in Python, slower)", path, why, cfg.src_lang, cfg.tgt_lang)
-            return datasets.Dataset.from_generator(
-                _json_pairs, features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
-                gen_kwargs={"path": str(path), "src": cfg.src_lang, "tgt": cfg.tgt_lang}, cache_dir=_file_cache(path, cache_dir),
-            )
+            pairs = _json_pairs_table(path, cfg, cache_dir)
+            record = {"why": why, "fields": [cfg.src_lang, cfg.tgt_lang]}
+            read_in_python.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")  # later starts skip the reader and the scan
+            return pairs
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None
     return pair
+
+
+# In a file's cache folder: the file's records need the Python reader (the text says why the Arrow reader failed).
+_READ_IN_PYTHON = "read-in-python.txt"
+
+
+def _read_in_python_before(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none (or a damaged one: the file is checked again)
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("fields"), list) and "why" in record else None
+
+
+def _json_pairs_table(path: Path, cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
+    """The language pairs of every record, read in Python (`datasets` caches the table by these arguments)."""
+    return datasets.Dataset.from_generator(
+        _json_pairs, features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
+        gen_kwargs={"path": str(path), "src": cfg.src_lang, "tgt": cfg.tgt_lang}, cache_dir=_file_cache(path, cache_dir),
+    )
 
 
 def _json_pairs(path: str, src: str, tgt: str) -> Iterator[dict[str, str]]:
