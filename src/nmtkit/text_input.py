@@ -96,7 +96,9 @@ def _decode_lines(raw: list[bytes], flag: str, name: str, first_line: int) -> tu
     lines: list[str] = []
     for number, line in enumerate(raw, first_line):
         try:
-            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's byte order mark is no text
+            text = line.decode("utf-8")  # (utf-8-sig would count the error's byte after the mark)
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # an editor's byte order mark is no text
         except UnicodeDecodeError as e:
             where = name if name == "stdin" else f"{flag}: {name}"
             return lines, ConfigError([f"{where}, line {number} is not UTF-8 text (byte {e.start} of the line)"])

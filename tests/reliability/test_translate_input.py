@@ -117,6 +117,9 @@ def test_input_that_is_not_utf8_exits_2_whether_from_stdin_a_file_or_the_command
     (tmp_path / "in.txt").write_bytes(b"bad \xff byte\n")
     code, _, err = translate_cli(trained_run, "-i", str(tmp_path / "in.txt"))
     assert code == 2 and f"--input: {tmp_path / 'in.txt'}, line 1 is not UTF-8 text (byte 4 of the line)" in err
+    (tmp_path / "in.txt").write_bytes(b"\xef\xbb\xbfbad \xff byte\n")  # the byte order mark's three bytes count too
+    code, _, err = translate_cli(trained_run, "-i", str(tmp_path / "in.txt"))
+    assert code == 2 and f"--input: {tmp_path / 'in.txt'}, line 1 is not UTF-8 text (byte 7 of the line)" in err
     code, _, err = translate_cli(trained_run, "caf\udce9 ok")  # how Python hands over an argument's bad byte
     assert code == 2 and "sentence 1 on the command line is not UTF-8 text" in err and "Traceback" not in err
 
