@@ -253,6 +253,18 @@ def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: P
         load_split(cfg_for(path), "train", cache)
 
 
+def test_csv_quote_that_never_closes_is_named_at_the_line_it_opens(tmp_path: Path, cache: Path) -> None:
+    """csv reads on from an open quote to the end of the file: the error names the line the record starts on."""
+    path = tmp_path / "train.csv"
+    path.write_text('en,zh\nHello,你好\n"Bad quote,坏\nThanks,谢谢\nMore,更多\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.csv, lines 3-5, one record \(a quote opened there never closes\): 1 fields, the header has 2"):
+        load_split(cfg_for(path), "train", cache)
+    # a record over two lines (a quoted line break), closed, with a field too many
+    path.write_text('en,zh\nHello,你好\n"two\nlines",a,b\nMore,更多\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.csv, lines 3-4, one record: 3 fields, the header has 2"):
+        load_split(cfg_for(path), "train", cache)
+
+
 # ----------------------------------------------------------------------------- encoding and filters
 
 

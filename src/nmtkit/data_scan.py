@@ -7,6 +7,7 @@ does it call these to name the offending file and line in a `DataError`.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import reprlib
@@ -122,15 +123,25 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
     stray = "tab" if sep == "\t" else "separator or quote"
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        start = 1  # the line the next record starts on: a quoted field may hold line breaks (or never close)
         try:
             for row in reader:
                 if row and len(row) != len(header):
+                    lines = f"line {start}" if start == reader.line_num else f"lines {start}-{reader.line_num}, one record"
+                    opened = " (a quote opened there never closes)" if _quotes(path, start, reader.line_num) % 2 else ""
                     raise DataError(
-                        f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)};"
+                        f"{path}, {lines}{opened}: {len(row)} fields, the header has {len(header)};"
                         f" check for a stray {stray} in the text"
                     )
+                start = reader.line_num + 1
         except csv.Error as e:  # e.g. a field over csv's size limit
             raise DataError(f"{path}, line {reader.line_num}: {e}") from None
+
+
+def _quotes(path: Path, first: int, last: int) -> int:
+    """The double quotes on lines first..last (1-based): an odd count is a quoted field left open."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return sum(line.count('"') for line in itertools.islice(f, first - 1, last))
 
 
 def has_records(path: Path, skip_lines: int = 0) -> bool:
