@@ -106,7 +106,8 @@ def resume_state(
     check_model_matches(model, saved["model"], str(last))
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    if saved["scaler"]:  # empty from a run without the fp16 grad scaler: one that now has it starts it afresh
+        scaler.load_state_dict(saved["scaler"])
     restore_rng_states(saved["rng"])
     known = {f.name for f in fields(TrainState)}
     if unknown := sorted(set(saved["train_state"]) - known):  # written by a newer nmtkit

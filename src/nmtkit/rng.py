@@ -35,4 +35,5 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # one state per GPU the saving process saw: a machine with fewer takes the first ones
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])

@@ -198,3 +198,30 @@ def test_a_checkpoint_from_a_newer_nmtkit_resumes_leaving_out_what_it_does_not_k
     with caplog.at_level("INFO", logger="nmtkit"):
         assert train(tiny_config(corpus, run, train={**SCHEDULE, "max_steps": 4})).state.step == 4
     assert any("a_later_field" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_saved_without_the_fp16_grad_scaler_resumes_with_it(corpus: dict, tmp_path: Path, monkeypatch) -> None:
+    """The train section may change on resume, precision included: a bf16 or fp32 checkpoint holds the disabled grad
+    scaler's empty state, which an enabled one (fp16) refuses to load. The scaler starts afresh instead."""
+    from nmtkit.device import Runtime
+
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 2}))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["scaler"] == {}
+    monkeypatch.setattr(Runtime, "use_grad_scaler", property(lambda self: True))  # fp16's, which is for CUDA
+    assert train(tiny_config(corpus, run, train={"max_steps": 3})).state.step == 3
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["scaler"]["scale"] == 2.0**16  # a fresh scaler's
+
+
+def test_cuda_random_states_of_more_gpus_than_the_machine_has_restore_the_first_ones(monkeypatch) -> None:
+    """A checkpoint holds one CUDA generator state per GPU its process saw; resumed where fewer are visible, setting
+    the others would raise an IndexError."""
+    from nmtkit import rng
+
+    states, given = rng.rng_states(), []
+    states["cuda"] = [torch.zeros(16, dtype=torch.uint8) + i for i in range(8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", given.append)
+    rng.restore_rng_states(states)
+    assert len(given) == 1 and [int(s[0]) for s in given[0]] == [0]
