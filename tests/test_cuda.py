@@ -16,6 +16,7 @@ from nmtkit.model import attention
 from nmtkit.tokenizer import PAD_ID
 from nmtkit.translator import Translator
 from test_loss import fused_loss_errors
+from test_train import a_non_finite_step_is_skipped_and_counted
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -117,6 +118,12 @@ def test_cuda_graph_decoding_gives_the_tokens_and_probabilities_of_eager_steps(t
         torch.testing.assert_close(graphed.probs, eager.probs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_on_cuda_is_skipped_on_the_device_and_counted_a_step_late(fused: bool, tmp_path: Path) -> None:
+    """Fused AdamW's found_inf skips the update in the kernel; the flag comes back through pinned memory."""
+    a_non_finite_step_is_skipped_and_counted("cuda", fused, tmp_path)
+
+
 # last in the file: it compiles cold graphs (tens of seconds), so a GPU kit's time limit cuts it, not the tests above
 def test_compiled_objective_on_cuda_gives_the_eager_loss_and_gradients() -> None:
     from nmtkit.config import ModelConfig
@@ -140,3 +147,4 @@ def test_compiled_objective_on_cuda_gives_the_eager_loss_and_gradients() -> None
         assert relative_error(got, want) < 1e-5
         for g, w in zip(got_grads, want_grads):
             assert relative_error(g, w) < 1e-4
+

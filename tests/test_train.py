@@ -142,36 +142,47 @@ def test_gradient_accumulation_trains_like_one_larger_batch() -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_non_finite_step_leaves_weights_and_adamw_state_as_they_were(fused: bool) -> None:
+def test_a_non_finite_step_leaves_weights_and_adamw_state_as_they_were(fused: bool, tmp_path: Path) -> None:
     """The skip happens on the device (fused AdamW's found_inf), or on the host for other optimizers; the
     returned flag says which steps were skipped, and a finite step after it trains normally."""
+    a_non_finite_step_is_skipped_and_counted("cpu", fused, tmp_path)
+
+
+def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path: Path) -> None:
+    """(Also run on a GPU by test_cuda.py.) A step whose gradients are not finite leaves weights and AdamW state as
+    they were; its flag, read back a step late (`SkippedSteps`), counts it as skipped."""
     from nmtkit.batching import collate
     from nmtkit.config import ModelConfig
     from nmtkit.device import choose_runtime
     from nmtkit.loss import TrainingObjective
     from nmtkit.model import Transformer
-    from nmtkit.step import train_step
+    from nmtkit.resume import TrainState
+    from nmtkit.step import SkippedSteps, train_step
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1, dropout=0.0), 60, 60, True)
+    model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1, dropout=0.0), 60, 60, True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batch = collate({"src_ids": [[5, 6, 7], [8, 9]], "tgt_ids": [[14, 15], [16, 17, 18]]})
-    objective, runtime = TrainingObjective(model, 0.1, torch.float32), choose_runtime("cpu", "fp32")
+    scaler = torch.amp.GradScaler(device, enabled=False)
+    batch = collate({"src_ids": [[5, 6, 7], [8, 9]], "tgt_ids": [[14, 15], [16, 17, 18]]}).to(torch.device(device))
+    objective, runtime = TrainingObjective(model, 0.1, torch.float32), choose_runtime(device, "fp32")
+    state = TrainState()
+    skipped = SkippedSteps(state, max_bad_steps=5, last_checkpoint=tmp_path / "last.pt")
 
-    def step() -> torch.Tensor:
+    def step(number: int) -> torch.Tensor:
         loss, is_bad = train_step(objective, optimizer, scaler, [batch], batch.n_tgt_tokens, runtime, 0.01, 1.0, check_finite=True)
+        skipped.add(number, is_bad, batch.n_tgt_tokens)
         return is_bad
 
-    assert not bool(step())
+    assert not bool(step(1))
     weights = [p.detach().clone() for p in model.parameters()]
     moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     with torch.no_grad():
         model.tgt_embed.weight[5, 0] = float("inf")  # every gradient becomes non-finite
     poisoned = model.tgt_embed.weight.detach().clone()
-    assert bool(step())
+    assert bool(step(2))
     assert torch.equal(model.tgt_embed.weight, poisoned)
     for p, w, m in zip(model.parameters(), weights, moments):
         if p is not model.tgt_embed.weight:
             assert torch.equal(p, w)
         assert torch.equal(optimizer.state[p]["exp_avg"], m) and int(optimizer.state[p]["step"]) == 1
+    assert skipped.settle() == batch.n_tgt_tokens and (state.skipped_steps, state.bad_steps_in_a_row) == (1, 1)
