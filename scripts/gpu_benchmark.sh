@@ -13,9 +13,10 @@
 #      (profiled), tests/test_cuda.py (loss, attention, training and decoding on the GPU against the CPU; CUDA_TESTS_K
 #      selects some), HF Marian training at 16k (../shared/bench/gpu_bench.py, copied to .peer by gpu_prepare.sh)
 #   4. decoding without CUDA graphs, the loss alone (scripts/gpu_loss_bench.py), 16k compiled without the non-finite
-#      check (what the check still costs), 64k compiled (the best FLOP utilisation), `nmtkit train` itself (compiled,
-#      16k: batches made in the loop), decoding at batch 64 with and without CUDA graphs (what a capture per batch
-#      costs). 64k eager and HF at 64k, measured in the fifth session's run B (213k and 201k), are left out for time.
+#      check (what the check still costs), 64k compiled (the best FLOP utilisation), decoding at batch 64 with and
+#      without CUDA graphs (what a capture per batch costs), `nmtkit train` itself (compiled, 16k: batches made in the
+#      loop, the tables of step 2 reused). 64k eager and HF at 64k, measured in the fifth session's run B (213k and
+#      201k), are left out for time. Compiled runs log recompilations and graph breaks (TORCH_LOGS) into their .err.
 #   5. scripts/gpu_summary.py: the target table; it can also be run here later on what came back
 #   6. the test suite with a GPU visible, while time is left
 # Every log and JSON line goes to a work folder packed into OUT/results.tar.gz after each step (the device returns
@@ -76,6 +77,9 @@ run() {
   pack
 }
 NMTKIT="$PY -m nmtkit benchmark --config configs/bench-base.yaml --precision bf16 --json $NMT_ARGS"
+# compiled runs log each recompilation and graph break into their .err: a layer past Dynamo's recompile limit runs
+# eagerly without a word, and compile time spilling into the timed runs shows only as a slow first repeat
+COMPILED="env TORCH_LOGS=recompiles,graph_breaks $NMTKIT"
 tokens() { if [ "${SMOKE:-0}" = 1 ]; then echo 1024; else echo 16384; fi; }  # the 16k runs' batch budget
 
 run attention 90 $PY scripts/gpu_attention_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --batch 16")
@@ -83,10 +87,10 @@ run nmtkit-16k 150 $NMTKIT --set train.max_tokens=$(tokens) --batch-size 256 --p
 run hf_decode 120 $PEER_PY scripts/gpu_decode_peer.py $PEER_ARGS --peer-dir .peer --spm $SPM
 if [ "${SMOKE:-0}" != 1 ]; then
   # the first steps compile (dynamic shapes); the warm-up steps and the first of the 3 timed runs absorb recompiles
-  run nmtkit-16k-compile 200 $NMTKIT --set train.max_tokens=16384 --set train.compile=true --no-decode --profile "$W/profile-16k-compile.txt"
+  run nmtkit-16k-compile 200 $COMPILED --set train.max_tokens=16384 --set train.compile=true --no-decode --profile "$W/profile-16k-compile.txt"
   # attention as two matmuls and a softmax that Inductor fuses, instead of SDPA's kernels (42% of a compiled step in
   # the fifth session's run B)
-  run nmtkit-16k-compile-matmul 200 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
+  run nmtkit-16k-compile-matmul 200 $COMPILED --set train.max_tokens=16384 --set train.compile=true \
     --set train.attention_kernel=matmul --no-decode --profile "$W/profile-16k-compile-matmul.txt"
 fi
 if [ "$DEV" = cuda ]; then  # the package's numbers on the GPU equal its CPU numbers (tests/test_cuda.py)
@@ -98,23 +102,24 @@ run nmtkit-decode-eager 90 $NMTKIT --no-train --batch-size 256 --set decode.cuda
 run loss 90 $PY scripts/gpu_loss_bench.py $([ "${SMOKE:-0}" = 1 ] && echo "--device cpu --rows 512 --vocab 2000")
 if [ "${SMOKE:-0}" != 1 ]; then
   # the non-finite check: a flag per step, read back a step late (it used to stall every step: 10% on an H200)
-  run nmtkit-16k-compile-nocheck 150 $NMTKIT --set train.max_tokens=16384 --set train.compile=true \
+  run nmtkit-16k-compile-nocheck 150 $COMPILED --set train.max_tokens=16384 --set train.compile=true \
     --set train.skip_nonfinite=false --no-decode
-  run nmtkit-64k-compile 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true --no-decode
-  run nmtkit-64k-compile-matmul 200 $NMTKIT --set train.max_tokens=65536 --set train.compile=true \
+  run nmtkit-64k-compile 200 $COMPILED --set train.max_tokens=65536 --set train.compile=true --no-decode
+  run nmtkit-64k-compile-matmul 200 $COMPILED --set train.max_tokens=65536 --set train.compile=true \
     --set train.attention_kernel=matmul --no-decode
 fi
+# each batch's CUDA-graph capture has a fixed cost (torch.cuda.graph empties the allocator's cache first): at batch 64,
+# eight captures for 512 sentences, against eager steps
+run nmtkit-decode-b64 60 $NMTKIT --no-train --batch-size 64
+run nmtkit-decode-b64-eager 60 $NMTKIT --no-train --batch-size 64 --set decode.cuda_graphs=false
 # the loop users run (`nmtkit train`, compiled, 16k): batches made inside the loop, logging and the late flag included,
 # against the benchmark's pre-made batches; its metrics.jsonl (target tokens/s per 10 steps) comes back
 LOOP=$(mktemp -d); mkdir -p "$LOOP/run" && cp -r checkpoints/bench-base/tokenizer "$LOOP/run/"
 run train-loop-16k 150 $PY -m nmtkit train --config configs/bench-base.yaml --set train.run_dir="$LOOP/run" \
   --set train.device=$DEV --set train.precision=bf16 --set train.max_tokens=$(tokens) $LOOP_ARGS \
+  --set data.cache_dir="$PWD/checkpoints/bench-base/cache" \
   --set train.eval_every=1000000 --set train.save_every=1000000 --set train.progress_bar=false
 cp "$LOOP/run/metrics.jsonl" "$W/train-loop-16k.metrics.jsonl" 2>/dev/null; rm -rf "$LOOP"  # not the checkpoint
-# each batch's CUDA-graph capture has a fixed cost (torch.cuda.graph empties the allocator's cache first): at batch 64,
-# eight captures for 512 sentences, against eager steps
-run nmtkit-decode-b64 60 $NMTKIT --no-train --batch-size 64
-run nmtkit-decode-b64-eager 60 $NMTKIT --no-train --batch-size 64 --set decode.cuda_graphs=false
 step "summary"
 $PY scripts/gpu_summary.py "$W" | tee "$OUT/summary.md"
 pack
