@@ -130,6 +130,28 @@ def test_without_hard_links_last_and_best_are_copies_that_survive_rotation(tmp_p
     assert not list(directory.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "copies"])
+def test_checkpoint_files_are_read_only_and_later_saves_still_replace_and_rotate_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool) -> None:
+    """last.pt, best.pt and the newest step file are one file: without write permission, `cp step-N.pt last.pt`
+    fails instead of rewriting best.pt too. nmtkit's own saves rename new files into place, which needs none."""
+    if not links:
+        monkeypatch.setattr(checkpoint.os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, state_at(step), step, is_best=step in (1, 3), keep=2)
+    directory = checkpoint_dir(tmp_path)
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "step-000003.pt", "step-000004.pt"]
+    assert (loaded_step(directory / "best.pt"), loaded_step(directory / "last.pt")) == (3, 4)
+    for path in directory.iterdir():
+        assert path.stat().st_mode & 0o222 == 0, path
+        assert path.stat().st_mode & 0o444 == 0o444 & ~current_umask(), path  # readable as a plain file would be
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_full_disk_raises_checkpoint_error_and_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
 
@@ -169,7 +191,8 @@ def test_full_disk_while_copying_last_pt_without_hard_links_keeps_the_previous_l
 
 
 def test_checkpoints_are_readable_by_the_run_directorys_other_users(tmp_path: Path) -> None:
-    """As any file the process writes under its umask (027 here: the group may read), not mkstemp's owner-only 0600."""
+    """As any file the process writes under its umask (027 here: the group may read), not mkstemp's owner-only 0600;
+    read-only (see the test above)."""
     import os
     import stat
 
@@ -178,8 +201,8 @@ def test_checkpoints_are_readable_by_the_run_directorys_other_users(tmp_path: Pa
         path = save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
     finally:
         os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640
-    assert stat.S_IMODE((checkpoint_dir(tmp_path) / "best.pt").stat().st_mode) == 0o640
+    assert stat.S_IMODE(path.stat().st_mode) == 0o440
+    assert stat.S_IMODE((checkpoint_dir(tmp_path) / "best.pt").stat().st_mode) == 0o440
 
 
 def test_next_save_removes_temporary_files_left_by_a_killed_save(tmp_path: Path) -> None:

@@ -225,3 +225,16 @@ def test_cuda_random_states_of_more_gpus_than_the_machine_has_restore_the_first_
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", given.append)
     rng.restore_rng_states(states)
     assert len(given) == 1 and [int(s[0]) for s in given[0]] == [0]
+
+
+def test_relinking_last_pt_to_an_earlier_save_resumes_from_that_save(corpus: dict, tmp_path: Path, caplog) -> None:
+    """The README's way back to an earlier save: `ln -f checkpoints/step-N.pt checkpoints/last.pt`."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 4, "save_every": 2, "eval_every": 2}))
+    directory = run / "checkpoints"
+    (directory / "last.pt").unlink()
+    os.link(directory / "step-000002.pt", directory / "last.pt")
+    with caplog.at_level("INFO", logger="nmtkit"):
+        assert train(tiny_config(corpus, run, train={"max_steps": 3, "save_every": 2, "eval_every": 2})).state.step == 3
+    assert f"resumed from {directory / 'last.pt'} at step 2" in caplog.text
+    assert load_checkpoint(directory / "last.pt")["step"] == 3 and (directory / "step-000004.pt").is_file()
