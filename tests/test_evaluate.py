@@ -45,6 +45,34 @@ def test_the_evaluation_cache_is_the_runs_own_or_the_datasets_cache(tmp_path: Pa
     assert _cache_dir("/data/arrow", tmp_path / "model.pt") == "/data/arrow"
 
 
+def test_a_read_only_run_directory_is_evaluated_with_its_tables_in_the_datasets_cache(tmp_path: Path, monkeypatch) -> None:
+    """Another user's run, or one on a read-only mount: os.access says no, so the tables go where they can."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n", encoding="utf-8")
+    writable = evaluate.os.access
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: False if Path(path) == run else writable(path, mode))
+    assert _cache_dir("", run / "checkpoints" / "best.pt") == str(datasets.config.HF_DATASETS_CACHE)
+    (run / "cache").mkdir()  # a cache folder of its own that is writable is used, whatever the run directory's mode
+    assert _cache_dir("", run / "checkpoints" / "best.pt") == str(run / "cache")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_data_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    """Not the line scan and the Python reader's fallback, whose message blamed the file."""
+    from nmtkit.data import load_split
+
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"translation": {"en": "Hi.", "zh": "你好。"}}\n', encoding="utf-8")
+    cache = tmp_path / "cache"
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(cache / "files" / "x"))
+
+    monkeypatch.setattr(datasets, "load_dataset", read_only)
+    with pytest.raises(DataError, match=rf"{path}: could not write its tables into the cache folder {cache}: Read-only file system; make it writable, or set data.cache_dir"):
+        load_split(DataConfig(train=str(path)), "train", cache)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("MeCab") is not None, reason="sacrebleu's Japanese extras are installed")
 def test_a_japanese_target_without_sacrebleus_extras_is_a_data_error_naming_the_install() -> None:
     with pytest.raises(DataError, match=r"data.tgt_lang 'ja': BLEU's 'ja-mecab' tokenizer needs extra packages.*sacrebleu\[ja\]"):

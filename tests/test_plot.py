@@ -30,6 +30,15 @@ def test_plot_out_writes_where_asked(trained_run: Path, tmp_path: Path) -> None:
     assert out == tmp_path / "figs" / "tiny.png" and out.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_a_figure_that_cannot_be_written_exits_2_naming_the_file_and_out(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """A read-only run directory, say: no traceback, and the flag that writes the figure elsewhere."""
+    (tmp_path / "a-file").write_text("not a folder", encoding="utf-8")
+    out = tmp_path / "a-file" / "curves.png"
+    assert main(["plot", str(trained_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"nmtkit plot: error: could not write {out}" in err and "write the figure elsewhere with --out" in err and "Traceback" not in err
+
+
 def test_curves_hold_every_train_and_valid_record(trained_run: Path) -> None:
     curves = read_training_curves(trained_run)
     assert curves.train_steps == [3, 6, 9, 12] and curves.valid_steps == [6, 12]  # log_every 3, eval_every 6

@@ -99,6 +99,9 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_file_cache(path, cache_dir), **options)
     except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
         cause = e.__cause__ or e
+        if isinstance(cause, OSError) and str(cause.filename or "").startswith(str(Path(cache_dir))):
+            raise DataError(f"{path}: could not write its tables into the cache folder {cache_dir}: {cause.strerror or cause};"
+                            " make it writable, or set data.cache_dir to another folder") from None
         return None, f"{type(cause).__name__}: {cause}"
     assert isinstance(ds, datasets.Dataset)
     return ds, ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,7 +212,10 @@ def _cache_dir(configured: str, checkpoint: Path) -> str:
         return configured
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
-        return str(run_dir / "cache")
+        cache = run_dir / "cache"
+        if os.access(cache if cache.is_dir() else run_dir, os.W_OK):
+            return str(cache)
+        log.info("%s is not writable (a read-only run directory): the evaluated data's tables go to the datasets cache", cache)
     return str(datasets.config.HF_DATASETS_CACHE)
 
 

@@ -124,10 +124,7 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
     lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     lr.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
-    path = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, Path(out) if out is not None else Path(run_dir) / "curves.png", "--out")
 
 
 def plot_reliability(calibration: Calibration, path: str | Path) -> Path:
@@ -156,7 +153,14 @@ def plot_reliability(calibration: Calibration, path: str | Path) -> Path:
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("tokens")
     bottom.set_xlim(0, 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    return _save(fig, Path(path), "--plot")
+
+
+def _save(fig: Any, path: Path, flag: str) -> Path:
+    """Write the figure, or a PlotError naming the file and the flag that puts it elsewhere (a read-only run directory)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        raise PlotError(f"could not write {path}: {e.strerror or e}; write the figure elsewhere with {flag}") from None
     return path
