@@ -121,3 +121,18 @@ def test_bleu_segments_chinese_japanese_and_korean_under_their_two_and_three_let
     for code in ("zh", "zh-Hans", "zh_CN", "cmn", "zho", "yue", "CMN"):
         assert bleu_tokenizer(code) == "zh", code
     assert [bleu_tokenizer(c) for c in ("ja", "jpn", "ko", "kor", "en", "deu", "fr")] == ["ja-mecab"] * 2 + ["ko-mecab"] * 2 + ["13a"] * 3
+
+
+def test_a_pair_longer_than_the_positions_is_left_out_of_the_loss_but_scored_by_bleu(trained_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """BLEU and chrF must score the whole file, as sacrebleu over the same references would; the loss can't read the
+    long pair and says so in the table."""
+    lines = ["Hello.\t你好。", "Thank you.\t谢谢。", "I like cats.\t我喜欢猫。", " ".join(["word"] * 300) + "\t" + "字" * 300]
+    data = tmp_path / "eval.tsv"
+    data.write_text("en\tzh\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    scored = []
+    real = evaluate.quality_metrics
+    monkeypatch.setattr(evaluate, "quality_metrics", lambda hyps, refs, bleu: scored.append((len(hyps), len(refs))) or real(hyps, refs, bleu))
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert scored == [(4, 4)]
+    assert "sentences  3 (1 more, longer than model.max_positions, left out of the loss; BLEU and chrF score them)" in out

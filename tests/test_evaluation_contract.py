@@ -108,3 +108,17 @@ def test_separate_vocabularies_encode_the_source_with_the_source_model(corpus: d
     for row, ids in zip(src.tolist(), want):
         assert row[: len(ids) + 1] == ids + [EOS_ID]
         assert all(i == PAD_ID for i in row[len(ids) + 1 :])
+
+
+def test_validation_during_training_scores_the_split_as_evaluate_does(corpus: dict, tmp_path: Path) -> None:
+    """best.pt is chosen on the validation loss, and `nmtkit evaluate --split valid` must find that same loss: the
+    training filters (data.max_len, data.max_len_ratio, here strict enough to drop most pairs) do not touch the
+    validation split."""
+    from nmtkit.evaluate import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    result = train(tiny_config(corpus, run, data={"max_len": 12, "max_len_ratio": 1.2}, train={"max_steps": 6, "eval_every": 6}))
+    evaluated = evaluate_checkpoint(str(run), split="valid", with_bleu=False, device="cpu", precision="fp32")
+    n_valid = sum(1 for line in corpus["valid"].read_text(encoding="utf-8").splitlines() if line.strip())
+    assert evaluated["sentences"] == n_valid
+    assert result.state.best_valid_loss == pytest.approx(evaluated["loss"], rel=1e-6)

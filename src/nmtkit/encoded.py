@@ -10,6 +10,7 @@ pass reads a batch at a time.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,8 @@ import pyarrow as pa
 
 from .config import DataConfig
 from .data import ROWS_PER_BATCH
+
+log = logging.getLogger(__name__)
 
 # Bump when the output of `_encode_batch` changes, so old cached tables are not reused.
 _ENCODE_VERSION = "v2"  # v2: ids and lengths only, no copy of the text
@@ -109,6 +112,18 @@ def encode_split(
         is_applied=apply_filters,
     )
     return encoded, report
+
+
+def readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.Dataset, int]:
+    """The pairs a model with `max_positions` can read whole (each side's pieces plus BOS/EOS): nothing else is left
+    out, as evaluation and validation score a split. -> (those pairs, how many were left out)."""
+    src_lens, tgt_lens = length_arrays(ds)
+    fits = (src_lens < max_positions) & (tgt_lens < max_positions)
+    n_too_long = int((~fits).sum())
+    if n_too_long:
+        log.warning("%d pairs longer than model.max_positions=%d left out of the loss", n_too_long, max_positions)
+        ds = ds.select(np.flatnonzero(fits))
+    return ds, n_too_long
 
 
 def content_digest(ds: datasets.Dataset, columns: tuple[str, ...]) -> str:

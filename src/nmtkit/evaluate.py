@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import sacrebleu
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from .config import ConfigError, DataConfig
 from .data import DataError, load_split
 from .decode_workers import decode_in_input_order
 from .device import Runtime
-from .encoded import encode_split, length_arrays
+from .encoded import encode_split, length_arrays, readable_pairs
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
 from .tokenizer import PAD_ID
@@ -163,8 +162,8 @@ def evaluate_checkpoint(
     raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)), key=key, fix=fix)
     if limit:
         raw = raw.select(range(min(limit, len(raw))))
-    ds, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
-    ds, n_too_long = _readable_pairs(ds, cfg.model.max_positions)
+    every_pair, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
+    ds, n_too_long = readable_pairs(every_pair, cfg.model.max_positions)
     if len(ds) == 0:
         raise DataError(
             f"{getattr(data_cfg, split)} ({split}): no pairs to evaluate ({report.total:,} read, {n_too_long:,} longer"
@@ -177,8 +176,10 @@ def evaluate_checkpoint(
     calib = calibration.result()
     quality = None
     if bleu is not None:
-        hypotheses = translate_all(translator, list(ds["src"]), beam_size, length_penalty)
-        quality = quality_metrics(hypotheses, ds["tgt"], bleu)
+        # every pair, as sacrebleu scores the whole file: a source longer than the positions is cut (with a warning),
+        # as `translate` cuts it
+        hypotheses = translate_all(translator, list(every_pair["src"]), beam_size, length_penalty)
+        quality = quality_metrics(hypotheses, every_pair["tgt"], bleu)
     out = metrics_dict(loss, quality)
     out.update(ece=calib.ece, mean_entropy=calib.mean_entropy, calibration_bins=[asdict(b) for b in calib.bins])
     if plot_dir is not None:
@@ -189,7 +190,7 @@ def evaluate_checkpoint(
         split=None if data_file else split,  # a --data file is no split of the run's
         label_smoothing_in_loss=False,
         decoding="greedy" if beam_size <= 1 else f"beam {beam_size}, length penalty {length_penalty}",
-        filtered_out=n_too_long,
+        filtered_out=n_too_long,  # left out of the loss (not of BLEU and chrF)
         seconds=round(time.time() - t0, 2),
     )
     return out
@@ -219,18 +220,6 @@ def _cache_dir(configured: str, checkpoint: Path) -> str:
     return str(datasets.config.HF_DATASETS_CACHE)
 
 
-def _readable_pairs(ds: datasets.Dataset, max_positions: int) -> tuple[datasets.Dataset, int]:
-    """Nothing is filtered, except pairs longer than the model's positions, which it can't read: -> kept pairs, count left out."""
-    limit_len = max_positions - 1
-    src_lens, tgt_lens = length_arrays(ds)
-    fits = (src_lens <= limit_len) & (tgt_lens <= limit_len)
-    n_too_long = int((~fits).sum())
-    if n_too_long:
-        log.warning("%d pairs longer than model.max_positions=%d left out", n_too_long, max_positions)
-        ds = ds.select(np.flatnonzero(fits))
-    return ds, n_too_long
-
-
 def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, length_penalty: float = 1.0) -> list[str]:
     """Greedy (or beam) translations in input order, decoded in length-sorted batches to keep padding low."""
     def one_batch(idx: list[int]) -> list[str]:
@@ -248,7 +237,8 @@ def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, 
 def format_metrics(m: dict) -> str:
     rows = [
         ("data", f"{m['data']} ({m['split']})" if m["split"] else m["data"]),
-        ("sentences", f"{m['sentences']:,}"),
+        ("sentences", f"{m['sentences']:,}" + (f" ({m['filtered_out']:,} more, longer than model.max_positions, left out of the loss"
+                                                f"{'; BLEU and chrF score them' if 'bleu' in m else ''})" if m.get("filtered_out") else "")),
         ("target tokens", f"{m['tokens']:,} (EOS included)"),
         ("loss", f"{m['loss']:.4f} nats/token (plain cross-entropy, no label smoothing)"),
         ("perplexity", f"{m['perplexity']:.2f}"),

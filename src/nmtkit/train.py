@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 from .data import DataError, load_split
 from .device import Runtime, choose_runtime, free_memory
 from .distributed import Dist, describe, init_distributed, shutdown_distributed
-from .encoded import content_digest, encode_split, length_arrays
+from .encoded import content_digest, encode_split, length_arrays, readable_pairs
 from .evaluate import teacher_forced_metrics
 from .init_from import init_checkpoint
 from .loss import TrainingObjective
@@ -122,16 +122,21 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     tokenizer = prepare_tokenizer(cfg, run_dir, train_raw, tokenizer_from_state(init[1]) if init else None)
     train_ds, report = encode_split(train_raw, tokenizer, cfg.data, "train", apply_filters=True)
     log.info("data: %s", report.summary())
-    valid_ds, vreport = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=True)
-    log.info("data: %s", vreport.summary())
+    # Validation scores the split as `nmtkit evaluate` does: the training filters (data.max_len, max_len_ratio) would
+    # choose best.pt on a tokenizer-dependent subset; only pairs longer than the model's positions are left out.
+    valid_all, _ = encode_split(valid_raw, tokenizer, cfg.data, "valid", apply_filters=False)
+    valid_ds, n_long = readable_pairs(valid_all.select_columns(["src_ids", "tgt_ids", "src_len", "tgt_len"]), cfg.model.max_positions)
+    vsummary = f"valid: {len(valid_ds):,} of {len(valid_all):,} pairs ({n_long:,} longer than model.max_positions={cfg.model.max_positions})"
+    log.info("data: %s", vsummary)
     # Training reads the encoded tables only. The raw ones are memory-mapped, and the pages that loading and
     # encoding touched (all of them) would stay in the process's resident memory: 1.2 GB for 10M pairs.
-    del train_raw, valid_raw
+    del train_raw, valid_raw, valid_all
     if dist.is_main:
         dist.barrier()
-    for key, ds, rep in (("train", train_ds, report), ("valid", valid_ds, vreport)):
-        if len(ds) == 0:  # an empty validation split would score 0.0 and keep the first best.pt for good
-            raise DataError(f"data.{key} ({getattr(cfg.data, key)}): no pairs left after filtering ({rep.summary()}); check data.max_len and data.max_len_ratio")
+    if len(train_ds) == 0:
+        raise DataError(f"data.train ({cfg.data.train}): no pairs left after filtering ({report.summary()}); check data.max_len and data.max_len_ratio")
+    if len(valid_ds) == 0:  # an empty validation split would score 0.0 and keep the first best.pt for good
+        raise DataError(f"data.valid ({cfg.data.valid}): no pairs to validate on ({vsummary}); check the file and model.max_positions")
     src_lens, tgt_lens = length_arrays(train_ds)
 
     model = build_model(cfg, tokenizer, cfg.train.attention_kernel).to(runtime.device)
@@ -195,7 +200,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     def validate() -> bool:
         """Validation loss (rank 0); returns True when it is the best so far."""
         nonlocal valid_loss
-        m = teacher_forced_metrics(model, valid_ds, tc.max_tokens, runtime)
+        m = teacher_forced_metrics(model, valid_ds, max(tc.max_tokens, cfg.model.max_positions), runtime)  # as evaluate's
         valid_loss = m.loss
         is_best = m.loss < state.best_valid_loss
         if is_best:
