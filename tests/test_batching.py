@@ -169,6 +169,21 @@ def test_read_batch_reads_the_same_batch_as_collate_from_arrow_arrays() -> None:
         assert_same_batch(read_batch(ds, index), collate(ds[index]))
 
 
+def test_take_rows_gives_arrows_take_without_joining_the_chunks() -> None:
+    """Each chunk gives its own rows (Arrow's take over a chunked list column copies the whole column first); rows come
+    back in the order asked for, repeats and an empty chunk included."""
+    import pyarrow as pa
+
+    from nmtkit.batching import take_rows
+
+    rng = np.random.default_rng(4)
+    pieces = [[rng.integers(4, 99, k).tolist() for k in rng.integers(0, 9, n)] for n in (5, 0, 7, 1, 12)]
+    table = pa.Table.from_batches([pa.record_batch({"ids": pa.array(p, type=pa.list_(pa.int32()))}) for p in pieces])
+    assert table["ids"].num_chunks == 5
+    for rows in ([24, 0, 5, 5, 12, 13, 4], rng.integers(0, 25, 60).tolist(), [11]):
+        assert take_rows(table, np.array(rows)).to_pydict() == table.take(pa.array(rows)).to_pydict()
+
+
 def test_read_batch_follows_a_datasets_row_mapping() -> None:
     ds = encoded_split(50, seed=2)
     shuffled = ds.shuffle(seed=0).select(range(100))  # rows behind an indices mapping, not a rewritten table

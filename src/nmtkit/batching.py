@@ -148,9 +148,31 @@ def read_batch(ds: datasets.Dataset, indices: np.ndarray) -> Batch:
     if len(indices) == 0:
         raise ValueError("read_batch needs a non-empty batch")
     mapping = ds._indices  # a select/shuffle's row mapping, if any (nmtkit's encoded splits have none)
-    rows = pa.array(indices) if mapping is None else mapping.column(0).take(pa.array(indices))
-    table = ds.data.table.select(["src_ids", "tgt_ids"]).take(rows)
+    rows = np.asarray(indices, dtype=np.int64)
+    if mapping is not None:
+        rows = mapping.column(0).take(pa.array(rows)).to_numpy().astype(np.int64)
+    table = take_rows(ds.data.table.select(["src_ids", "tgt_ids"]), rows)
     return pad_pairs(*_flat_arrow(table["src_ids"]), *_flat_arrow(table["tgt_ids"]))
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """`table.take(rows)`, one record batch (chunk) at a time. Arrow's take over a chunked list column first joins
+    every chunk into one array: a copy of the whole column per call (for 2M pairs in 200 chunks, 29 ms and 145 MB for
+    a batch of 2,400 rows). Each chunk gives its own rows instead, put back in the order asked for."""
+    chunks = table.to_batches()
+    if len(chunks) <= 1:
+        return table.take(pa.array(rows))
+    ends = np.cumsum([len(c) for c in chunks])
+    which = np.searchsorted(ends, rows, side="right")  # the chunk of each row
+    order = np.argsort(which, kind="stable")
+    by_chunk, rows_in_order = which[order], rows[order]
+    bounds = np.searchsorted(by_chunk, np.arange(len(chunks) + 1))
+    parts = []
+    for k in np.flatnonzero(np.diff(bounds)):
+        start = ends[k] - len(chunks[k])
+        parts.append(chunks[k].take(pa.array(rows_in_order[bounds[k] : bounds[k + 1]] - start)))
+    grouped = pa.Table.from_batches(parts, schema=table.schema)  # rows grouped by chunk: order[i] is row i's place
+    return grouped.take(pa.array(np.argsort(order)))
 
 
 def _flat_lists(lists: list) -> tuple[np.ndarray, np.ndarray]:
