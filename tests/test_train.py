@@ -186,3 +186,18 @@ def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path:
             assert torch.equal(p, w)
         assert torch.equal(optimizer.state[p]["exp_avg"], m) and int(optimizer.state[p]["step"]) == 1
     assert skipped.settle() == batch.n_tgt_tokens and (state.skipped_steps, state.bad_steps_in_a_row) == (1, 1)
+
+
+def test_the_progress_bar_stays_off_a_redirected_stderr(corpus: dict, tmp_path: Path, capsys) -> None:
+    """train.progress_bar shows a bar on a terminal; a log file (stderr redirected) gets the log lines only, not a
+    carriage return per update."""
+    import yaml
+
+    from conftest import tiny_tree
+    from nmtkit.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_tree(corpus, tmp_path / "run", train={"progress_bar": True, "max_steps": 3})), encoding="utf-8")
+    assert main(["train", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "step 3 | loss" in err and "\r" not in err and "step/s" not in err

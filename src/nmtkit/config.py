@@ -124,6 +124,7 @@ class TrainConfig:
     max_bad_steps: int = field(default=10, metadata=_check(min=1))
     # a batch that runs out of memory is logged and skipped (single process); false re-raises
     skip_oom_batches: bool = True
+    # a tqdm bar on stderr, when stderr is a terminal (a redirected stderr gets the log lines only)
     progress_bar: bool = True
     # torch.compile the encoder-decoder for training, after a compilation of a minute or two at the start
     # (meant for GPUs; on the 2-core CPU of docs/performance.md it measured 16% slower than eager)

@@ -1,7 +1,9 @@
 """Ctrl-C and SIGTERM during training: finish the current step, save a checkpoint, exit cleanly.
 
 A signal only sets a flag; the loop checks it between steps, where model, optimizer and step
-counter agree. A second Ctrl-C interrupts at once.
+counter agree. A second Ctrl-C interrupts at once. During the setup before the first step (tokenizer
+training, data encoding: minutes on a large corpus) there is nothing to save, so a signal interrupts at
+once (`at_once`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ log = logging.getLogger(__name__)
 class StopSignal:
     def __init__(self) -> None:
         self.requested = ""  # the signal's name once one arrived
+        self.at_once = False  # True while there is no step to finish
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.at_once:
+            log.warning("%s received before the first step: stopping now, with nothing trained", signal.Signals(signum).name)
+            raise KeyboardInterrupt
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name

@@ -99,6 +99,7 @@ def _run_lock(run_dir: str, dist: Dist) -> Iterator[None]:
 
 def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, stop: StopSignal) -> TrainResult:
     # ---------------------------------------------------------------- setup
+    stop.at_once = True  # nothing to save yet: a signal stops the setup where it is
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     if tc.threads:
@@ -175,7 +176,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     t_start = time.time() - state.elapsed_s
     window_loss = torch.zeros((), device=runtime.device)  # summed on the device; read once per log line
     window_tokens, window_t0 = 0, time.time()
-    bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=not (tc.progress_bar and dist.is_main), unit="step", dynamic_ncols=True)
+    # disable=None: a bar on a terminal only, not a log file's worth of carriage returns when stderr is redirected
+    bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=None if tc.progress_bar and dist.is_main else True, unit="step", dynamic_ncols=True)
 
     def should_stop() -> str:
         if stop.requested:
@@ -216,6 +218,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     # batches and rank r trains on its own accum_steps of them.
     per_step = tc.accum_steps * dist.world_size
     model.train()
+    stop.at_once = False  # from here a signal finishes the step and saves
     stop_reason = agreed(should_stop())  # e.g. a signal that reached one rank during the setup
     earlier_records = metrics.path.is_file() and metrics.path.stat().st_size > 0
     if not state.step and earlier_records:
