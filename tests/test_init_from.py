@@ -70,7 +70,7 @@ def test_a_run_with_its_own_checkpoint_resumes_instead(corpus: dict, trained_run
 
 
 def test_a_missing_init_checkpoint_is_a_clear_error(corpus: dict, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope"):  # before any data is read or cached
+    with pytest.raises(ConfigError, match="train.init_from: checkpoint not found: .*nope"):  # before any data is read or cached
         train(tiny_config({**corpus, "train": tmp_path / "missing.jsonl"}, tmp_path / "run", train={"init_from": str(tmp_path / "nope")}))
     assert not (tmp_path / "run" / "cache").exists()
 

@@ -20,6 +20,7 @@ import pickle
 import re
 import secrets
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -171,13 +172,15 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
         for name in order:
             if (directory / name).is_file():
                 return directory / name
-        raise CheckpointError(f"no checkpoint in {path}: expected {directory}/best.pt or last.pt; has training saved one yet?")
+        raise CheckpointError(f"no checkpoint in {path}: expected {checkpoint_dir(path)}/best.pt or last.pt; has training saved one yet?")
     raise CheckpointError(f"checkpoint not found: {path} (give a run directory or a .pt file)")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load safely (weights_only=True) and check the format version."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whole or not at all
+        raise CheckpointError(f"{path} is not a checkpoint: not a zip archive as torch.save writes (empty, cut short, or another kind of file){_other_saves(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -190,8 +193,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "only load it unsafely if you trust whoever made it"
         ) from None
     except Exception as e:  # a damaged file fails in many ways inside torch.load
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
-            f"could not read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}; the file may be damaged, truncated or not a checkpoint"
+            f"could not read checkpoint {path} ({type(e).__name__}: {first[:300]}); the file is damaged or not a checkpoint{_other_saves(path)}"
         ) from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not an nmtkit checkpoint (no format_version)")
@@ -208,6 +212,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "model_sha256" in state and weights_digest(state["model"]) != state["model_sha256"]:
         raise CheckpointError(f"{path}: the weights do not match their checksum; the file is damaged. Use another checkpoint")
     return state
+
+
+def _other_saves(path: Path) -> str:
+    """For an unreadable file of a run's checkpoints/: the newest other save there, and for last.pt how to resume from
+    it (the damaged file may be a link of the newest step file, so only files of another inode count)."""
+    try:
+        inode = path.stat().st_ino
+        others = [p for _, p in step_files(path.parent) if p.stat().st_ino != inode]
+    except OSError:
+        return ""
+    if not others:
+        return ""
+    newest = others[-1]
+    if path.name == "last.pt":
+        return f". The newest other save is {newest.name}: `ln -f {newest} {path}` resumes from it"
+    return f". The newest other save is {newest}"
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:

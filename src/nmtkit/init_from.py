@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_dir, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, resolve_checkpoint
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,11 @@ def init_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] |
         return None
     if (checkpoint_dir(run_dir) / "last.pt").is_file():  # the resume says so, where it is not the run's own start
         return None
-    path = resolve_checkpoint(cfg.train.init_from)
-    saved = load_checkpoint(path)
+    try:
+        path = resolve_checkpoint(cfg.train.init_from)
+        saved = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError([f"train.init_from: {e}"]) from None
     saved.pop("optimizer", None)  # a fine-tuning run starts its own
     theirs, ours = saved["config"].get("model", {}), asdict(cfg.model)
     diffs = [f"model.{k}: train.init_from's checkpoint has {theirs.get(k)!r}, the config {ours[k]!r}" for k in ARCHITECTURE_KEYS if theirs.get(k) != ours[k]]

@@ -141,3 +141,22 @@ def test_checkpoint_whose_weights_do_not_fit_its_tokenizer_names_the_shapes(trai
     path = resaved(trained_run, tmp_path / "other-vocab.pt", edit)
     with pytest.raises(CheckpointError, match=rf"tgt_embed\.weight: checkpoint \(\d+, 32\) vs model \({other.tgt_vocab_size}, 32\)"):
         Translator.from_checkpoint(path, device="cpu")
+
+
+def test_an_unreadable_last_pt_names_the_newest_other_save_and_how_to_resume_from_it(trained_run: Path, tmp_path: Path) -> None:
+    """A damaged last.pt stops the resume; the message says which save is left and the command that resumes from it."""
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    good = (trained_run / "checkpoints" / "best.pt").read_bytes()
+    for step in (2, 4):
+        (directory / f"step-{step:06d}.pt").write_bytes(good)
+    last = directory / "last.pt"
+    last.write_bytes(good[: len(good) // 2])  # cut short: no zip archive's end
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(last)
+    message = str(info.value)
+    assert f"{last} is not a checkpoint: not a zip archive as torch.save writes" in message
+    assert f"The newest other save is step-000004.pt: `ln -f {directory / 'step-000004.pt'} {last}` resumes from it" in message
+    (directory / "text.pt").write_text("hello world\n", encoding="utf-8")  # torch.load took it for a legacy pickle
+    with pytest.raises(CheckpointError, match=r"text\.pt is not a checkpoint: not a zip archive.*The newest other save is .*step-000004\.pt$"):
+        load_checkpoint(directory / "text.pt")
