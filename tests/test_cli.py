@@ -504,6 +504,27 @@ def test_translate_with_mismatched_references_exits_2(trained_run: Path, capsys)
     assert "1 references for 2 sentences" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--top-k", "--batch-size"])
+def test_translate_refuses_zero_for_counts_that_need_one_or_more(flag: str, trained_run: Path, capsys) -> None:
+    """0 used to mean "the run's default" without a word."""
+    with pytest.raises(SystemExit) as info:
+        main(["translate", "--checkpoint", str(trained_run), flag, "0", SOURCE])
+    assert info.value.code == 2 and f"argument {flag}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_translate_refuses_more_nbest_than_beam_before_loading_a_model(tmp_path: Path, capsys) -> None:
+    assert main(["translate", "--checkpoint", str(tmp_path / "not-there"), "--beam", "2", "--nbest", "3", SOURCE]) == 2
+    assert "--beam 2 --nbest 3: nbest must be between 1 and the beam size (2), got 3" in capsys.readouterr().err
+
+
+def test_translate_and_evaluate_take_the_length_budget_from_the_command_line(trained_run: Path, capsys) -> None:
+    """--max-len-a/--max-len-b in place of the run's decode.max_len_a/max_len_b (fairseq's flags)."""
+    records = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--max-len-a", "0", "--max-len-b", "2", SOURCE, "Hello."])
+    assert [len(r["tokens"]) for r in records] == [2, 2]  # the tiny model never stops that early: cut at 2, </s> included
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--limit", "3", "--max-len-a", "0", "--max-len-b", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bleu"] == 0.0  # </s> alone: every translation is empty
+
+
 def test_translate_with_a_missing_input_file_exits_2(trained_run: Path, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.txt"
     assert main(["translate", "--checkpoint", str(trained_run), "--input", str(missing)]) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
@@ -95,11 +96,14 @@ def _add_runtime_args(p: argparse.ArgumentParser, precision: str = "fp32") -> No
         "--precision", default=precision, choices=["auto", "fp32", "bf16", "fp16"],
         help="default %(default)s: full-precision probabilities; auto: bf16 on GPUs and on CPUs with native bf16 (faster)",
     )
-    p.add_argument("--batch-size", type=_non_negative_int, default=0, help="sentences per batch (default: decode.batch_size of the run)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="sentences per batch (default: decode.batch_size of the run)")
     p.add_argument(
         "--workers", type=_non_negative_int, default=None, metavar="N",
         help="batches decoded at once on CPU, one per core (default: decode.workers of the run; 0 = one per CPU thread, up to 8)",
     )
+    p.add_argument("--max-len-a", type=_non_negative_float, default=None, metavar="A",
+                   help="output length budget A * source length + B, </s> included (default: decode.max_len_a of the run)")
+    p.add_argument("--max-len-b", type=_positive_int, default=None, metavar="B", help="(default: decode.max_len_b of the run)")
 
 
 def _finite_float(text: str) -> float:
@@ -110,6 +114,13 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
 
 
@@ -163,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", "-r", action="append", default=None, help="reference translation, scored with teacher forcing (one per sentence)")
     p.add_argument("--references", help="file with one reference per line, aligned with the input")
     p.add_argument("--show-tokens", action="store_true", help="print the per-token table")
-    p.add_argument("--top-k", type=_non_negative_int, default=0, help="alternatives per token (default: decode.top_k of the run)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="alternatives per token (default: decode.top_k of the run)")
     p.add_argument("--bits", action="store_true", help="the per-token table with entropy in bits too (implies --show-tokens)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--beam", type=_positive_int, default=1, metavar="K", help="beam size (default 1: greedy decoding)")
@@ -246,8 +257,21 @@ def cmd_tokenizer(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
+def decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The decode settings given on the command line, to put in place of the run's."""
+    return {key: getattr(args, key) for key in ("batch_size", "workers", "max_len_a", "max_len_b") if getattr(args, key) is not None}
+
+
+def _check_beam(args: argparse.Namespace, vocab_size: int) -> None:
     from .beam import check_beam_settings
+
+    try:
+        check_beam_settings(args.beam, args.nbest, vocab_size)
+    except ValueError as e:
+        raise ConfigError([f"--beam {args.beam} --nbest {args.nbest}: {e}"]) from None
+
+
+def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .html_view import write_html
     from .text_input import check_writable, checked_arguments, chunked, read_lines, stdin_chunks
     from .translator import Translator
@@ -270,15 +294,10 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         check_writable(args.html, "--html")  # before the decoding, not after it
     if texts is not None and references is not None and len(references) != len(texts):  # before loading a model
         raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
+    _check_beam(args, vocab_size=2 * args.beam)  # what needs no model, before loading one
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
-    try:
-        check_beam_settings(args.beam, args.nbest, translator.tokenizer.tgt_vocab_size)
-    except ValueError as e:
-        raise ConfigError([f"--beam {args.beam} --nbest {args.nbest}: {e}"]) from None
-    if args.batch_size:
-        translator.cfg.decode.batch_size = args.batch_size
-    if args.workers is not None:
-        translator.cfg.decode.workers = args.workers
+    _check_beam(args, vocab_size=translator.tokenizer.tgt_vocab_size)
+    translator.cfg.decode = dataclasses.replace(translator.cfg.decode, **decode_overrides(args))
     # Translated and printed a chunk at a time: stdin's lines as they arrive, a file's in chunks of 64 rounds of
     # batches, each sorted by length (a stopped run keeps what it printed).
     chunk = translator.cfg.decode.batch_size * translator.workers * 64
@@ -288,7 +307,7 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         part_references = references[done : done + len(part)] if references is not None else None
         done += len(part)
         translations = translator.translate(
-            part, part_references, top_k=args.top_k or None, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
+            part, part_references, top_k=args.top_k, beam_size=args.beam, nbest=args.nbest, length_penalty=args.length_penalty
         )
         for result in translations:
             print(_shown(result, args, with_table=args.show_tokens or args.bits or references is not None or args.nbest > 1))
@@ -319,7 +338,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     result = evaluate_checkpoint(
         args.checkpoint, split=args.split, data_file=args.data, limit=args.limit, with_bleu=not args.no_bleu,
-        device=args.device, precision=args.precision, batch_size=args.batch_size, workers=args.workers, plot_dir=args.plot,
+        device=args.device, precision=args.precision, decode=decode_overrides(args), plot_dir=args.plot,
         beam_size=args.beam, length_penalty=args.length_penalty,
     )
     print(json.dumps(result, ensure_ascii=False, indent=None) if args.json else format_metrics(result))

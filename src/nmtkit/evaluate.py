@@ -131,15 +131,15 @@ def evaluate_checkpoint(
     with_bleu: bool = True,
     device: str = "auto",
     precision: str = "fp32",
-    batch_size: int = 0,
-    workers: int | None = None,
+    decode: dict[str, Any] | None = None,
     plot_dir: str | Path | None = None,
     beam_size: int = 1,
     length_penalty: float = 1.0,
 ) -> dict:
     """Everything `nmtkit evaluate` reports, as one dict (the `--json` output).
 
-    plot_dir: also draw the reliability diagram into plot_dir/reliability.png. workers overrides decode.workers.
+    plot_dir: also draw the reliability diagram into plot_dir/reliability.png. decode: decode settings to use in place
+    of the checkpoint's (the command line's batch size, workers, length budget).
     """
     t0 = time.time()
     if plot_dir is not None:
@@ -151,10 +151,7 @@ def evaluate_checkpoint(
             check_beam_settings(beam_size, 1, translator.tokenizer.tgt_vocab_size)
         except ValueError as e:
             raise ConfigError([f"--beam {beam_size}: {e}"]) from None
-    if batch_size:
-        cfg.decode.batch_size = batch_size
-    if workers is not None:
-        cfg.decode.workers = workers
+    cfg.decode = dataclasses.replace(cfg.decode, **(decode or {}))
     bleu = bleu_metric(cfg.data.tgt_lang) if with_bleu else None  # missing tokenizer extras fail now, not after decoding
     data_cfg = evaluation_data(cfg.data, split, data_file)
     # the checkpoint's data paths are its training run's, relative to where that ran; evaluate reads another with --data
