@@ -12,6 +12,7 @@ offending line, so large files stay fast and bad ones still get a precise `DataE
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -68,6 +69,10 @@ def load_split(cfg: DataConfig, split: str, cache_dir: str | Path, key: str = ""
     fix = fix or f"fix the path in the config or pass --set {key}=PATH"
     if cfg.hub_name:
         return _load_hub(cfg, source, key, str(cache_dir))
+    if not source.strip():
+        need = {"train": "the pairs to train on", "valid": "the pairs validation scores (they choose best.pt and drive"
+                " train.patience)", "test": "the pairs evaluate reads by default"}[split]
+        raise DataError(f"{key} is empty: it names {need}; {fix}")
     if "{lang}" in source:
         return _load_text_pair(cfg, source, key, str(cache_dir), fix)
     path = Path(source)
@@ -96,7 +101,8 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
     its encoded tables. Each file's tables therefore live under a folder named for its whole identity: size, times
     (ctime included, which no tool sets back) and inode."""
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_file_cache(path, cache_dir), **options)
+        with _builders_quiet():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_file_cache(path, cache_dir), **options)
     except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
         cause = e.__cause__ or e
         if isinstance(cause, OSError) and str(cause.filename or "").startswith(str(Path(cache_dir))):
@@ -105,6 +111,19 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
         return None, f"{type(cause).__name__}: {cause}"
     assert isinstance(ds, datasets.Dataset)
     return ds, ""
+
+
+@contextlib.contextmanager
+def _builders_quiet() -> Iterator[None]:
+    """Silence the builders' own error log lines ("Failed to load JSON from file ... in row 1"): a failure is named
+    below by the line scan, with the line number users see in their editor."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _file_cache(path: Path, cache_dir: str) -> str:
