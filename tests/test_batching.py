@@ -173,6 +173,7 @@ def test_take_rows_gives_arrows_take_without_joining_the_chunks() -> None:
     """Each chunk gives its own rows (Arrow's take over a chunked list column copies the whole column first); rows come
     back in the order asked for, repeats and an empty chunk included."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from nmtkit.batching import take_rows
 
@@ -182,6 +183,14 @@ def test_take_rows_gives_arrows_take_without_joining_the_chunks() -> None:
     assert table["ids"].num_chunks == 5
     for rows in ([24, 0, 5, 5, 12, 13, 4], rng.integers(0, 25, 60).tolist(), [11]):
         assert take_rows(table, np.array(rows)).to_pydict() == table.take(pa.array(rows)).to_pydict()
+    # what Arrow allocates for 3 rows of 200 chunks of 1,000 rows: the rows, not the column that a take over the
+    # chunked table joins first
+    big = pa.Table.from_batches([pa.record_batch({"ids": pa.array([[i, i + 1, i + 2]] * 1000, type=pa.list_(pa.int32()))}) for i in range(200)])
+    rows = np.array([199_999, 5, 123_456])
+    ours, joined = pa.proxy_memory_pool(pa.default_memory_pool()), pa.proxy_memory_pool(pa.default_memory_pool())
+    assert take_rows(big, rows, memory_pool=ours).to_pydict() == pc.take(big, pa.array(rows), memory_pool=joined).to_pydict()
+    column_bytes = big["ids"].nbytes
+    assert joined.max_memory() >= column_bytes / 2 and ours.max_memory() < column_bytes / 100
 
 
 def test_read_batch_follows_a_datasets_row_mapping() -> None:

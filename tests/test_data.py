@@ -261,6 +261,15 @@ def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: P
         load_split(cfg_for(path), "train", cache)
 
 
+def test_a_tsv_row_with_a_quote_gets_no_hint_about_quotes(tmp_path: Path, cache: Path) -> None:
+    """TSV is read without quoting: its quotes are text, and never open a field."""
+    path = tmp_path / "train.tsv"
+    path.write_text('en\tzh\na\tb\nHe said "hi\tx\ty\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.tsv, line 3: 3 fields, the header has 2; check for a stray tab") as info:
+        load_split(cfg_for(path), "train", cache)
+    assert "a quote opened" not in str(info.value)
+
+
 def test_csv_quote_that_never_closes_is_named_at_the_line_it_opens(tmp_path: Path, cache: Path) -> None:
     """csv reads on from an open quote to the end of the file: the error names the line the record starts on."""
     path = tmp_path / "train.csv"

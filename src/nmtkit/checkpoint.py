@@ -14,11 +14,13 @@ read-only, so that writing into one name cannot change the others.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import secrets
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -111,7 +113,8 @@ def _read_only(fd: int) -> None:
     names: `cp step-000500.pt last.pt` or `torch.save(..., "last.pt")` would write into all three, best.pt included,
     and a read-only file makes them fail instead (for users other than root). nmtkit itself never writes into a
     checkpoint file: it renames new ones into place."""
-    os.fchmod(fd, os.fstat(fd).st_mode & ~0o222)
+    with contextlib.suppress(OSError):  # a file system without modes (some network mounts): the save still counts
+        os.fchmod(fd, os.fstat(fd).st_mode & ~0o222)
 
 
 def _link_atomic(target: Path, link: Path) -> None:
@@ -179,6 +182,13 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load safely (weights_only=True) and check the format version."""
     path = Path(path)
+    try:
+        with open(path, "rb"):  # is_zipfile below takes an unreadable file (permissions, I/O) for a non-zip
+            pass
+    except FileNotFoundError:
+        pass  # a run directory, or missing: torch.load's error below
+    except OSError as e:
+        raise CheckpointError(f"could not read checkpoint {path}: {e.strerror or e}") from None
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whole or not at all
         raise CheckpointError(f"{path} is not a checkpoint: not a zip archive as torch.save writes (empty, cut short, or another kind of file){_other_saves(path)}")
     try:
@@ -226,7 +236,7 @@ def _other_saves(path: Path) -> str:
         return ""
     newest = others[-1]
     if path.name == "last.pt":
-        return f". The newest other save is {newest.name}: `ln -f {newest} {path}` resumes from it"
+        return f". The newest other save is {newest.name}: `ln -f {shlex.quote(str(newest))} {shlex.quote(str(path))}` resumes from it"
     return f". The newest other save is {newest}"
 
 

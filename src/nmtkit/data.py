@@ -162,7 +162,8 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
             log.warning("%s: %s; reading only the fields %r and %r instead (in Python, slower)", path, why, cfg.src_lang, cfg.tgt_lang)
             pairs = _json_pairs_table(path, cfg, cache_dir)
             record = {"why": why, "fields": [cfg.src_lang, cfg.tgt_lang]}
-            read_in_python.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")  # later starts skip the reader and the scan
+            with contextlib.suppress(OSError):  # only a shortcut for later starts: they skip the reader and the scan
+                read_in_python.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
             return pairs
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None

@@ -128,7 +128,8 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
             for row in reader:
                 if row and len(row) != len(header):
                     lines = f"line {start}" if start == reader.line_num else f"lines {start}-{reader.line_num}, one record"
-                    opened = " (a quote opened there never closes)" if _quotes(path, start, reader.line_num) % 2 else ""
+                    spans = quoting != csv.QUOTE_NONE and start != reader.line_num  # TSV quotes are text
+                    opened = " (a quote opened there never closes)" if spans and _quotes(path, start, reader.line_num) % 2 else ""
                     raise DataError(
                         f"{path}, {lines}{opened}: {len(row)} fields, the header has {len(header)};"
                         f" check for a stray {stray} in the text"

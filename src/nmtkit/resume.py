@@ -121,8 +121,10 @@ def resume_state(
                     " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
         state.best_valid_loss, state.evals_without_improvement = math.inf, 0
     elif state.valid_data_digest not in ("", digests[1]):
-        log.warning("resume: the pairs of data.valid (%s) changed since the checkpoint; the best valid loss so far (%.4f, on"
-                    " the old pairs) is forgotten, and the next evaluation makes best.pt", cfg.data.valid, state.best_valid_loss)
+        log.warning("resume: the validation pairs of data.valid (%s) differ from the checkpoint's (the file changed, or"
+                    " model.max_positions, or the checkpoint is from an nmtkit that validated on the pairs its training filters"
+                    " kept); the best valid loss so far (%.4f, on the old pairs) is forgotten, and the next evaluation makes"
+                    " best.pt", cfg.data.valid, state.best_valid_loss)
         state.best_valid_loss, state.evals_without_improvement = math.inf, 0
     state.train_data_digest, state.valid_data_digest = digests
     log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch + 1, state.batch_in_epoch)  # 1-based, as the log's

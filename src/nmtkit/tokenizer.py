@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -90,11 +91,12 @@ class Tokenizer:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        # each file renamed into place whole: an interrupted save must not leave a model that `exists` accepts
         if self.is_joint:
-            (directory / "spm.model").write_bytes(self.src_proto)
+            _write_whole(directory / "spm.model", self.src_proto)
         else:
-            (directory / "spm.src.model").write_bytes(self.src_proto)
-            (directory / "spm.tgt.model").write_bytes(self.tgt_proto or b"")
+            _write_whole(directory / "spm.tgt.model", self.tgt_proto or b"")
+            _write_whole(directory / "spm.src.model", self.src_proto)
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -115,11 +117,19 @@ class Tokenizer:
         return (d / "spm.model").is_file() or ((d / "spm.src.model").is_file() and (d / "spm.tgt.model").is_file())
 
 
+def _write_whole(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
 def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
     model = io.BytesIO()
     try:
         _run_trainer(sentences, cfg, vocab_size, model)
     except RuntimeError as e:
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C while SentencePiece read its input (from a Python iterator)
+            raise KeyboardInterrupt from None
         detail = str(e).split("]", 1)[-1].strip()
         raise TokenizerError(
             f"SentencePiece training failed: {detail} (tokenizer.vocab_size={vocab_size}, "

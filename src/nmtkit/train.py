@@ -99,7 +99,9 @@ def _run_lock(run_dir: str, dist: Dist) -> Iterator[None]:
 
 def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, stop: StopSignal) -> TrainResult:
     # ---------------------------------------------------------------- setup
-    stop.at_once = True  # nothing to save yet: a signal stops the setup where it is
+    # Nothing to save yet: a signal stops the setup where it is. Not under torchrun, where the ranks must agree on a
+    # stop (rank 1 waits in a barrier while rank 0 prepares the data): there the loop's first check stops them all.
+    stop.at_once = not dist.is_distributed
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     if tc.threads:

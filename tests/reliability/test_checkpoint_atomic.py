@@ -214,3 +214,13 @@ def test_next_save_removes_temporary_files_left_by_a_killed_save(tmp_path: Path)
     save_checkpoint(tmp_path, state_at(2), 2, is_best=False, keep=2)
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in directory.iterdir()) == ["last.pt", "step-000001.pt", "step-000002.pt"]
+
+
+def test_a_file_system_that_refuses_modes_still_takes_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-only files are a safeguard, not a condition: some network mounts refuse chmod."""
+    def no_modes(fd: int, mode: int) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "fchmod", no_modes)
+    save_checkpoint(tmp_path, state_at(1), 1, is_best=True, keep=2)
+    assert loaded_step(checkpoint_dir(tmp_path) / "last.pt") == 1

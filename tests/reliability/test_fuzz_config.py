@@ -55,13 +55,13 @@ def assert_config_or_config_error(load: Any) -> None:
     assert math.isfinite(cfg.train.lr) and cfg.model.d_model % cfg.model.n_heads == 0  # a Config that passed validation
 
 
-@settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trees)
 def test_any_tree_gives_a_config_or_a_config_error(tree: Any) -> None:
     assert_config_or_config_error(lambda: config_from_tree(tree))
 
 
-@settings(max_examples=80, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(tree=trees)
 def test_any_tree_written_as_yaml_gives_a_config_or_a_config_error(tree: Any, tmp_path: Path) -> None:
     path = tmp_path / "fuzz.yaml"
@@ -69,7 +69,7 @@ def test_any_tree_written_as_yaml_gives_a_config_or_a_config_error(tree: Any, tm
     assert_config_or_config_error(lambda: load_config(path))
 
 
-@settings(max_examples=100, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(content=st.one_of(yaml_texts.map(str.encode), st.text(max_size=200).map(str.encode), st.binary(max_size=200)))
 def test_any_file_content_gives_a_config_or_a_config_error(content: bytes, tmp_path: Path) -> None:
     path = tmp_path / "fuzz.yaml"

@@ -71,22 +71,38 @@ ENDLESS = {"max_steps": 100_000, "log_every": 2, "eval_every": 100_000, "save_ev
 AFTER_THE_SIGNAL = 3
 
 
-def test_a_signal_before_the_first_step_stops_the_setup_at_once(corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+@pytest.mark.parametrize("where", ["before the tokenizer", "inside SentencePiece's input"])
+def test_a_signal_before_the_first_step_stops_the_setup_at_once(where: str, corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Training a tokenizer and encoding a large corpus take minutes, with nothing to save: the setup does not go on
-    to its end before the run stops."""
+    to its end before the run stops. SentencePiece reads its sentences from a Python iterator and reports an
+    exception raised there as its own failure: a Ctrl-C there is still an interruption, not a tokenizer error."""
+    from nmtkit import run_tokenizer
     from nmtkit.cli import main
 
-    real = train_module.prepare_tokenizer
+    if where == "before the tokenizer":
+        real = train_module.prepare_tokenizer
 
-    def interrupted(*args: object, **kwargs: object) -> object:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the tokenizer trains
-        return real(*args, **kwargs)
+        def interrupted(*args: object, **kwargs: object) -> object:
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "prepare_tokenizer", interrupted)
+        monkeypatch.setattr(train_module, "prepare_tokenizer", interrupted)
+    else:
+        real_texts = run_tokenizer.iter_texts
+
+        def texts_then_interrupt(*args: object, **kwargs: object):
+            for i, text in enumerate(real_texts(*args, **kwargs)):
+                if i == 50:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield text
+
+        monkeypatch.setattr(run_tokenizer, "iter_texts", texts_then_interrupt)
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(write_config(tmp_path / "tiny.yaml", corpus, run_dir, train={"max_steps": 2}))]) == 130
-    assert "SIGINT received before the first step: stopping now, with nothing trained" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "SIGINT received before the first step: stopping now, with nothing trained" in err and "SentencePiece" not in err
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "train.lock").exists()
+    assert not list((run_dir / "tokenizer").glob("*.model")) if (run_dir / "tokenizer").exists() else True
 
 
 def interrupt_training(config: Path, run_dir: Path, sig: signal.Signals) -> tuple[subprocess.CompletedProcess, int]:

@@ -181,7 +181,7 @@ def test_resume_after_the_validation_file_changed_at_its_path_forgets_the_best_l
     os.utime(data["valid"], ns=(old_times.st_atime_ns, old_times.st_mtime_ns))
     with caplog.at_level("INFO", logger="nmtkit"):
         resumed = train(tiny_config(data, run, train={**SCHEDULE, "max_steps": 12}))
-    assert any("the pairs of data.valid" in r.getMessage() and "is forgotten" in r.getMessage() for r in caplog.records)
+    assert any("the validation pairs of data.valid" in r.getMessage() and "is forgotten" in r.getMessage() for r in caplog.records)
     valid_at_12 = logged(run, "valid_loss")[12]
     assert resumed.state.best_valid_loss == valid_at_12 != first.state.best_valid_loss  # step 12 made best.pt on the new pairs
     assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 12

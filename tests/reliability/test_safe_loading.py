@@ -160,3 +160,11 @@ def test_an_unreadable_last_pt_names_the_newest_other_save_and_how_to_resume_fro
     (directory / "text.pt").write_text("hello world\n", encoding="utf-8")  # torch.load took it for a legacy pickle
     with pytest.raises(CheckpointError, match=r"text\.pt is not a checkpoint: not a zip archive.*The newest other save is .*step-000004\.pt$"):
         load_checkpoint(directory / "text.pt")
+
+
+def test_a_checkpoint_that_cannot_be_opened_is_named_as_unreadable_not_as_no_checkpoint(tmp_path: Path) -> None:
+    """(Permissions or an I/O error; here a folder.) zipfile would take it for a file of another kind."""
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"could not read checkpoint .*folder\.pt: Is a directory$"):
+        load_checkpoint(folder)
