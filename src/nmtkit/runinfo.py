@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -60,7 +61,9 @@ def write_run_info(run_dir: str | Path, cfg: Config, argv: list[str] | None, run
     """config.yaml (resolved) and run.jsonl (command line, versions, device choice) in the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    partial = run_dir / ".config.yaml.partial"  # renamed into place whole: a start stopped here leaves no half file
+    partial.write_text(dump_config(cfg), encoding="utf-8")
+    os.replace(partial, run_dir / "config.yaml")
     info = {
         "command": [_program(), *(sys.argv[1:] if argv is None else argv)],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
