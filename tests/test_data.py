@@ -261,6 +261,20 @@ def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: P
         load_split(cfg_for(path), "train", cache)
 
 
+def test_a_table_with_empty_cells_is_scanned_for_short_rows_once(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    """Empty cells send the file through the row scan (a missing tab reads as an empty cell); the file's cache folder
+    remembers that its rows are whole, so later starts skip the scan."""
+    path = tmp_path / "train.tsv"
+    path.write_text("en\tzh\na\t\nb\tc\n", encoding="utf-8")
+    first = load_split(cfg_for(path), "train", cache)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the rows were scanned again")
+
+    monkeypatch.setattr(data, "scan_table", not_again)
+    assert load_split(cfg_for(path), "train", cache)[:] == first[:] == {"src": ["a", "b"], "tgt": ["", "c"]}
+
+
 def test_a_tsv_row_with_a_quote_gets_no_hint_about_quotes(tmp_path: Path, cache: Path) -> None:
     """TSV is read without quoting: its quotes are text, and never open a field."""
     path = tmp_path / "train.tsv"

@@ -26,6 +26,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import DataConfig
 from .data_scan import (
@@ -241,7 +242,22 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
         raise DataError(f"{path}: could not be read as a {kind} file: {why}")
     pair = _to_pair(ds, cfg)
     assert pair is not None, "the header check guarantees both columns"
+    if _has_empty_text(pair):  # a row without its separator reads as an empty cell too: tell the two apart once
+        checked = Path(_file_cache(path, cache_dir)) / _ROWS_CHECKED
+        if not checked.is_file():
+            scan_table(path, sep, header)  # raises at a row with fewer (or more) fields than the header
+            with contextlib.suppress(OSError):  # only a shortcut for later starts
+                checked.write_text("every row has the header's fields\n", encoding="utf-8")
     return pair
+
+
+# In a table file's cache folder: its rows were scanned, and every one has the header's number of fields.
+_ROWS_CHECKED = "rows-checked.txt"
+
+
+def _has_empty_text(pair: datasets.Dataset) -> bool:
+    table = pair.data.table
+    return any(pc.any(pc.equal(table.column(side), "")).as_py() for side in ("src", "tgt"))
 
 
 def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix: str) -> datasets.Dataset:

@@ -120,7 +120,7 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
         pass
     # Literal: the csv.QUOTE_* values, as the type hints spell them
     quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
-    stray = "tab" if sep == "\t" else "separator or quote"
+    what = "tab" if sep == "\t" else "separator or quote"
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
         start = 1  # the line the next record starts on: a quoted field may hold line breaks (or never close)
@@ -130,9 +130,10 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
                     lines = f"line {start}" if start == reader.line_num else f"lines {start}-{reader.line_num}, one record"
                     spans = quoting != csv.QUOTE_NONE and start != reader.line_num  # TSV quotes are text
                     opened = " (a quote opened there never closes)" if spans and _quotes(path, start, reader.line_num) % 2 else ""
+                    fault = "stray" if len(row) > len(header) else "missing"
                     raise DataError(
                         f"{path}, {lines}{opened}: {len(row)} fields, the header has {len(header)};"
-                        f" check for a stray {stray} in the text"
+                        f" check for a {fault} {what} in the text"
                     )
                 start = reader.line_num + 1
         except csv.Error as e:  # e.g. a field over csv's size limit

@@ -168,9 +168,17 @@ def test_csv_with_a_byte_order_mark_reads_its_first_column_by_name(tmp_path: Pat
     assert ds[0] == {"src": "hello", "tgt": "你好"}
 
 
-def test_tsv_row_missing_its_target_column_is_counted_empty_and_dropped(tmp_path: Path) -> None:
-    """A short row is read with an empty target, never shifted into the next row's columns."""
+def test_tsv_row_missing_its_tab_is_a_data_error_naming_the_line(tmp_path: Path) -> None:
+    """A short row (a broken export) would read as a pair with an empty target, dropped in training and scored against
+    an empty reference by evaluate; an extra tab was already an error."""
     source, _ = write_data(tmp_path, "short", ".tsv", b"en\tzh\nhello\nbig cat\tgrosse katze\n")
+    with pytest.raises(DataError, match=r"short\.tsv, line 2: 1 fields, the header has 2; check for a missing tab in the text"):
+        load_split(DataConfig(train=source), "train", tmp_path / "cache")
+
+
+def test_tsv_row_with_an_empty_target_is_counted_empty_and_dropped(tmp_path: Path) -> None:
+    """An empty cell written as such (the tab is there) is a pair with an empty side, as in JSON."""
+    source, _ = write_data(tmp_path, "empty", ".tsv", b"en\tzh\nhello\t\nbig cat\tgrosse katze\n")
     cfg = DataConfig(train=source)
     encoded, report = encode_split(load_split(cfg, "train", tmp_path / "cache"), WordLengthTokenizer(), cfg, "train")
     assert (report.total, report.empty, report.kept) == (2, 1, 1)
