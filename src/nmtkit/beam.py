@@ -194,13 +194,14 @@ class _Finished:
         )  # fmt: skip
 
 
-def check_beam_settings(beam_size: int, nbest: int, vocab_size: int) -> None:
-    """Raise ValueError, naming the values, for settings beam search can't run with."""
+def check_beam_settings(beam_size: int, nbest: int, vocab_size: int | None = None) -> None:
+    """Raise ValueError, naming the values, for settings beam search can't run with (the vocabulary's limit only when
+    its size is given: without a model loaded yet, the rest)."""
     if beam_size < 1:
         raise ValueError(f"beam size must be at least 1, got {beam_size}")
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest must be between 1 and the beam size ({beam_size}), got {nbest}")
-    if 2 * beam_size > vocab_size:  # each step takes 2K candidates
+    if vocab_size is not None and 2 * beam_size > vocab_size:  # each step takes 2K candidates
         raise ValueError(
             f"beam size {beam_size} needs a target vocabulary of at least {2 * beam_size}, this one has {vocab_size}"
         )

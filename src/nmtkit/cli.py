@@ -262,7 +262,7 @@ def decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in ("batch_size", "workers", "max_len_a", "max_len_b") if getattr(args, key) is not None}
 
 
-def _check_beam(args: argparse.Namespace, vocab_size: int) -> None:
+def _check_beam(args: argparse.Namespace, vocab_size: int | None) -> None:
     from .beam import check_beam_settings
 
     try:
@@ -294,7 +294,7 @@ def cmd_translate(args: argparse.Namespace, argv: list[str] | None) -> int:
         check_writable(args.html, "--html")  # before the decoding, not after it
     if texts is not None and references is not None and len(references) != len(texts):  # before loading a model
         raise ConfigError([f"--reference/--references: {len(references)} references for {len(texts)} sentences; give one per sentence"])
-    _check_beam(args, vocab_size=2 * args.beam)  # what needs no model, before loading one
+    _check_beam(args, vocab_size=None)  # what needs no model, before loading one
     translator = Translator.from_checkpoint(args.checkpoint, args.device, args.precision)
     _check_beam(args, vocab_size=translator.tokenizer.tgt_vocab_size)
     translator.cfg.decode = dataclasses.replace(translator.cfg.decode, **decode_overrides(args))

@@ -94,8 +94,9 @@ def _require_file(path: Path, key: str, fix: str) -> None:
         raise DataError(f"{key}: file not found: {path} (relative paths start at {Path.cwd()}); {fix}")
 
 
-def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> tuple[datasets.Dataset | None, str]:
-    """Run a packaged `datasets` builder on one file: (dataset, "") or (None, why it failed).
+def _load_builder(builder: str, path: Path, files: str, **options: Any) -> tuple[datasets.Dataset | None, str]:
+    """Run a packaged `datasets` builder on one file, with its tables in `files` (`_file_cache`): (dataset, "") or
+    (None, why it failed).
 
     `datasets` knows a local file by its path and modification time alone, so a file replaced by another with the
     same time (`cp -p`, `rsync -a`, `tar x`, `touch -r`) would be served from the old one's Arrow cache, and so would
@@ -103,10 +104,11 @@ def _load_builder(builder: str, path: Path, cache_dir: str, **options: Any) -> t
     (ctime included, which no tool sets back) and inode."""
     try:
         with _builders_quiet():
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_file_cache(path, cache_dir), **options)
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=files, **options)
     except Exception as e:  # noqa: BLE001 - any failure leads to the line scan below, which names the cause
         cause = e.__cause__ or e
-        if isinstance(cause, OSError) and str(cause.filename or "").startswith(str(Path(cache_dir))):
+        cache_dir = Path(files).parents[1]  # `files` is CACHE_DIR/files/<file> (`_file_cache`)
+        if isinstance(cause, OSError) and str(cause.filename or "").startswith(str(cache_dir)):
             raise DataError(f"{path}: could not write its tables into the cache folder {cache_dir}: {cause.strerror or cause};"
                             " make it writable, or set data.cache_dir to another folder") from None
         return None, f"{type(cause).__name__}: {cause}"
@@ -141,16 +143,17 @@ def _file_cache(path: Path, cache_dir: str) -> str:
 
 
 def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
-    read_in_python = Path(_file_cache(path, cache_dir)) / _READ_IN_PYTHON
+    files = _file_cache(path, cache_dir)
+    read_in_python = Path(files) / _READ_IN_PYTHON
     earlier = _read_in_python_before(read_in_python)
     if earlier is not None and set(earlier["fields"]) == {cfg.src_lang, cfg.tgt_lang}:  # this very file (the folder is
         # its identity's) failed the reader before, and its records were checked to hold these two strings
         log.warning("%s: %s; reading only the fields %r and %r instead (in Python, cached)", path, earlier["why"], cfg.src_lang, cfg.tgt_lang)
-        return _json_pairs_table(path, cfg, cache_dir)
+        return _json_pairs_table(path, cfg, files)
     if _has_null_record(path):
         scan_json(path, cfg, nested=None)  # raises at the first record that is not an object
     # on_mixed_types=None: a record without a key becomes a null we can detect, not a JSON-string column.
-    ds, why = _load_builder("json", path, cache_dir, on_mixed_types=None)
+    ds, why = _load_builder("json", path, files, on_mixed_types=None)
     pair = _to_pair(ds, cfg) if ds is not None else None
     why = why or _column_problem(pair, cfg)
     if why and not has_records(path):
@@ -161,10 +164,8 @@ def _load_json(cfg: DataConfig, path: Path, cache_dir: str) -> datasets.Dataset:
             raise DataError(f"{path}: the file has no records; fill it or point the config at another file")
         if ds is None:  # every record has its two strings: the reader failed on another field (a mixed-type "id", say)
             log.warning("%s: %s; reading only the fields %r and %r instead (in Python, slower)", path, why, cfg.src_lang, cfg.tgt_lang)
-            pairs = _json_pairs_table(path, cfg, cache_dir)
-            record = {"why": why, "fields": [cfg.src_lang, cfg.tgt_lang]}
-            with contextlib.suppress(OSError):  # only a shortcut for later starts: they skip the reader and the scan
-                read_in_python.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+            pairs = _json_pairs_table(path, cfg, files)
+            _remember(read_in_python, json.dumps({"why": why, "fields": [cfg.src_lang, cfg.tgt_lang]}, ensure_ascii=False))
             return pairs
         raise DataError(f"{path}: could not be read as JSON records with {_langs(cfg)}: {why}")
     assert pair is not None
@@ -183,11 +184,18 @@ def _read_in_python_before(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("fields"), list) and "why" in record else None
 
 
-def _json_pairs_table(path: Path, cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
+def _remember(marker: Path, text: str) -> None:
+    """A note in a file's cache folder that later starts read to skip a check or a reader: only a shortcut, so a
+    folder that can't be written just means the work is done again."""
+    with contextlib.suppress(OSError):
+        marker.write_text(text, encoding="utf-8")
+
+
+def _json_pairs_table(path: Path, cfg: DataConfig, files: str) -> datasets.Dataset:
     """The language pairs of every record, read in Python (`datasets` caches the table by these arguments)."""
     return datasets.Dataset.from_generator(
         _json_pairs, features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
-        gen_kwargs={"path": str(path), "src": cfg.src_lang, "tgt": cfg.tgt_lang}, cache_dir=_file_cache(path, cache_dir),
+        gen_kwargs={"path": str(path), "src": cfg.src_lang, "tgt": cfg.tgt_lang}, cache_dir=files,
     )
 
 
@@ -233,7 +241,8 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
         "na_filter": False,
         "quoting": csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
     }
-    ds, why = _load_builder("csv", path, cache_dir, **options)
+    files = _file_cache(path, cache_dir)
+    ds, why = _load_builder("csv", path, files, **options)
     if ds is None and not has_records(path, skip_lines=1):
         raise DataError(f"{path}: the file has a header but no rows; fill it or point the config at another file")
     if ds is None:
@@ -242,12 +251,13 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
         raise DataError(f"{path}: could not be read as a {kind} file: {why}")
     pair = _to_pair(ds, cfg)
     assert pair is not None, "the header check guarantees both columns"
-    if _has_empty_text(pair):  # a row without its separator reads as an empty cell too: tell the two apart once
-        checked = Path(_file_cache(path, cache_dir)) / _ROWS_CHECKED
-        if not checked.is_file():
+    # A row without its separator reads as an empty cell, like an empty text: files with empty cells are scanned for
+    # such rows, once per file (later starts read neither the scan nor the text columns again).
+    checked = Path(files) / _ROWS_CHECKED
+    if not checked.is_file():
+        if _has_empty_text(pair):
             scan_table(path, sep, header)  # raises at a row with fewer (or more) fields than the header
-            with contextlib.suppress(OSError):  # only a shortcut for later starts
-                checked.write_text("every row has the header's fields\n", encoding="utf-8")
+        _remember(checked, "every row has the header's fields\n")
     return pair
 
 
@@ -271,7 +281,7 @@ def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix
                 f"{path}, line {line}: a carriage return (\\r) inside the line, which the text reader takes for a line"
                 " break, so the two files' lines would no longer pair up; remove it, e.g. `sed -i 's/\\r$//; s/\\r/ /g' FILE`"
             )
-        ds, why = _load_builder("text", path, cache_dir, encoding="utf-8-sig")  # an editor's byte order mark is not text
+        ds, why = _load_builder("text", path, _file_cache(path, cache_dir), encoding="utf-8-sig")  # an editor's byte order mark is not text
         if ds is None:
             for _ in read_lines(path):  # raises on the first line that is not UTF-8
                 pass

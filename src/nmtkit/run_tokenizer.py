@@ -22,6 +22,7 @@ from .checkpoint import checkpoint_dir
 from .config import Config, ConfigError
 from .data import iter_texts, sample_rows
 from .tokenizer import Tokenizer, train_tokenizer
+from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,4 @@ def _same(key: str, old: Any, new: Any) -> bool:
 
 
 def _write_record(directory: Path, sources: dict[str, Any]) -> None:
-    partial = directory / f"{_TRAINED_FROM}.partial"  # renamed into place: a crash never leaves half a record
-    partial.write_text(json.dumps(sources, indent=1) + "\n", encoding="utf-8")
-    os.replace(partial, directory / _TRAINED_FROM)
+    write_whole(directory / _TRAINED_FROM, json.dumps(sources, indent=1) + "\n")  # a crash never leaves half a record

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 
 from . import __version__
 from .config import Config, dump_config
+from .whole_file import write_whole
 
 
 def git_commit() -> str:
@@ -61,9 +61,7 @@ def write_run_info(run_dir: str | Path, cfg: Config, argv: list[str] | None, run
     """config.yaml (resolved) and run.jsonl (command line, versions, device choice) in the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / ".config.yaml.partial"  # renamed into place whole: a start stopped here leaves no half file
-    partial.write_text(dump_config(cfg), encoding="utf-8")
-    os.replace(partial, run_dir / "config.yaml")
+    write_whole(run_dir / "config.yaml", dump_config(cfg))  # a start stopped here leaves no half file
     info = {
         "command": [_program(), *(sys.argv[1:] if argv is None else argv)],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .config import TokenizerConfig
+from .whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         # each file renamed into place whole: an interrupted save must not leave a model that `exists` accepts
         if self.is_joint:
-            _write_whole(directory / "spm.model", self.src_proto)
+            write_whole(directory / "spm.model", self.src_proto)
         else:
-            _write_whole(directory / "spm.tgt.model", self.tgt_proto or b"")
-            _write_whole(directory / "spm.src.model", self.src_proto)
+            write_whole(directory / "spm.tgt.model", self.tgt_proto or b"")
+            write_whole(directory / "spm.src.model", self.src_proto)
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -115,12 +115,6 @@ class Tokenizer:
     def exists(directory: str | Path) -> bool:
         d = Path(directory)
         return (d / "spm.model").is_file() or ((d / "spm.src.model").is_file() and (d / "spm.tgt.model").is_file())
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
