@@ -2,14 +2,14 @@
 
 import sys
 
-from .allocator import AllocatorChoiceError, reexec_with_jemalloc
+from .allocator import AllocatorChoiceError, reexec_with_faster_malloc
 
 
 def run() -> int:
-    """The `nmtkit` command: under jemalloc where the system has it (allocator.py), then the CLI. It is the program's
+    """The `nmtkit` command: under jemalloc or mimalloc where this machine has one (allocator.py), then the CLI. It is the program's
     entry point only: called from a running interpreter (a REPL, a notebook) it would re-execute that interpreter."""
     try:
-        reexec_with_jemalloc()
+        reexec_with_faster_malloc()
     except AllocatorChoiceError as e:
         print(f"nmtkit: error: {e}", file=sys.stderr)
         return 2
