@@ -205,8 +205,11 @@ def benchmark_decoding(
         return elapsed, sum(int(out.lengths.sum()) if s.stop_at_eos else out.tokens.numel() for out in outs)
 
     run(0)  # warm-up
-    plain = [run(0) for _ in range(s.repeats)]
-    logged = [run(5) for _ in range(s.repeats)]
+    plain: list[tuple[float, int]] = []
+    logged: list[tuple[float, int]] = []
+    for _ in range(s.repeats):  # alternating, so that a machine slowing down mid-run weighs on both alike
+        plain.append(run(0))
+        logged.append(run(5))
     t_plain = statistics.median(t for t, _ in plain)
     t_logged = statistics.median(t for t, _ in logged)
     n_sent = sum(src.size(0) for src in sources)
