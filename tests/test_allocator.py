@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,11 +85,31 @@ def test_find_mimalloc_looks_in_the_search_path_for_the_wheels_library(tmp_path:
     assert find_mimalloc([str(tmp_path), str(site)]) == str((site / MIMALLOC_WHEEL_FILE).resolve())
 
 
-def test_find_mimalloc_never_takes_a_library_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / MIMALLOC_WHEEL_FILE).parent.mkdir(parents=True)
-    (tmp_path / MIMALLOC_WHEEL_FILE).write_bytes(b"")
-    monkeypatch.chdir(tmp_path)
-    assert find_mimalloc(["", "."]) is None
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not ctypes.util.find_library("m"), reason="needs Linux and its libm")
+def test_python_m_never_preloads_a_library_from_the_working_directory(tmp_path: Path) -> None:
+    """`python -m` puts the working directory (as an absolute path) first on sys.path; a libmimalloc.so planted there
+    (libm stands in for it) must not be what the command preloads."""
+    planted = tmp_path / MIMALLOC_WHEEL_FILE
+    planted.parent.mkdir(parents=True)
+    shutil.copy(_libm_path(), planted)
+    (tmp_path / "probe.py").write_text(
+        "import os, nmtkit.allocator as a; a.reexec_with_faster_malloc(); print(os.environ.get('LD_PRELOAD', 'none'))\n"
+    )
+    env = {**_clean_env(), "NMTKIT_MALLOC": "mimalloc"}
+    out = subprocess.run([sys.executable, "-m", "probe"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert str(tmp_path) not in out.stdout and str(planted.resolve()) not in out.stdout
+
+
+def _libm_path() -> str:
+    """libm's file, from where the loader put `cos` (find_library gives a name, not a path)."""
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+    info = DlInfo()
+    ctypes.CDLL(None).dladdr(ctypes.cast(ctypes.CDLL(ctypes.util.find_library("m")).cos, ctypes.c_void_p), ctypes.byref(info))
+    return os.fsdecode(info.fname)
 
 
 def test_an_unknown_nmtkit_malloc_value_names_the_choices() -> None:
@@ -124,12 +145,21 @@ def test_reexec_runs_the_same_command_line_once_with_the_library_preloaded() -> 
     assert out.stdout.split() == [lib, JEMALLOC_CONF, "1"]
 
 
-def test_asking_for_an_allocator_the_machine_lacks_says_so_and_runs_on() -> None:
-    code = "import nmtkit.allocator as a; a.find_jemalloc = lambda: None; a.reexec_with_faster_malloc(); print('ran')"
-    env = {**_clean_env(), "NMTKIT_MALLOC": "jemalloc"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("wish, hint", [("jemalloc", "apt install libjemalloc2"), ("mimalloc", "pip install cmeel-mimalloc")])
+def test_asking_for_an_allocator_the_machine_lacks_says_how_to_get_it_and_runs_on(wish: str, hint: str) -> None:
+    code = f"import nmtkit.allocator as a; a.find_{wish} = lambda: None; a.reexec_with_faster_malloc(); print('ran')"
+    out = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), "NMTKIT_MALLOC": wish}, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["ran"], out.stderr
-    assert "NMTKIT_MALLOC=jemalloc but no such library was found; running on glibc's malloc" in out.stderr
+    assert f"nmtkit: warning: NMTKIT_MALLOC={wish}: no {wish} library found ({hint}); using the system's malloc" in out.stderr
+
+
+def test_an_unknown_nmtkit_malloc_is_refused_on_every_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmtkit.allocator as allocator
+
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    monkeypatch.setenv("NMTKIT_MALLOC", "bogus")
+    with pytest.raises(AllocatorChoiceError, match="NMTKIT_MALLOC='bogus'"):
+        allocator.reexec_with_faster_malloc()
 
 
 def test_import_nmtkit_loads_no_torch_until_a_name_is_used() -> None:
@@ -138,15 +168,27 @@ def test_import_nmtkit_loads_no_torch_until_a_name_is_used() -> None:
     assert out.stdout.split() == ["False", "True"], out.stderr
 
 
-def _allocator_of_a_child(ld_preload: str) -> str:
-    code = "from nmtkit.allocator import allocator_in_use; print(allocator_in_use())"
+def _allocator_of_a_child(ld_preload: str, before: str = "pass") -> str:
+    code = f"{before}; from nmtkit.allocator import allocator_in_use; print(allocator_in_use())"
     env = {**_clean_env(), "LD_PRELOAD": ld_preload} if ld_preload else _clean_env()
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
-def test_allocator_in_use_reads_what_is_mapped_not_what_was_asked_for() -> None:
+def test_allocator_in_use_reads_what_serves_malloc_not_what_was_asked_for() -> None:
     assert _allocator_of_a_child("") == "system malloc"
     assert _allocator_of_a_child("libjemalloc.so.999") == "system malloc"  # the loader ignores a missing library
+
+
+def test_a_mapped_file_or_a_loaded_library_named_like_an_allocator_is_not_the_allocator(tmp_path: Path) -> None:
+    data = tmp_path / "mimalloc-runs" / "jemalloc.bin"
+    data.parent.mkdir()
+    data.write_bytes(b"x" * 4096)
+    mapped = f"import mmap; f = open({str(data)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)"
+    assert _allocator_of_a_child("", mapped) == "system malloc"
+    if (mimalloc := find_mimalloc()) is not None:  # dlopen'ed, not preloaded: glibc's malloc still serves the process
+        assert _allocator_of_a_child("", f"import ctypes; ctypes.CDLL({mimalloc!r})") == "system malloc"
 
 
 @pytest.mark.skipif(not ctypes.util.find_library("jemalloc"), reason="needs libjemalloc (apt install libjemalloc2)")
@@ -160,8 +202,11 @@ def test_allocator_in_use_sees_the_wheels_mimalloc() -> None:
 
 
 @pytest.mark.skipif(find_mimalloc() is None, reason="needs the cmeel-mimalloc wheel (a dependency on Linux x86_64 and aarch64)")
-def test_a_process_re_executes_under_the_wheels_mimalloc_with_its_settings() -> None:
-    """The whole path with the real library: found in site-packages, preloaded, mapped in the re-executed process."""
-    code = "import os, nmtkit.allocator as a; a.reexec_with_faster_malloc(); print(a.allocator_in_use(), os.environ['MIMALLOC_PURGE_DELAY'])"
-    out = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), "NMTKIT_MALLOC": "mimalloc"}, capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["mimalloc", "-1"], out.stderr
+def test_a_process_re_executes_under_the_wheels_mimalloc_with_purging_off() -> None:
+    """The whole path with the real library: found in site-packages, preloaded, serving malloc in the re-executed
+    process, and reading the setting (mimalloc's verbose mode prints the options it runs with)."""
+    code = "import nmtkit.allocator as a; a.reexec_with_faster_malloc(); print(a.allocator_in_use())"
+    env = {**_clean_env(), "NMTKIT_MALLOC": "mimalloc", "MIMALLOC_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["mimalloc"], out.stderr
+    assert "option 'purge_delay': -1" in out.stderr

@@ -103,7 +103,7 @@ def test_chunked_loss_through_onednn_equals_the_blas_loss(monkeypatch: pytest.Mo
     ("vendor", "isa", "allocator", "expected"),
     [
         ("AuthenticAMD", "AVX512", "jemalloc", "onednn"),  # MKL would run its AVX2 code
-        ("AuthenticAMD", "AVX512", "mimalloc", "onednn"),  # mimalloc keeps the heap as lean as jemalloc
+        ("AuthenticAMD", "AVX512", "mimalloc", "onednn"),  # mimalloc keeps the heap from fragmenting too
         ("AuthenticAMD", "AVX512", "system malloc", "blas"),  # oneDNN's products fragment glibc's heap
         ("GenuineIntel", "AVX512", "jemalloc", "blas"),  # MKL has AVX-512 code for Intel CPUs
         ("AuthenticAMD", "AVX2", "jemalloc", "blas"),  # nothing to gain without AVX-512

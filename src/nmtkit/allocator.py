@@ -1,27 +1,32 @@
-"""A faster malloc under the `nmtkit` command on Linux: jemalloc where the system has it (`apt install libjemalloc2`),
-else mimalloc from the `cmeel-mimalloc` wheel, which `pip install nmtkit` brings on Linux (x86_64 and aarch64).
+"""A malloc that keeps freed pages for reuse, under the `nmtkit` command on Linux: jemalloc where the system has it
+(`apt install libjemalloc2`), else mimalloc from the `cmeel-mimalloc` wheel, which `pip install nmtkit` brings on Linux
+x86_64 and aarch64.
 
 glibc's malloc serves large tensors from fresh kernel pages and returns them when they are freed, so every step
 page-faults on its activations again, and the batch shapes of training fragment its heap. jemalloc and mimalloc, with
-freed pages kept for reuse, do neither. On 2 CPU cores (docs/performance.md): bf16 training 6-9% faster, greedy
-decoding 7-17% faster, the benchmark's peak RSS ~1,290 -> ~1,140 MiB (either allocator), and 90 s of fp32 training with
-oneDNN's products 2.6 GB -> 1.5 GB (jemalloc) or 1.6 GB (mimalloc). An allocator has to be preloaded before the process
-starts, so the command re-executes itself once with LD_PRELOAD set, before torch is imported (as launchers such as
-ipexrun do; the preload and the allocator's settings are inherited by child processes).
+freed pages kept, do neither (docs/performance.md, 2 CPU cores): the benchmark's bf16 training peaks at ~1,140 MiB of
+RSS under either against ~1,290 under glibc's, 90 s of the bf16 quick start at 1,507 MiB (jemalloc) or 1,342 (mimalloc)
+against 2,028, and fp32 training can take oneDNN's faster products (cpu_matmul.py). jemalloc also made training 6-9%
+and decoding 7-17% faster in the fourth session; mimalloc measured as fast as glibc's malloc. An allocator has to be
+preloaded before the process starts, so the command re-executes itself once with LD_PRELOAD set, before torch is
+imported (as launchers such as ipexrun do). Child processes inherit the preload and the allocator's settings; pyarrow's
+own mimalloc pool reads MIMALLOC_PURGE_DELAY too.
 
-NMTKIT_MALLOC chooses: `auto` (unset: jemalloc, else mimalloc, else glibc's), `jemalloc`, `mimalloc`, or `system`
-(glibc's malloc). An allocator you preload yourself (any LD_PRELOAD naming a malloc) and settings of your own
-(MALLOC_CONF, MIMALLOC_PURGE_DELAY) are left as they are, and other preloads of yours come before ours (AddressSanitizer's
-runtime refuses to start unless it is first).
+NMTKIT_MALLOC chooses: `auto` (unset: jemalloc, else mimalloc, else the system's), `jemalloc`, `mimalloc`, or `system`.
+An allocator you preload yourself (any LD_PRELOAD naming a malloc) and settings of your own (MALLOC_CONF,
+MIMALLOC_PURGE_DELAY) are left as they are, and other preloads of yours come before ours (AddressSanitizer's runtime
+refuses to start unless it is first).
 
 This module imports nothing heavy: it runs first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import logging
 import os
+import site
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,12 +69,14 @@ def find_jemalloc() -> str | None:
 
 
 def find_mimalloc(search_path: list[str] | None = None) -> str | None:
-    """The path of the cmeel-mimalloc wheel's libmimalloc.so in the first entry of `search_path` (sys.path) that has
-    it, or None. Relative entries (`python -m`'s working directory) are skipped: a library is not preloaded from
-    whatever folder the command runs in."""
-    for entry in sys.path if search_path is None else search_path:
-        candidate = Path(entry) / MIMALLOC_WHEEL_FILE
-        if Path(entry).is_absolute() and candidate.is_file():
+    """The path of the cmeel-mimalloc wheel's libmimalloc.so in the first of `search_path` (default: the site-packages
+    folders that pip installs into, this environment's first) that has it, or None. Never sys.path: `python -m` puts
+    the working directory there, and a library is not preloaded from whatever folder the command runs in."""
+    if search_path is None:
+        search_path = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    for folder in search_path:
+        candidate = Path(folder) / MIMALLOC_WHEEL_FILE
+        if candidate.is_file():
             return str(candidate.resolve())
     return None
 
@@ -101,15 +108,24 @@ def preload_environment(environ: Mapping[str, str], found: tuple[str, str] | Non
     return env
 
 
+MISSING_HINTS = {"jemalloc": "apt install libjemalloc2", "mimalloc": "pip install cmeel-mimalloc"}
+
+
 def reexec_with_faster_malloc(found: tuple[str, str] | None = None) -> None:
     """Replace this process with the same command line under jemalloc or mimalloc (see the module docstring); returns
-    only when there is nothing to do or the re-execution failed (the command then runs on as it is)."""
-    if not sys.platform.startswith("linux") or not wants_preload(os.environ):
+    only when there is nothing to do or the re-execution failed (the command then runs on as it is). An NMTKIT_MALLOC
+    that is not one of the CHOICES raises AllocatorChoiceError on every platform."""
+    wish = choice(os.environ)
+    if not wants_preload(os.environ):
+        return
+    if not sys.platform.startswith("linux"):
+        if wish in MISSING_HINTS:
+            print(f"nmtkit: warning: NMTKIT_MALLOC={wish}: preloading an allocator is done on Linux only; using the system's malloc", file=sys.stderr)
         return
     env = preload_environment(os.environ, found or find_allocator(os.environ))
     if env is None:
-        if choice(os.environ) in ("jemalloc", "mimalloc"):
-            print(f"nmtkit: NMTKIT_MALLOC={os.environ['NMTKIT_MALLOC']} but no such library was found; running on glibc's malloc", file=sys.stderr)
+        if wish in MISSING_HINTS:
+            print(f"nmtkit: warning: NMTKIT_MALLOC={wish}: no {wish} library found ({MISSING_HINTS[wish]}); using the system's malloc", file=sys.stderr)
         return
     try:
         os.execve(sys.executable, list(sys.orig_argv), env)
@@ -117,12 +133,30 @@ def reexec_with_faster_malloc(found: tuple[str, str] | None = None) -> None:
         log.debug("re-executing under another allocator failed (%s); running on the system allocator", e)
 
 
-def allocator_in_use() -> str:
-    """'jemalloc' or 'mimalloc' when that library is mapped into this process (read from /proc/self/maps on Linux, so a
-    preload the loader ignored does not count), else 'system malloc'. For logs, benchmarks and cpu_matmul's rule."""
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def malloc_library() -> str | None:
+    """The file of the shared object whose `malloc` this process calls (dladdr of the symbol the dynamic linker
+    resolves), or None where that cannot be asked (not glibc, not Linux)."""
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            mapped = maps.read()
-    except OSError:
-        mapped = os.environ.get("LD_PRELOAD", "")
-    return next((name for name in ("jemalloc", "mimalloc") if name in mapped), "system malloc")
+        process = ctypes.CDLL(None)
+        try:
+            dladdr = process.dladdr  # in libc since glibc 2.34
+        except AttributeError:
+            dladdr = ctypes.CDLL("libdl.so.2").dladdr
+        info = _DlInfo()
+        if not dladdr(ctypes.cast(process.malloc, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+            return None
+        return os.fsdecode(info.dli_fname)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def allocator_in_use() -> str:
+    """'jemalloc' or 'mimalloc' when that library serves this process's malloc, else 'system malloc' (also where this
+    cannot be told). Not what is mapped: a library loaded but not preloaded, or a file whose path holds the name, would
+    say nothing about malloc. For logs, benchmarks and cpu_matmul's rule."""
+    name = os.path.basename(malloc_library() or "")
+    return next((lib for lib in ("jemalloc", "mimalloc") if name.startswith(f"lib{lib}.")), "system malloc")

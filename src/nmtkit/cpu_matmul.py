@@ -9,7 +9,7 @@ mode; the results differ from MKL's only by summation order, ~1e-7 relative).
 The choice is a rule, not a timing: oneDNN where torch runs AVX-512 code and the CPU is not Intel's (exactly where
 MKL falls back to AVX2) and the process runs under jemalloc or mimalloc (allocator.py), MKL elsewhere. Under glibc's
 malloc the oneDNN path fragments the heap as batch shapes vary: 90 seconds of the fp32 quick start peaked at 2.6-3.1 GB
-of RSS against 1.3 GB with MKL's products (and 1.5 GB with oneDNN's under jemalloc, 1.6 GB under mimalloc). A timed probe was tried first; its
+of RSS against 1.3 GB with MKL's products (and 1,533 MiB with oneDNN's under jemalloc, 1,676 MiB under mimalloc). A timed probe was tried first; its
 cold BLAS timing is bimodal under glibc's malloc, so two identical processes could choose differently, and a resumed
 run would then sum in another order than the run it resumes. NMTKIT_CPU_MATMUL=onednn or =blas overrides the rule.
 
@@ -99,7 +99,7 @@ def backend() -> str:
             elif allocator_in_use() == "system malloc":
                 _chosen, _reason = "blas", (
                     f"blas ({vendor} CPU with {isa}, but under glibc's malloc oneDNN's fp32 products fragment the heap "
-                    "(3.1 GB of RSS against 1.3 in 90 s of training); run the `nmtkit` command, which preloads jemalloc or "
+                    "(2.6-3.1 GB of RSS against 1.3 in 90 s of training); run the `nmtkit` command, which preloads jemalloc or "
                     "mimalloc where installed (libjemalloc2, or pip's cmeel-mimalloc), for the faster oneDNN path)"
                 )
             else:
