@@ -9,9 +9,10 @@ mode; the results differ from MKL's only by summation order, ~1e-7 relative).
 The choice is a rule, not a timing: oneDNN where torch runs AVX-512 code and the CPU is not Intel's (exactly where
 MKL falls back to AVX2) and the process runs under jemalloc or mimalloc (allocator.py), MKL elsewhere. Under glibc's
 malloc the oneDNN path fragments the heap as batch shapes vary: 90 seconds of the fp32 quick start peaked at 2.6-3.1 GB
-of RSS against 1.3 GB with MKL's products (and 1,533 MiB with oneDNN's under jemalloc, 1,676 MiB under mimalloc). A timed probe was tried first; its
-cold BLAS timing is bimodal under glibc's malloc, so two identical processes could choose differently, and a resumed
-run would then sum in another order than the run it resumes. NMTKIT_CPU_MATMUL=onednn or =blas overrides the rule.
+of RSS against 1.3 GB with MKL's products (and 1,533 MiB with oneDNN's under jemalloc, 1,676 MiB under mimalloc). A
+timed probe was tried first; its cold BLAS timing is bimodal under glibc's malloc, so two identical processes could
+choose differently, and a resumed run would then sum in another order than the run it resumes. NMTKIT_CPU_MATMUL=onednn
+or =blas overrides the rule.
 
 `Linear` (the model's projections) and `mm_nt`/`mm_nn`/`mm_tn` (the loss's chunked projection) take the oneDNN path
 only for fp32 CPU tensors outside autocast and outside `torch.compile`; everything else is torch's own op.
