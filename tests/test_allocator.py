@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from nmtkit.allocator import (
-    JEMALLOC_CONF,
     MIMALLOC_WHEEL_FILE,
     SETTINGS,
     AllocatorChoiceError,
@@ -23,6 +22,7 @@ from nmtkit.allocator import (
 )
 
 JEMALLOC = ("jemalloc", "libjemalloc.so.2")
+JEMALLOC_CONF = SETTINGS["jemalloc"]["MALLOC_CONF"]
 MIMALLOC = ("mimalloc", "/venv/site-packages/cmeel.prefix/lib/libmimalloc.so")
 
 

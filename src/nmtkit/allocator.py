@@ -39,7 +39,6 @@ SETTINGS = {
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
     "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"},
 }
-JEMALLOC_CONF = SETTINGS["jemalloc"]["MALLOC_CONF"]
 _MARKER = "NMTKIT_MALLOC_PRELOADED"  # set in the re-executed process, so it never re-executes again
 CHOICES = ("auto", "jemalloc", "mimalloc", "system")  # values of NMTKIT_MALLOC
 MIMALLOC_WHEEL_FILE = Path("cmeel.prefix", "lib", "libmimalloc.so")  # where cmeel-mimalloc puts it, in site-packages
