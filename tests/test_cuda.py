@@ -118,10 +118,12 @@ def test_cuda_graph_decoding_gives_the_tokens_and_probabilities_of_eager_steps(t
         torch.testing.assert_close(graphed.probs, eager.probs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_non_finite_step_on_cuda_is_skipped_on_the_device_and_counted_a_step_late(fused: bool, tmp_path: Path) -> None:
-    """Fused AdamW's found_inf skips the update in the kernel; the flag comes back through pinned memory."""
-    a_non_finite_step_is_skipped_and_counted("cuda", fused, tmp_path)
+def test_a_non_finite_step_on_cuda_is_skipped_on_the_device_and_counted_a_step_late(fused: bool, precision: str, tmp_path: Path) -> None:
+    """Fused AdamW's found_inf (fp16: the grad scaler's) skips the update in the kernel; the flag comes back through
+    pinned memory."""
+    a_non_finite_step_is_skipped_and_counted("cuda", fused, tmp_path, precision=precision)
 
 
 # last in the file: it compiles cold graphs (tens of seconds), so a GPU kit's time limit cuts it, not the tests above

@@ -148,12 +148,19 @@ def test_a_non_finite_step_leaves_weights_and_adamw_state_as_they_were(fused: bo
     a_non_finite_step_is_skipped_and_counted("cpu", fused, tmp_path)
 
 
-def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_fp16_step_is_skipped_by_the_grad_scaler_and_still_counted(fused: bool, tmp_path: Path) -> None:
+    """fp16 (CUDA's, run here through CPU autocast): the grad scaler skips the update and halves its scale, and the
+    step still counts as skipped, so max_bad_steps in a row stop a run whose fp16 loss stays non-finite."""
+    a_non_finite_step_is_skipped_and_counted("cpu", fused, tmp_path, precision="fp16")
+
+
+def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path: Path, precision: str = "fp32") -> None:
     """(Also run on a GPU by test_cuda.py.) A step whose gradients are not finite leaves weights and AdamW state as
     they were; its flag, read back a step late (`SkippedSteps`), counts it as skipped."""
     from nmtkit.batching import collate
     from nmtkit.config import ModelConfig
-    from nmtkit.device import choose_runtime
+    from nmtkit.device import Runtime
     from nmtkit.loss import TrainingObjective
     from nmtkit.model import Transformer
     from nmtkit.resume import TrainState
@@ -162,9 +169,12 @@ def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1, dropout=0.0), 60, 60, True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
-    scaler = torch.amp.GradScaler(device, enabled=False)
+    # a start scale this small model's fp16 gradients never overflow at, so the first step is a good one
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**8, enabled=precision == "fp16")
     batch = collate({"src_ids": [[5, 6, 7], [8, 9]], "tgt_ids": [[14, 15], [16, 17, 18]]}).to(torch.device(device))
-    objective, runtime = TrainingObjective(model, 0.1, torch.float32), choose_runtime(device, "fp32")
+    # built directly: choose_runtime keeps fp16 to CUDA, while CPU autocast runs it too
+    runtime = Runtime(torch.device(device), precision, "test")
+    objective = TrainingObjective(model, 0.1, runtime.dtype)
     state = TrainState()
     skipped = SkippedSteps(state, max_bad_steps=5, last_checkpoint=tmp_path / "last.pt")
 
@@ -186,6 +196,8 @@ def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path:
             assert torch.equal(p, w)
         assert torch.equal(optimizer.state[p]["exp_avg"], m) and int(optimizer.state[p]["step"]) == 1
     assert skipped.settle() == batch.n_tgt_tokens and (state.skipped_steps, state.bad_steps_in_a_row) == (1, 1)
+    if scaler.is_enabled():  # the scaler saw the same step as non-finite
+        assert scaler.get_scale() == 2.0**7
 
 
 def test_the_progress_bar_stays_off_a_redirected_stderr(corpus: dict, tmp_path: Path, capsys) -> None:

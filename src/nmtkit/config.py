@@ -119,7 +119,7 @@ class TrainConfig:
     log_every: int = field(default=100, metadata=_check(min=1))
     keep_checkpoints: int = field(default=3, metadata=_check(min=1))
     # skip an update whose gradient is not finite (on the device; the host reads the flag a step later),
-    # and stop after max_bad_steps such steps in a row; fp16 leaves this to its grad scaler
+    # and stop after max_bad_steps such steps in a row (fp16: its grad scaler skips them, halving its scale each time)
     skip_nonfinite: bool = True
     max_bad_steps: int = field(default=10, metadata=_check(min=1))
     # a batch that runs out of memory is logged and skipped (single process); false re-raises

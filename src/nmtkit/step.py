@@ -62,7 +62,8 @@ def train_step(
     the gradient norm was non-finite, both as device tensors: the caller decides when to read them.
     A non-finite step's update is skipped on the device (the fused AdamW kernel's `found_inf` input,
     the same mechanism the fp16 grad scaler uses), so the step never waits for the host; reading the
-    flag back every step cost 10% of a compiled GPU step.
+    flag back every step cost 10% of a compiled GPU step. With fp16 the grad scaler skips it, and the flag
+    counts it all the same (`SkippedSteps`), so a run whose fp16 loss stays non-finite stops like any other.
     """
     total = torch.zeros((), device=runtime.device)
     for i, batch in enumerate(batches):
@@ -76,9 +77,12 @@ def train_step(
         total += loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm if clip_norm > 0 else math.inf)
-    is_bad = ~torch.isfinite(grad_norm) if check_finite and not scaler.is_enabled() else None
-    skip_on_device = is_bad is not None and optimizer.defaults.get("fused", False)
-    if is_bad is not None and not skip_on_device and bool(is_bad):  # other optimizers: the host decides
+    is_bad = ~torch.isfinite(grad_norm) if check_finite else None
+    # fp16's grad scaler found the same non-finite values in unscale_: it skips that update itself (and lowers its
+    # scale), so there the flag only counts the step
+    skip_here = is_bad is not None and not scaler.is_enabled()
+    skip_on_device = skip_here and optimizer.defaults.get("fused", False)
+    if skip_here and not skip_on_device and bool(is_bad):  # other optimizers: the host decides
         optimizer.zero_grad(set_to_none=True)
         return total, is_bad
     for group in optimizer.param_groups:
