@@ -113,6 +113,10 @@ def test_bools_are_not_accepted_as_floats() -> None:
     assert "train.lr" in only_problem({"train": {"lr": True}})
 
 
+def test_an_integer_beyond_floats_range_is_a_config_error_not_a_crash() -> None:
+    assert "train.max_minutes" in only_problem({"train": {"max_minutes": 10**320}})
+
+
 def test_integers_are_accepted_as_floats() -> None:
     assert config_from_tree({"train": {"lr": 1}}).train.lr == 1.0
 

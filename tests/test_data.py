@@ -261,6 +261,49 @@ def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: P
         load_split(cfg_for(path), "train", cache)
 
 
+def test_rows_that_all_have_a_field_more_than_the_header_are_refused_not_shifted(tmp_path: Path, cache: Path) -> None:
+    """A scored corpus under a header that names the languages only: pandas would take the first field for an index
+    and read zh -> score. Refused at every start, the cached tables of the first included."""
+    path = tmp_path / "train.tsv"
+    path.write_text("en\tzh\nhello\t你好\t0.9\nbye\t再见\t0.8\n", encoding="utf-8")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"train\.tsv, line 2: 3 fields, the header has 2; check for a stray tab"):
+            load_split(cfg_for(path), "train", cache)
+
+
+def test_a_row_one_field_short_in_a_column_besides_the_languages_is_refused(tmp_path: Path, cache: Path) -> None:
+    """`bye<TAB>0.8` under `en zh score` leaves the score empty, not a language: it would read as the pair bye -> 0.8."""
+    path = tmp_path / "train.tsv"
+    path.write_text("en\tzh\tscore\nhello\t你好\t0.9\nbye\t0.8\n", encoding="utf-8")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"train\.tsv, line 3: 2 fields, the header has 3; check for a missing tab"):
+            load_split(cfg_for(path), "train", cache)
+
+
+def test_a_column_without_a_name_and_a_field_over_csvs_size_limit_still_load(tmp_path: Path, cache: Path) -> None:
+    """A spreadsheet's trailing separator leaves a column without a name; csv's 131,072-character field limit is not
+    nmtkit's (the empty cells send the file through the row scan, which reads every field)."""
+    path = tmp_path / "train.csv"
+    long = "a" * 150_000
+    path.write_text(f"en,zh,\nhello,你好,\n{long},长,\n", encoding="utf-8")
+    assert load_split(cfg_for(path), "train", cache)[:] == {"src": ["hello", long], "tgt": ["你好", "长"]}
+
+
+def test_a_lone_surrogate_in_a_json_text_names_file_line_and_key(tmp_path: Path, cache: Path) -> None:
+    """Valid JSON (an escape for half of an emoji, as text cut in the middle of one leaves it) but no UTF-8 text."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"translation": {"en": "ok", "zh": "好"}}\n{"translation": {"en": "bad \\ud83d", "zh": "坏"}}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.jsonl, line 2: 'translation\.en' holds a lone surrogate \('\\ud83d' at character 5\)"):
+        load_split(cfg_for(path), "train", cache)
+
+
+def test_an_empty_text_file_of_a_pair_says_it_is_empty(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "train.en").write_text("", encoding="utf-8")
+    (tmp_path / "train.zh").write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.en: the file is empty; fill it or point data\.train at other files"):
+        load_split(cfg_for(tmp_path / "train.{lang}"), "train", cache)
+
+
 def test_a_table_with_empty_cells_is_scanned_for_short_rows_once(tmp_path: Path, cache: Path, monkeypatch) -> None:
     """Empty cells send the file through the row scan (a missing tab reads as an empty cell); the file's cache folder
     remembers that its rows are whole, so later starts skip the scan."""

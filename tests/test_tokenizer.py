@@ -80,6 +80,13 @@ def test_vocabulary_smaller_than_the_character_set_names_the_keys_to_change(text
         train_tokenizer(TokenizerConfig(vocab_size=100), *texts)
 
 
+def test_a_source_vocabulary_too_small_names_src_vocab_size(texts) -> None:
+    """Separate vocabularies with Chinese as the source: the source model's own size is the one to raise."""
+    en, zh = texts
+    with pytest.raises(TokenizerError, match=r"\(tokenizer\.src_vocab_size=500,.*raise tokenizer\.src_vocab_size or"):
+        train_tokenizer(TokenizerConfig(joint=False, vocab_size=2000, src_vocab_size=500), zh, en)
+
+
 def test_small_corpus_gets_a_smaller_vocabulary_instead_of_an_error() -> None:
     tok = train_tokenizer(TokenizerConfig(vocab_size=5000), ["a b c", "abc cab"], ["a", "b"])
     assert 4 < tok.tgt_vocab_size < 5000

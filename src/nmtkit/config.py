@@ -194,9 +194,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            number = float(value)  # an int beyond float's range (1e309 written out in digits) raises OverflowError
+        except OverflowError:
+            raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        return number
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/yes/on/off as a boolean
             raise ValueError(f"{path}: got {value!r}, expected a string; YAML reads unquoted no, yes, on and off as"

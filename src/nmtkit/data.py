@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pandas.errors import ParserWarning
 
 from .config import DataConfig
 from .data_scan import (
@@ -237,12 +239,26 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
     # TSV is read without quote handling (QUOTE_NONE) because MT data has stray quotes; CSV keeps RFC 4180.
     options: dict[str, Any] = {
         "sep": sep,
-        "features": datasets.Features({name: datasets.Value("string") for name in header}),
+        "header": 0,
+        "names": (names := column_names(header)),
+        "features": datasets.Features({name: datasets.Value("string") for name in names}),
         "na_filter": False,
         "quoting": csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+        # never a column as the index: where every row has a field more than the header, pandas would otherwise take
+        # the first one for an index and shift the others onto the header's names (a scored `en zh score` corpus under
+        # an `en zh` header read as zh -> score); here it warns instead, and the rows are scanned
+        "index_col": False,
     }
     files = _file_cache(path, cache_dir)
-    ds, why = _load_builder("csv", path, files, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ParserWarning)
+        ds, why = _load_builder("csv", path, files, **options)
+    longer_rows = False
+    for w in caught:
+        if issubclass(w.category, ParserWarning):
+            longer_rows = True
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if ds is None and not has_records(path, skip_lines=1):
         raise DataError(f"{path}: the file has a header but no rows; fill it or point the config at another file")
     if ds is None:
@@ -251,23 +267,44 @@ def _load_table(cfg: DataConfig, path: Path, sep: str, cache_dir: str) -> datase
         raise DataError(f"{path}: could not be read as a {kind} file: {why}")
     pair = _to_pair(ds, cfg)
     assert pair is not None, "the header check guarantees both columns"
-    # A row without its separator reads as an empty cell, like an empty text: files with empty cells are scanned for
-    # such rows, once per file (later starts read neither the scan nor the text columns again).
+    # A row without its separator reads as an empty cell in its last column, like an empty text: files with empty
+    # cells in any column are scanned for such rows, once per file (later starts read neither the scan nor the
+    # columns again). Rows longer than the header make pandas warn, on every parse.
     checked = Path(files) / _ROWS_CHECKED
-    if not checked.is_file():
-        if _has_empty_text(pair):
+    if longer_rows or (not checked.is_file() and _has_empty_cell(ds)):
+        try:
             scan_table(path, sep, header)  # raises at a row with fewer (or more) fields than the header
+        except DataError:
+            shutil.rmtree(files, ignore_errors=True)  # tables of rows cut to the header's fields: the next start reads again
+            raise
+    if not checked.is_file():
         _remember(checked, "every row has the header's fields\n")
     return pair
+
+
+def column_names(header: list[str]) -> list[str]:
+    """The header's names as the table's columns: a column without a name (a spreadsheet's trailing separator) is
+    "column N", and a name seen before gets ".1", ".2", ... as pandas names them (the first keeps its name)."""
+    names: list[str] = []
+    for i, name in enumerate(header):
+        name = name or f"column {i + 1}"
+        base, k = name, 0
+        while name in names:
+            k += 1
+            name = f"{base}.{k}"
+        names.append(name)
+    return names
 
 
 # In a table file's cache folder: its rows were scanned, and every one has the header's number of fields.
 _ROWS_CHECKED = "rows-checked.txt"
 
 
-def _has_empty_text(pair: datasets.Dataset) -> bool:
-    table = pair.data.table
-    return any(pc.any(pc.equal(table.column(side), "")).as_py() for side in ("src", "tgt"))
+def _has_empty_cell(ds: datasets.Dataset) -> bool:
+    """Whether any cell of any column is empty: a row one field short leaves its last column empty, and that may be a
+    column other than the two languages (`en zh score` with a row `bye<TAB>0.8` reads as the pair bye -> 0.8)."""
+    table = ds.data.table
+    return any(pc.any(pc.equal(table.column(name), "")).as_py() for name in table.column_names)
 
 
 def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix: str) -> datasets.Dataset:
@@ -285,6 +322,8 @@ def _load_text_pair(cfg: DataConfig, pattern: str, key: str, cache_dir: str, fix
         if ds is None:
             for _ in read_lines(path):  # raises on the first line that is not UTF-8
                 pass
+            if path.stat().st_size == 0:
+                raise DataError(f"{path}: the file is empty; fill it or point {key} at other files")
             raise DataError(f"{path}: could not be read as a text file: {why}")
         sides.append(ds)
     if len(sides[0]) != len(sides[1]):

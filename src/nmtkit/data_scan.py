@@ -93,6 +93,13 @@ def scan_json(path: Path, cfg: DataConfig, nested: bool | None) -> None:
             if not isinstance(value, str):
                 shown = reprlib.repr(value)  # a whole column of a file in another layout can be megabytes
                 raise DataError(f"{path}, {where}: '{prefix}{lang}' is {type(value).__name__} {shown}, expected a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's escapes can spell half of a surrogate pair, which no UTF-8 holds
+                raise DataError(
+                    f"{path}, {where}: '{prefix}{lang}' holds a lone surrogate ({value[e.start]!r} at character"
+                    f" {e.start + 1}), half of a character cut in two (often an emoji); remove it or restore the character"
+                ) from None
 
 
 def read_header(path: Path, sep: str) -> list[str]:
@@ -114,6 +121,9 @@ def check_header(path: Path, header: list[str], cfg: DataConfig) -> None:
             )
 
 
+_NO_FIELD_LIMIT = 2**31 - 1  # the largest field size csv takes on every platform (a C long)
+
+
 def scan_table(path: Path, sep: str, header: list[str]) -> None:
     """Raise DataError at the first line that is not UTF-8 or has the wrong number of fields."""
     for _ in read_lines(path):
@@ -121,6 +131,7 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
     # Literal: the csv.QUOTE_* values, as the type hints spell them
     quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     what = "tab" if sep == "\t" else "separator or quote"
+    limit = csv.field_size_limit(_NO_FIELD_LIMIT)  # csv's default, 131,072 characters, is not ours: pandas read them
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep, quoting=quoting)
         start = 1  # the line the next record starts on: a quoted field may hold line breaks (or never close)
@@ -136,8 +147,10 @@ def scan_table(path: Path, sep: str, header: list[str]) -> None:
                         f" check for a {fault} {what} in the text"
                     )
                 start = reader.line_num + 1
-        except csv.Error as e:  # e.g. a field over csv's size limit
+        except csv.Error as e:  # whatever else csv refuses, named at its line
             raise DataError(f"{path}, line {reader.line_num}: {e}") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _quotes(path: Path, first: int, last: int) -> int:

@@ -117,7 +117,8 @@ class Tokenizer:
         return (d / "spm.model").is_file() or ((d / "spm.src.model").is_file() and (d / "spm.tgt.model").is_file())
 
 
-def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) -> bytes:
+def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int, key: str = "tokenizer.vocab_size") -> bytes:
+    """One SentencePiece model of `vocab_size` pieces; `key` is the setting that size came from, for the errors."""
     model = io.BytesIO()
     try:
         _run_trainer(sentences, cfg, vocab_size, model)
@@ -126,8 +127,8 @@ def _train_one(sentences: Iterable[str], cfg: TokenizerConfig, vocab_size: int) 
             raise KeyboardInterrupt from None
         detail = str(e).split("]", 1)[-1].strip()
         raise TokenizerError(
-            f"SentencePiece training failed: {detail} (tokenizer.vocab_size={vocab_size}, "
-            f"tokenizer.character_coverage={cfg.character_coverage}); raise tokenizer.vocab_size or lower "
+            f"SentencePiece training failed: {detail} ({key}={vocab_size}, "
+            f"tokenizer.character_coverage={cfg.character_coverage}); raise {key} or lower "
             "tokenizer.character_coverage"
         ) from None
     return model.getvalue()
@@ -171,14 +172,14 @@ def train_tokenizer(cfg: TokenizerConfig, src_texts: Iterable[str], tgt_texts: I
         both = _chain(src_texts, tgt_texts)
         tok = Tokenizer(_train_one(both, cfg, cfg.vocab_size))
     else:
+        src_key = "tokenizer.src_vocab_size" if cfg.src_vocab_size else "tokenizer.vocab_size"
         src_size = cfg.src_vocab_size or cfg.vocab_size
-        tok = Tokenizer(_train_one(src_texts, cfg, src_size), _train_one(tgt_texts, cfg, cfg.vocab_size))
+        tok = Tokenizer(_train_one(src_texts, cfg, src_size, src_key), _train_one(tgt_texts, cfg, cfg.vocab_size))
+        if tok.src_vocab_size < src_size:
+            log.warning("tokenizer: the source corpus supports only %d pieces (asked for %s=%d)", tok.src_vocab_size, src_key, src_size)
     if tok.tgt_vocab_size < cfg.vocab_size:
-        log.warning(
-            "tokenizer: the corpus supports only %d pieces (asked for tokenizer.vocab_size=%d)",
-            tok.tgt_vocab_size,
-            cfg.vocab_size,
-        )
+        side = "" if cfg.joint else "target "
+        log.warning("tokenizer: the %scorpus supports only %d pieces (asked for tokenizer.vocab_size=%d)", side, tok.tgt_vocab_size, cfg.vocab_size)
     return tok
 
 
