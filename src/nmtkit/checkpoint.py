@@ -59,8 +59,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], names: tuple[st
             if (section, key) in _MAY_DIFFER:
                 continue
             before = old.get(section, {}).get(key)
-            if section == "data" and key == "train" and isinstance(before, str) and isinstance(value, str):
-                before, value = os.path.normpath(before), os.path.normpath(value)  # ./data/x and data/x are one file
+            if section == "data" and key == "train" and same_path(before, value):
+                continue
             if isinstance(value, tuple):
                 value = list(value)
             if isinstance(before, tuple):
@@ -68,6 +68,14 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], names: tuple[st
             if before != value:
                 diffs.append(f"{section}.{key}: {names[0]} {before!r}, {names[1]} {value!r}")
     return diffs
+
+
+def same_path(old: Any, new: Any) -> bool:
+    """Whether two settings name one file: equal, or spelled another way (relative against absolute, `./data/x`
+    against `data/x`, through a link). Relative paths are taken from the working directory."""
+    if old == new:
+        return True
+    return isinstance(old, str) and isinstance(new, str) and os.path.realpath(old) == os.path.realpath(new)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -156,6 +164,26 @@ def _rotate(directory: Path, keep: int) -> None:
     """Delete old step files. last.pt and best.pt are separate links, so they survive."""
     for _, old in step_files(directory)[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def set_aside_later_saves(run_dir: str | Path, step: int) -> Path | None:
+    """Move the step files numbered after `step` (a run resumed from an earlier save: `last.pt` pointed back at it)
+    into `checkpoints/after-step-N/`, and return that folder, or None where there are none. They belong to the
+    abandoned stretch of training: left in place, keep-N rotation would delete each new save before them (the
+    newest by number), and `nmtkit average` would mix the two stretches. Moved, not deleted."""
+    directory = checkpoint_dir(run_dir)
+    later = [path for number, path in step_files(directory) if number > step] if directory.is_dir() else []
+    if not later:
+        return None
+    aside, n = directory / f"after-step-{step:06d}", 1
+    while aside.exists():  # gone back to this step before: that stretch's files stay where they were put
+        n += 1
+        aside = directory / f"after-step-{step:06d}-{n}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)  # same file system: a rename, atomic, no copy
+    _fsync_dir(directory)
+    return aside
 
 
 def step_files(directory: Path) -> list[tuple[int, Path]]:

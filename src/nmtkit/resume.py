@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ import numpy as np
 import torch
 
 from .batching import make_batches
-from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dir, config_differences, load_checkpoint, same_path
 from .config import Config, TrainConfig
 from .model import Transformer
 from .rng import restore_rng_states
+from .step import apply_optimizer_settings
 from .tokenizer import Tokenizer
 from .translator import check_model_matches, tokenizer_from_state
 
@@ -43,6 +43,9 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
     oom_skipped: int = 0  # batches skipped because they ran out of memory
     bad_steps_in_a_row: int = 0
+    # the log window at the save (summed over ranks): a log line after a resume covers the steps before it too
+    window_loss: float = 0.0
+    window_tokens: int = 0
     # what the run trains and validates on, to notice files changed at the same path on resume (empty: not recorded)
     train_data_digest: str = ""  # the training pairs' lengths, in order: what the batch plan is made of (their ids
     # would tell more, but reading a 10M-pair table's ids brings ~1 GB of its pages into memory)
@@ -91,6 +94,12 @@ def resume_state(
     if not last.is_file():
         return TrainState(train_data_digest=digests[0], valid_data_digest=digests[1])
     saved = load_checkpoint(last)
+    if missing := [key for key in ("optimizer", "scaler", "train_state", "rng") if key not in saved]:
+        raise CheckpointError(
+            f"{last} holds weights without a training state ({', '.join(missing)} missing): an averaged or exported"
+            f" checkpoint, not one of this run's saves. Point last.pt back at a save (`ln -f {last.parent}/step-N.pt {last}`),"
+            f" or train on from these weights in a new train.run_dir with train.init_from={last}"
+        )
     diffs = config_differences(saved["config"], cfg.to_dict())
     started_from = saved["config"].get("train", {}).get("init_from", "")
     if cfg.train.init_from and cfg.train.init_from != started_from:
@@ -106,6 +115,8 @@ def resume_state(
     check_model_matches(model, saved["model"], str(last))
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    if changed := apply_optimizer_settings(optimizer, cfg):  # its param groups came back with the checkpoint's settings
+        log.warning("resume: %s since the checkpoint; AdamW goes on with the config's values (its moments are kept)", "; ".join(changed))
     if saved["scaler"]:  # empty from a run without the fp16 grad scaler: one that now has it starts it afresh
         scaler.load_state_dict(saved["scaler"])
     restore_rng_states(saved["rng"])
@@ -116,7 +127,7 @@ def resume_state(
     if not follow_data(cfg, state, len(lengths[0]), digests[0]):
         follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
     old_valid = saved["config"].get("data", {}).get("valid", cfg.data.valid)
-    if os.path.normpath(old_valid) != os.path.normpath(cfg.data.valid):  # losses of two splits do not compare
+    if not same_path(old_valid, cfg.data.valid):  # losses of two splits do not compare
         log.warning("resume: data.valid %r -> %r since the checkpoint; the best valid loss so far (%.4f, on the old split)"
                     " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
         state.best_valid_loss, state.evals_without_improvement = math.inf, 0

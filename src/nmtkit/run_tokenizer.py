@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from .checkpoint import checkpoint_dir
+from .checkpoint import checkpoint_dir, same_path
 from .config import Config, ConfigError
 from .data import iter_texts, sample_rows
 from .tokenizer import Tokenizer, train_tokenizer
@@ -101,9 +101,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_raw: datasets.Dataset, g
 def _same(key: str, old: Any, new: Any) -> bool:
     """One recorded setting against the config's: equal, or for data.train the same file spelled another way
     (relative against absolute, through a link)."""
-    if old == new:
-        return True
-    return key == "data.train" and isinstance(old, str) and isinstance(new, str) and os.path.realpath(old) == os.path.realpath(new)
+    return old == new or (key == "data.train" and same_path(old, new))
 
 
 def _write_record(directory: Path, sources: dict[str, Any]) -> None:

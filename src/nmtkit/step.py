@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -36,9 +36,29 @@ def make_optimizer(model: nn.Module, cfg: Config, runtime: Runtime) -> torch.opt
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": ps, **settings} for ps, settings in zip((decay, no_decay), _group_settings(cfg), strict=True)]
     # the fused kernel updates every parameter in one pass, on CUDA and on CPU alike
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
+
+
+def _group_settings(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW's settings of the config for make_optimizer's two groups: matrices, then the rest (no weight decay)."""
+    shared = {"betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
+    return {"weight_decay": cfg.train.weight_decay, **shared}, {"weight_decay": 0.0, **shared}
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: Config) -> list[str]:
+    """Set the config's weight decay, betas and eps on an optimizer that make_optimizer made and a checkpoint's state
+    then overwrote (its param groups carry the settings of the run that saved it); returns what changed, as
+    'train.key: old -> new'. The learning rate is the schedule's, set at every step."""
+    changes: dict[str, str] = {}
+    for group, settings in zip(optimizer.param_groups, _group_settings(cfg), strict=True):
+        for key, value in settings.items():
+            old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+            if old != value:  # betas and eps are in both groups: named once
+                changes[key] = f"train.{key}: {old!r} -> {value!r}"
+                group[key] = value
+    return list(changes.values())
 
 
 def train_step(

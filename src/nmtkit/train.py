@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .allocator import allocator_in_use
 from .batching import padding_fraction, read_batch
-from .checkpoint import checkpoint_dir, save_checkpoint
+from .checkpoint import checkpoint_dir, save_checkpoint, set_aside_later_saves
 from .config import Config, ConfigError
 from .data import DataError, load_split
 from .device import Runtime, choose_runtime, free_memory
@@ -156,6 +156,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     state = resume_state(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens), digests)
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
+        if state.step and (aside := set_aside_later_saves(run_dir, state.step)) is not None:
+            log.warning("resume: last.pt is step %d, and the saves after it (%s) are from training this run goes back on;"
+                        " moved to %s, out of keep-N rotation and `nmtkit average`", state.step,
+                        ", ".join(p.name for p in sorted(aside.iterdir())), aside)
     # The training computation (model + fused loss) is one module, which DDP wraps when
     # distributed; evaluation and checkpoints use the plain model.
     objective: nn.Module = TrainingObjective(model, tc.label_smoothing, runtime.dtype, compile=tc.compile)
@@ -176,8 +180,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
 
     valid_loss = state.best_valid_loss
     t_start = time.time() - state.elapsed_s
-    window_loss = torch.zeros((), device=runtime.device)  # summed on the device; read once per log line
-    window_tokens, window_t0 = 0, time.time()
+    # The log window: its loss summed on the device (read once per log line) and its target tokens. A checkpoint keeps
+    # both (`TrainState.window_*`, rank 0's the sum over ranks), so that the first log line after a resume covers
+    # the steps before the stop too, as an uninterrupted run's does. tok/s counts this session's steps only.
+    window_loss = torch.full((), state.window_loss if dist.is_main else 0.0, device=runtime.device)
+    window_tokens, window_t0, tokens_before_t0 = state.window_tokens, time.time(), state.window_tokens
     # disable=None: a bar on a terminal only, not a log file's worth of carriage returns when stderr is redirected
     bar = tqdm(total=tc.max_steps or None, initial=state.step, disable=None if tc.progress_bar and dist.is_main else True, unit="step", dynamic_ncols=True)
 
@@ -202,15 +209,18 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     nonfinite = SkippedSteps(state, tc.max_bad_steps, checkpoint_dir(run_dir) / "last.pt")
 
     def validate() -> bool:
-        """Validation loss (rank 0); returns True when it is the best so far."""
+        """Validation loss (rank 0); returns True when it is the best so far. Only the evaluations of the schedule
+        (every train.eval_every steps) count for train.patience: the one at a stop (Ctrl-C, a time or step limit)
+        would otherwise use up a unit of patience at every preemption of a resumed job."""
         nonlocal valid_loss
         m = teacher_forced_metrics(model, valid_ds, max(tc.max_tokens, cfg.model.max_positions), runtime)  # as evaluate's
         valid_loss = m.loss
         is_best = m.loss < state.best_valid_loss
+        scheduled = state.step % tc.eval_every == 0
         if is_best:
-            state.best_valid_loss, state.evals_without_improvement = m.loss, 0
-        else:
-            state.evals_without_improvement += 1
+            state.best_valid_loss = m.loss
+        if scheduled:
+            state.evals_without_improvement = 0 if is_best else state.evals_without_improvement + 1
         log.info("step %d | valid loss %.4f | ppl %.2f | acc %.3f%s", state.step, m.loss, m.perplexity, m.token_accuracy, " | best" if is_best else "")
         metrics.write(step=state.step, epoch=state.epoch + 1, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
         return is_best
@@ -294,23 +304,30 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
 
             if state.step % tc.log_every == 0:
                 now = time.time()
-                train_loss = dist.sum(window_loss).item() / max(1, window_tokens)
-                tok_s = window_tokens / max(1e-9, now - window_t0)
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s / 1e3:.1f}k")
+                window_sum = dist.sum(window_loss).item()  # every rank takes part
+                # a window whose every step was skipped trained on nothing: no loss to show (0.0 would look perfect)
+                train_loss = window_sum / window_tokens if window_tokens else None
+                shown = f"{train_loss:.3f}" if train_loss is not None else "n/a (every step skipped)"
+                tok_s = (window_tokens - tokens_before_t0) / max(1e-9, now - window_t0)
+                bar.set_postfix(loss=shown, lr=f"{lr:.1e}", tok_s=f"{tok_s / 1e3:.1f}k")
                 skipped = f" | skipped {state.skipped_steps}" if state.skipped_steps else ""
-                log.info("step %d | loss %.3f | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, train_loss, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
+                log.info("step %d | loss %s | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, shown, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
                 if dist.is_main:
                     metrics.write(
-                        step=state.step, epoch=state.epoch + 1, train_loss=train_loss, lr=lr, tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen,
-                        elapsed_s=round(state.elapsed_s, 2), skipped_steps=state.skipped_steps, oom_skipped=state.oom_skipped,
+                        step=state.step, epoch=state.epoch + 1, **({"train_loss": train_loss} if train_loss is not None else {}), lr=lr,
+                        tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2),
+                        skipped_steps=state.skipped_steps, oom_skipped=state.oom_skipped,
                     )
                 window_loss.zero_()
-                window_tokens, window_t0 = 0, now
+                window_tokens, window_t0, tokens_before_t0 = 0, now, 0
 
             is_best = False
             if is_due:  # ranks agree on due steps, so they all take this exchange
                 is_best = validate() if dist.is_main else False
                 stop_reason = agreed(stop_reason or should_stop())  # rank 0's evaluation decides patience
+            if state.step % tc.save_every == 0 or is_due:  # every rank: the steps a save can follow (is_best and a
+                # stop come with is_due)
+                state.window_loss, state.window_tokens = dist.sum(window_loss.clone()).item(), window_tokens  # not in place
             if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
                 save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:

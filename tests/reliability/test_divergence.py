@@ -70,6 +70,21 @@ def test_two_isolated_nan_steps_are_skipped_and_training_completes(
     assert [(r["step"], r["skipped_steps"]) for r in records if "train_loss" in r] == [(3, 0), (6, 1), (9, 2), (12, 2)]
 
 
+def test_a_log_window_whose_every_step_was_skipped_shows_no_loss(
+    corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps 4-6 skipped, a line every 3 steps: the line at step 6 trained on nothing. A loss of 0.0 there would look
+    like a perfect window in the log, the plot and TensorBoard."""
+    poison_training_steps(monkeypatch, lambda n: n in (4, 5, 6))
+    with caplog.at_level(logging.INFO, logger="nmtkit"):
+        train(tiny_config(corpus, tmp_path / "run", train={"max_steps": 9, "max_bad_steps": 5}))
+    assert any(r.getMessage().startswith("step 6 | loss n/a (every step skipped) |") for r in caplog.records)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records if "lr" in r}
+    assert "train_loss" not in by_step[6] and by_step[6]["skipped_steps"] == 3
+    assert math.isfinite(by_step[3]["train_loss"]) and math.isfinite(by_step[9]["train_loss"])
+
+
 def test_nan_on_every_step_raises_divergence_error_and_leaves_the_last_checkpoint_untouched(
     corpus: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

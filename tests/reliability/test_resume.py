@@ -16,6 +16,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from reliability_helpers import (
     last_pt_step,
@@ -28,7 +29,7 @@ from reliability_helpers import (
 )
 
 from conftest import tiny_config
-from nmtkit.checkpoint import load_checkpoint
+from nmtkit.checkpoint import load_checkpoint, step_files
 from nmtkit.resume import TrainState
 from nmtkit.train import train
 
@@ -44,8 +45,9 @@ def optimizer_tensors(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {f"{i}.{name}": t for i, s in checkpoint["optimizer"]["state"].items() for name, t in s.items()}
 
 
-# 600 pairs in batches of <= 512 tokens make a 28-batch epoch: stopping at 21 is mid-epoch, and 36 steps
-# cross into the second epoch. Logging every 3 steps keeps the log windows of both runs aligned.
+# 600 pairs in batches of <= 512 tokens make a 28-batch epoch: stopping at 22 is mid-epoch, and 36 steps
+# cross into the second epoch. Logging every 3 steps: the stop at 22 cuts the window of steps 22-24, which the
+# checkpoint carries, so the resumed run's line at step 24 covers step 22 too.
 SCHEDULE = {"log_every": 3, "eval_every": 6, "save_every": 3}
 
 
@@ -53,10 +55,10 @@ def test_run_stopped_mid_epoch_and_resumed_matches_an_uninterrupted_run_bit_for_
     """Same logged losses, weights and optimizer moments: dropout 0.1 makes the restored RNG states count."""
     model = {"dropout": 0.1}
     straight = train(tiny_config(corpus, tmp_path / "straight", model=model, train={**SCHEDULE, "max_steps": 36}))
-    half = train(tiny_config(corpus, tmp_path / "resumed", model=model, train={**SCHEDULE, "max_steps": 21}))
+    half = train(tiny_config(corpus, tmp_path / "resumed", model=model, train={**SCHEDULE, "max_steps": 22}))
     resumed = train(tiny_config(corpus, tmp_path / "resumed", model=model, train={**SCHEDULE, "max_steps": 36}))
 
-    assert (half.state.epoch, half.state.batch_in_epoch) == (0, 21)  # stopped mid-epoch
+    assert (half.state.epoch, half.state.batch_in_epoch) == (0, 22)  # stopped mid-epoch, and mid-window
     assert straight.state.epoch == resumed.state.epoch == 1  # and resumed across the epoch boundary
     assert logged(tmp_path / "resumed", "train_loss") == logged(tmp_path / "straight", "train_loss")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
@@ -237,4 +239,77 @@ def test_relinking_last_pt_to_an_earlier_save_resumes_from_that_save(corpus: dic
     with caplog.at_level("INFO", logger="nmtkit"):
         assert train(tiny_config(corpus, run, train={"max_steps": 3, "save_every": 2, "eval_every": 2})).state.step == 3
     assert f"resumed from {directory / 'last.pt'} at step 2" in caplog.text
-    assert load_checkpoint(directory / "last.pt")["step"] == 3 and (directory / "step-000004.pt").is_file()
+    assert load_checkpoint(directory / "last.pt")["step"] == 3
+    # the abandoned save is kept, out of the way of rotation and `nmtkit average`
+    assert [p.name for _, p in step_files(directory)] == ["step-000002.pt", "step-000003.pt"]
+    assert (directory / "after-step-000002" / "step-000004.pt").is_file()
+    assert "the saves after it (step-000004.pt)" in caplog.text
+
+
+def test_a_rollback_keeps_the_new_saves_in_rotation_and_sets_the_abandoned_ones_aside(corpus: dict, tmp_path: Path) -> None:
+    """keep_checkpoints 2: left in place, the abandoned step-8 stayed the newest by number, so rotation deleted step 6
+    and `nmtkit average` would have mixed the new step 7 with step 8 of the abandoned stretch."""
+    run = tmp_path / "run"
+    schedule = {"save_every": 2, "eval_every": 2, "keep_checkpoints": 2}
+    train(tiny_config(corpus, run, train={**schedule, "max_steps": 8}))
+    directory = run / "checkpoints"
+
+    def back_to_step_6() -> None:
+        (directory / "last.pt").unlink()
+        os.link(directory / "step-000006.pt", directory / "last.pt")
+
+    back_to_step_6()
+    train(tiny_config(corpus, run, train={**schedule, "max_steps": 7}))
+    assert [n for n, _ in step_files(directory)] == [6, 7]
+    assert (directory / "after-step-000006" / "step-000008.pt").is_file()
+    back_to_step_6()  # again: the second abandoned stretch goes beside the first, never over it
+    train(tiny_config(corpus, run, train={**schedule, "max_steps": 7}))
+    assert (directory / "after-step-000006" / "step-000008.pt").is_file()
+    assert (directory / "after-step-000006-2" / "step-000007.pt").is_file()
+
+
+def test_adamw_settings_changed_on_resume_are_used_and_named(corpus: dict, tmp_path: Path, caplog) -> None:
+    """The checkpoint's optimizer state carries the settings of the run that saved it; the config's win."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 3}))
+    changed = {"betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}
+    with caplog.at_level("WARNING", logger="nmtkit"):
+        train(tiny_config(corpus, run, train={"max_steps": 4, **changed}))
+    decay, rest = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert (tuple(decay["betas"]), decay["eps"], decay["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.05)
+    assert (tuple(rest["betas"]), rest["eps"], rest["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.0)
+    assert "train.weight_decay: 0.0 -> 0.05" in caplog.text and "train.betas: (0.9, 0.98) -> (0.8, 0.95)" in caplog.text
+
+
+def test_a_stop_and_resume_use_up_no_patience(corpus: dict, tmp_path: Path) -> None:
+    """The evaluation at a stop (step 4, off the every-3 schedule) does not count for train.patience: an interrupted
+    run stops where an uninterrupted one does. lr 1e-12 leaves the validation loss where the first evaluation put it."""
+    schedule = {"lr": 1e-12, "eval_every": 3, "patience": 3, "max_steps": 60, "save_every": 60}
+    straight = train(tiny_config(corpus, tmp_path / "straight", train=schedule))
+    train(tiny_config(corpus, tmp_path / "resumed", train={**schedule, "max_steps": 4}))
+    resumed = train(tiny_config(corpus, tmp_path / "resumed", train=schedule))
+    assert "train.patience" in straight.stop_reason and "train.patience" in resumed.stop_reason
+    assert resumed.state.step == straight.state.step == 12
+
+
+def test_a_checkpoint_without_training_state_as_last_pt_is_refused_naming_init_from(corpus: dict, tmp_path: Path) -> None:
+    """`nmtkit average`'s output linked as last.pt: weights only, so there is nothing to resume."""
+    from nmtkit.average import average_checkpoints
+    from nmtkit.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 4, "save_every": 2, "eval_every": 2}))
+    averaged = average_checkpoints(run, last=2).path
+    (run / "checkpoints" / "last.pt").unlink()
+    os.link(averaged, run / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"without a training state \(optimizer, scaler, train_state, rng missing\).*train\.init_from="):
+        train(tiny_config(corpus, run, train={"max_steps": 6}))
+
+
+def test_the_training_file_named_relatively_on_resume_is_the_same_file(corpus: dict, tmp_path: Path, monkeypatch) -> None:
+    """An absolute data.train in the checkpoint, a relative one in the config: one file, so the run resumes."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 3}))
+    monkeypatch.chdir(corpus["train"].parent)
+    result = train(tiny_config(corpus, run, data={"train": corpus["train"].name}, train={"max_steps": 4}))
+    assert result.state.step == 4
