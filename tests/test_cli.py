@@ -373,6 +373,16 @@ def test_translate_jsonl_has_exactly_the_public_keys(trained_run: Path, capsys) 
         assert set(token) == {"position", "piece", "id", "prob", "loss", "greedy_match"}
 
 
+def test_translate_takes_each_reference_beside_its_sentence(trained_run: Path, capsys) -> None:
+    """`--reference R1 S1 --reference R2 S2`: the sentences between options are all translated, in order; an unknown
+    option among them is still refused."""
+    records = translate_jsonl(capsys, ["--checkpoint", str(trained_run), "--reference", "你好。", "Hello.", "--reference", REFERENCE, SOURCE])
+    assert [(r["source"], r["reference"]["text"]) for r in records] == [("Hello.", "你好。"), (SOURCE, REFERENCE)]
+    with pytest.raises(SystemExit):
+        main(["translate", "--checkpoint", str(trained_run), "Hello.", "--reference", "你好。", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_translate_jsonl_without_reference_has_null_reference(trained_run: Path, capsys) -> None:
     (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE])
     assert record["reference"] is None

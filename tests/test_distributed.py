@@ -156,7 +156,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(corpus: dict, tmp_path: Path) -> None:
     """SIGTERM reaches rank 1 only: rank 0 must stop at the same step (not wait in the next all-reduce) and save."""
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=100_000, eval_every=100_000, save_every=100_000)
+    config = write_config(tmp_path / "c.yaml", corpus, run_dir, max_steps=100_000, eval_every=100_000, save_every=100_000, log_every=1)
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
     with killed_if_hanging(proc) as ranks:
         deadline = time.time() + 120

@@ -136,3 +136,41 @@ def test_a_pair_longer_than_the_positions_is_left_out_of_the_loss_but_scored_by_
     out = capsys.readouterr().out
     assert scored == [(4, 4)]
     assert "sentences  3 (1 more, longer than model.max_positions, left out of the loss; BLEU and chrF score them)" in out
+
+
+def test_a_blank_source_gets_a_blank_hypothesis_for_bleu_as_translate_gives_it(trained_run: Path) -> None:
+    """Decoded from </s> alone the model would invent a sentence, and BLEU and chrF would score it."""
+    from nmtkit.translator import Translator
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    hypotheses = evaluate.translate_all(translator, ["", "  ", "Hello.", "\x07"])
+    assert hypotheses[0] == hypotheses[1] == hypotheses[3] == "" and hypotheses[2]
+    assert [t.translation for t in translator.translate(["", "  "])] == hypotheses[:2]
+
+
+def test_a_plot_folder_that_cannot_be_written_is_refused_before_the_evaluation(trained_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    a_file = tmp_path / "afile"
+    a_file.write_text("", encoding="utf-8")
+    monkeypatch.setattr(evaluate, "teacher_forced_metrics", lambda *a, **k: pytest.fail("evaluated before the check"))
+    assert main(["evaluate", "--checkpoint", str(trained_run), "--plot", str(a_file)]) == 2
+    assert f"--plot: cannot write {a_file / 'reliability.png'}: {a_file} is not a folder" in capsys.readouterr().err
+
+
+def test_a_bf16_evaluation_of_the_validation_split_gives_the_loss_training_logged(corpus: dict, tmp_path: Path) -> None:
+    """Validation trains' way: fp32 weights under bf16 autocast, not the decoder's bf16 weights."""
+    import json
+
+    from conftest import tiny_config
+    from nmtkit.device import cpu_has_fast_bf16
+    from nmtkit.train import train
+
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no bf16 matmuls")
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"precision": "bf16", "max_steps": 6, "eval_every": 6, "save_every": 6}))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid_loss = next(r["valid_loss"] for r in logged if "valid_loss" in r)
+    result = evaluate.evaluate_checkpoint(str(run), split="valid", precision="bf16", with_bleu=False)
+    assert result["loss"] == pytest.approx(valid_loss, abs=1e-6)
+

@@ -93,3 +93,18 @@ def test_resumed_training_marks_its_step_in_the_metrics(trained_run: Path, corpu
     train(tiny_config(corpus, run, train={"max_steps": 14}))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {"step": 12, "resumed": True} in records
+
+
+def test_an_out_name_of_no_image_format_is_refused_and_one_without_a_suffix_is_a_png_under_that_name(trained_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlotError, match=r"--out .*curves\.txt: '\.txt' is not an image format matplotlib writes; .*\(e\.g\. curves\.png\)"):
+        plot_training_curves(trained_run, tmp_path / "curves.txt")
+    written = plot_training_curves(trained_run, tmp_path / "curves")
+    assert written == tmp_path / "curves" and written.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '{"train_loss": 1.0}'])
+def test_a_metrics_line_that_is_no_record_is_named_with_its_line_number(tmp_path: Path, line: str) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0, "lr": 0.1}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(PlotError, match=r"metrics\.jsonl:2: not a metrics record"):
+        read_training_curves(tmp_path)
+

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args, argv)
@@ -229,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout must not fail again
             os.close(devnull)
         return 141
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parser's arguments, where `translate` takes its sentences between options too: in `--reference R1 S1
+    --reference R2 S2`, argparse gives the positional sentences only their first run (S1) and refuses S2. Later runs
+    come back as leftovers, in order, and join the first; a leftover option is refused as parse_args refuses it."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "translate" or any(x.startswith("-") and x != "-" for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.text = [*args.text, *extra]
+    return args
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str] | None) -> int:

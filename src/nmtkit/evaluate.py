@@ -32,8 +32,9 @@ from .device import Runtime
 from .encoded import encode_split, length_arrays, readable_pairs
 from .model import Transformer
 from .plot import plot_reliability, require_matplotlib
+from .text_input import check_writable
 from .tokenizer import PAD_ID
-from .translator import Translator
+from .translator import Translator, is_blank
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ def evaluate_checkpoint(
     of the checkpoint's (the command line's batch size, workers, length budget).
     """
     t0 = time.time()
-    if plot_dir is not None:
-        require_matplotlib()  # fail before the evaluation, not after it
+    if plot_dir is not None:  # fail before the evaluation, not after it
+        require_matplotlib()
+        check_writable(str(Path(plot_dir) / "reliability.png"), "--plot")
     translator = Translator.from_checkpoint(checkpoint, device, precision)
     cfg = translator.cfg
     if with_bleu and beam_size > 1:
@@ -169,7 +171,11 @@ def evaluate_checkpoint(
     calibration = CalibrationAccumulator(device=translator.runtime.device)
     # batches wide enough for the longest readable pair, even where the training batches were narrower
     max_tokens = max(cfg.train.max_tokens, cfg.model.max_positions)
-    loss = teacher_forced_metrics(translator.model, ds, max_tokens, translator.runtime, calibration)
+    # The loss as training's validation computes it: fp32 weights under the precision's autocast. The translator's
+    # weights are stored in the compute dtype for decoding, which moved a bf16 loss in its fifth digit.
+    scorer = translator.model if translator.runtime.precision == "fp32" else Translator.from_checkpoint(checkpoint, device, "fp32").model
+    loss = teacher_forced_metrics(scorer, ds, max_tokens, translator.runtime, calibration)
+    del scorer
     calib = calibration.result()
     quality = None
     if bleu is not None:
@@ -225,7 +231,10 @@ def translate_all(translator: Translator, texts: list[str], beam_size: int = 1, 
             result = translator.beam_search_ids(src, beam_size, length_penalty=length_penalty).rank(0)
         else:
             result = translator.translate_ids(src)
-        return [translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist()) for row in range(len(idx))]
+        return [
+            "" if is_blank(texts[i]) else translator.tokenizer.decode_tgt(result.tokens[row, : int(result.lengths[row])].tolist())
+            for row, i in enumerate(idx)
+        ]
 
     d = translator.cfg.decode
     return decode_in_input_order(one_batch, texts, d.batch_size, translator.workers, d.processes)

@@ -67,6 +67,8 @@ def read_training_curves(run_dir: str | Path) -> TrainingCurves:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise PlotError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise PlotError(f"{path}:{n}: not a metrics record (a JSON object with an integer \"step\"): {line[:80]}")
         # A resumed run trains again from its checkpoint's step: what the stopped run logged after that step
         # belongs to an abandoned stretch. Training marks the resume; logs without the mark are cut where the
         # steps go back.
@@ -158,9 +160,13 @@ def plot_reliability(calibration: Calibration, path: str | Path) -> Path:
 
 def _save(fig: Any, path: Path, flag: str) -> Path:
     """Write the figure, or a PlotError naming the file and the flag that puts it elsewhere (a read-only run directory)."""
+    kind = path.suffix[1:].lower() or "png"  # no suffix: PNG, written under the very name given
+    if kind not in (known := fig.canvas.get_supported_filetypes()):
+        raise PlotError(f"{flag} {path}: {path.suffix!r} is not an image format matplotlib writes; end the name in one of"
+                        f" {', '.join('.' + k for k in sorted(known))} (e.g. {path.with_suffix('.png').name})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        fig.savefig(path, format=kind)
     except OSError as e:
         raise PlotError(f"could not write {path}: {e.strerror or e}; write the figure elsewhere with {flag}") from None
     return path

@@ -209,8 +209,7 @@ class Translator:
         results = []
         for b, text in enumerate(texts):
             ref = self._reference_score(references[b], scores, b) if references is not None and scores else None
-            if not _clean(text).strip():  # a blank line (or one of control characters) stays blank, as a line-aligned
-                # output needs: decoded from </s> alone, the model would invent a sentence
+            if is_blank(text):
                 results.append(Translation(text, "", [], 0.0, 0.0, ref, [Hypothesis("", 0.0, 0.0, [])] if beam is not None else []))
                 continue
             steps = self._token_steps(out, b)
@@ -272,6 +271,12 @@ class DecodedBatch:
     beam: BeamOutput | None  # every hypothesis, when an n-best list was asked for
     scores: ReferenceScores | None  # the references' token scores (without the logits)
     budget: Tensor  # (B,) each sentence's output length budget, EOS included
+
+
+def is_blank(text: str) -> bool:
+    """A blank source (or one of control characters) stays blank in every output, as line-aligned files need:
+    decoded from </s> alone, the model would invent a sentence."""
+    return not _clean(text).strip()
 
 
 def _clean(text: str) -> str:
