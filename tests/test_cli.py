@@ -383,6 +383,14 @@ def test_translate_takes_each_reference_beside_its_sentence(trained_run: Path, c
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
+def test_translate_sentences_that_start_with_a_dash_are_text_where_argparse_takes_them_so() -> None:
+    from nmtkit.cli import build_parser, parse_arguments
+
+    argv = ["translate", "--checkpoint", "c", "--reference", "R1", "S1", "--reference", "R2", "- an item", "--", "-x"]
+    args = parse_arguments(build_parser(), argv)
+    assert (args.text, args.reference) == (["S1", "- an item", "-x"], ["R1", "R2"])
+
+
 def test_translate_jsonl_without_reference_has_null_reference(trained_run: Path, capsys) -> None:
     (record,) = translate_jsonl(capsys, ["--checkpoint", str(trained_run), SOURCE])
     assert record["reference"] is None

@@ -123,7 +123,7 @@ def test_cuda_graph_decoding_gives_the_tokens_and_probabilities_of_eager_steps(t
 def test_a_non_finite_step_on_cuda_is_skipped_on_the_device_and_counted_a_step_late(fused: bool, precision: str, tmp_path: Path) -> None:
     """Fused AdamW's found_inf (fp16: the grad scaler's) skips the update in the kernel; the flag comes back through
     pinned memory."""
-    a_non_finite_step_is_skipped_and_counted("cuda", fused, tmp_path, precision=precision)
+    a_non_finite_step_is_skipped_and_counted("cuda", fused, tmp_path, precision=precision, init_scale=1.0 if precision == "fp16" else 2.0**8)
 
 
 # last in the file: it compiles cold graphs (tens of seconds), so a GPU kit's time limit cuts it, not the tests above

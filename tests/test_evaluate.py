@@ -174,3 +174,18 @@ def test_a_bf16_evaluation_of_the_validation_split_gives_the_loss_training_logge
     result = evaluate.evaluate_checkpoint(str(run), split="valid", precision="bf16", with_bleu=False)
     assert result["loss"] == pytest.approx(valid_loss, abs=1e-6)
 
+
+def test_evaluate_reads_its_checkpoint_once_for_both_models(trained_run: Path, monkeypatch) -> None:
+    """The bf16 decoder and the fp32 scorer come from one read: a run still training may replace best.pt between two."""
+    from nmtkit.device import cpu_has_fast_bf16
+    from nmtkit.translator import Translator
+
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no bf16 matmuls")
+    reads = []
+    real = evaluate.load_checkpoint
+    monkeypatch.setattr(evaluate, "load_checkpoint", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(Translator, "from_checkpoint", lambda *a, **k: pytest.fail("a second read"))
+    evaluate.evaluate_checkpoint(str(trained_run), split="valid", precision="bf16", with_bleu=False, limit=8)
+    assert len(reads) == 1
+

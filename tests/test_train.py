@@ -149,13 +149,22 @@ def test_a_non_finite_step_leaves_weights_and_adamw_state_as_they_were(fused: bo
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_non_finite_fp16_step_is_skipped_by_the_grad_scaler_and_still_counted(fused: bool, tmp_path: Path) -> None:
-    """fp16 (CUDA's, run here through CPU autocast): the grad scaler skips the update and halves its scale, and the
-    step still counts as skipped, so max_bad_steps in a row stop a run whose fp16 loss stays non-finite."""
-    a_non_finite_step_is_skipped_and_counted("cpu", fused, tmp_path, precision="fp16")
+def test_a_non_finite_fp16_step_at_a_loss_scale_of_1_or_less_is_skipped_and_counted(fused: bool, tmp_path: Path) -> None:
+    """fp16 (CUDA's, run here through CPU autocast): the grad scaler skips the update and halves its scale; at a scale
+    of 1 or less (fp16 gradients that overflow unscaled) the step counts as skipped, so max_bad_steps in a row stop
+    a run whose fp16 loss stays non-finite."""
+    a_non_finite_step_is_skipped_and_counted("cpu", fused, tmp_path, precision="fp16", init_scale=1.0)
 
 
-def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path: Path, precision: str = "fp32") -> None:
+def test_an_fp16_overflow_while_the_grad_scaler_searches_its_scale_is_not_counted(tmp_path: Path) -> None:
+    """At a scale above 1 an overflow is the scaler's search (it starts at 2**16 and halves): skipped, not counted,
+    so it can never add up to a DivergenceError."""
+    a_non_finite_step_is_skipped_and_counted("cpu", True, tmp_path, precision="fp16", init_scale=2.0**8)
+
+
+def a_non_finite_step_is_skipped_and_counted(
+    device: str, fused: bool, tmp_path: Path, precision: str = "fp32", init_scale: float = 2.0**8
+) -> None:
     """(Also run on a GPU by test_cuda.py.) A step whose gradients are not finite leaves weights and AdamW state as
     they were; its flag, read back a step late (`SkippedSteps`), counts it as skipped."""
     from nmtkit.batching import collate
@@ -169,8 +178,8 @@ def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path:
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1, dropout=0.0), 60, 60, True).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused)
-    # a start scale this small model's fp16 gradients never overflow at, so the first step is a good one
-    scaler = torch.amp.GradScaler(device, init_scale=2.0**8, enabled=precision == "fp16")
+    # (fp16) start scales this small model's gradients never overflow at, so the first step is a good one
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale, enabled=precision == "fp16")
     batch = collate({"src_ids": [[5, 6, 7], [8, 9]], "tgt_ids": [[14, 15], [16, 17, 18]]}).to(torch.device(device))
     # built directly: choose_runtime keeps fp16 to CUDA, while CPU autocast runs it too
     runtime = Runtime(torch.device(device), precision, "test")
@@ -189,15 +198,17 @@ def a_non_finite_step_is_skipped_and_counted(device: str, fused: bool, tmp_path:
     with torch.no_grad():
         model.tgt_embed.weight[5, 0] = float("inf")  # every gradient becomes non-finite
     poisoned = model.tgt_embed.weight.detach().clone()
-    assert bool(step(2))
+    counted = not scaler.is_enabled() or init_scale <= 2.0  # fp16: once the halved scale is 1 or less
+    assert bool(step(2)) == counted
     assert torch.equal(model.tgt_embed.weight, poisoned)
     for p, w, m in zip(model.parameters(), weights, moments):
         if p is not model.tgt_embed.weight:
             assert torch.equal(p, w)
         assert torch.equal(optimizer.state[p]["exp_avg"], m) and int(optimizer.state[p]["step"]) == 1
-    assert skipped.settle() == batch.n_tgt_tokens and (state.skipped_steps, state.bad_steps_in_a_row) == (1, 1)
+    tokens = batch.n_tgt_tokens if counted else 0
+    assert skipped.settle() == tokens and (state.skipped_steps, state.bad_steps_in_a_row) == (int(counted), int(counted))
     if scaler.is_enabled():  # the scaler saw the same step as non-finite
-        assert scaler.get_scale() == 2.0**7
+        assert scaler.get_scale() == init_scale / 2
 
 
 def test_the_progress_bar_stays_off_a_redirected_stderr(corpus: dict, tmp_path: Path, capsys) -> None:

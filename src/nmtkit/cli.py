@@ -236,10 +236,14 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     --reference R2 S2`, argparse gives the positional sentences only their first run (S1) and refuses S2. Later runs
     come back as leftovers, in order, and join the first; a leftover option is refused as parse_args refuses it."""
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "translate" or any(x.startswith("-") and x != "-" for x in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and args.command == "translate":
+        # what argparse takes for an option: a dash first, no space (a sentence such as "- an item" is text); after
+        # a `--`, everything is text
+        cut = extra.index("--") if "--" in extra else len(extra)
+        if not any(x.startswith("-") and x != "-" and " " not in x for x in extra[:cut]):
+            args.text, extra = [*args.text, *extra[:cut], *extra[cut + 1 :]], []
     if extra:
-        args.text = [*args.text, *extra]
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

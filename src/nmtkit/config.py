@@ -119,7 +119,8 @@ class TrainConfig:
     log_every: int = field(default=100, metadata=_check(min=1))
     keep_checkpoints: int = field(default=3, metadata=_check(min=1))
     # skip an update whose gradient is not finite (on the device; the host reads the flag a step later),
-    # and stop after max_bad_steps such steps in a row (fp16: its grad scaler skips them, halving its scale each time)
+    # and stop after max_bad_steps such steps in a row (fp16: its grad scaler skips them, halving its scale each time;
+    # they count once the scale is 1 or less)
     skip_nonfinite: bool = True
     max_bad_steps: int = field(default=10, metadata=_check(min=1))
     # a batch that runs out of memory is logged and skipped (single process); false re-raises

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .batching import make_batches, read_batch
 from .beam import check_beam_settings
 from .calibration import CalibrationAccumulator
-from .checkpoint import resolve_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import ConfigError, DataConfig
 from .data import DataError, load_split
 from .decode_workers import decode_in_input_order
@@ -146,7 +146,9 @@ def evaluate_checkpoint(
     if plot_dir is not None:  # fail before the evaluation, not after it
         require_matplotlib()
         check_writable(str(Path(plot_dir) / "reliability.png"), "--plot")
-    translator = Translator.from_checkpoint(checkpoint, device, precision)
+    file = resolve_checkpoint(checkpoint)  # read once: a run still training may replace best.pt in the meantime
+    state = load_checkpoint(file)
+    translator = Translator.from_state(state, file, device, precision)
     cfg = translator.cfg
     if with_bleu and beam_size > 1:
         try:
@@ -158,7 +160,7 @@ def evaluate_checkpoint(
     data_cfg = evaluation_data(cfg.data, split, data_file)
     # the checkpoint's data paths are its training run's, relative to where that ran; evaluate reads another with --data
     key, fix = ("--data", "check the path") if data_file else (f"data.{split}", "run where the training ran, or pass --data PATH")
-    raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, resolve_checkpoint(checkpoint)), key=key, fix=fix)
+    raw = load_split(data_cfg, split, _cache_dir(cfg.data.cache_dir, file), key=key, fix=fix)
     if limit:
         raw = raw.select(range(min(limit, len(raw))))
     every_pair, report = encode_split(raw, translator.tokenizer, data_cfg, split, apply_filters=False)
@@ -173,7 +175,8 @@ def evaluate_checkpoint(
     max_tokens = max(cfg.train.max_tokens, cfg.model.max_positions)
     # The loss as training's validation computes it: fp32 weights under the precision's autocast. The translator's
     # weights are stored in the compute dtype for decoding, which moved a bf16 loss in its fifth digit.
-    scorer = translator.model if translator.runtime.precision == "fp32" else Translator.from_checkpoint(checkpoint, device, "fp32").model
+    scorer = translator.model if translator.runtime.precision == "fp32" else Translator.from_state(state, file, device, "fp32").model
+    del state
     loss = teacher_forced_metrics(scorer, ds, max_tokens, translator.runtime, calibration)
     del scorer
     calib = calibration.result()
@@ -188,7 +191,7 @@ def evaluate_checkpoint(
     if plot_dir is not None:
         out["reliability_plot"] = str(plot_reliability(calib, Path(plot_dir) / "reliability.png"))
     out.update(
-        checkpoint=str(resolve_checkpoint(checkpoint)),
+        checkpoint=str(file),
         data=getattr(data_cfg, split),
         split=None if data_file else split,  # a --data file is no split of the run's
         label_smoothing_in_loss=False,

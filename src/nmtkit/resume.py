@@ -38,7 +38,8 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of this epoch already consumed
     tokens_seen: int = 0  # non-pad target tokens trained on
     best_valid_loss: float = math.inf
-    evals_without_improvement: int = 0
+    evals_without_improvement: int = 0  # scheduled evaluations (every train.eval_every steps) since the best of them
+    best_scheduled_loss: float = math.inf  # the best of those (a stop's evaluation may make best.pt, not patience's best)
     elapsed_s: float = 0.0  # training wall time over all sessions
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in total
     oom_skipped: int = 0  # batches skipped because they ran out of memory
@@ -124,19 +125,21 @@ def resume_state(
     if unknown := sorted(set(saved["train_state"]) - known):  # written by a newer nmtkit
         log.warning("resume: %s records %s, which this version of nmtkit does not know; left out", last, ", ".join(unknown))
     state = TrainState(**{k: v for k, v in saved["train_state"].items() if k in known})
+    if "best_scheduled_loss" not in saved["train_state"]:  # a checkpoint from before the field
+        state.best_scheduled_loss = state.best_valid_loss
     if not follow_data(cfg, state, len(lengths[0]), digests[0]):
         follow_batch_plan(saved["config"].get("train", {}), cfg.train, state, *lengths)
     old_valid = saved["config"].get("data", {}).get("valid", cfg.data.valid)
     if not same_path(old_valid, cfg.data.valid):  # losses of two splits do not compare
         log.warning("resume: data.valid %r -> %r since the checkpoint; the best valid loss so far (%.4f, on the old split)"
                     " is forgotten, and the next evaluation makes best.pt", old_valid, cfg.data.valid, state.best_valid_loss)
-        state.best_valid_loss, state.evals_without_improvement = math.inf, 0
+        state.best_valid_loss, state.best_scheduled_loss, state.evals_without_improvement = math.inf, math.inf, 0
     elif state.valid_data_digest not in ("", digests[1]):
         log.warning("resume: the validation pairs of data.valid (%s) differ from the checkpoint's (the file changed, or"
                     " model.max_positions, or the checkpoint is from an nmtkit that validated on the pairs its training filters"
                     " kept); the best valid loss so far (%.4f, on the old pairs) is forgotten, and the next evaluation makes"
                     " best.pt", cfg.data.valid, state.best_valid_loss)
-        state.best_valid_loss, state.evals_without_improvement = math.inf, 0
+        state.best_valid_loss, state.best_scheduled_loss, state.evals_without_improvement = math.inf, math.inf, 0
     state.train_data_digest, state.valid_data_digest = digests
     log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch + 1, state.batch_in_epoch)  # 1-based, as the log's
     return state

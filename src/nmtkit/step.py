@@ -82,8 +82,10 @@ def train_step(
     the gradient norm was non-finite, both as device tensors: the caller decides when to read them.
     A non-finite step's update is skipped on the device (the fused AdamW kernel's `found_inf` input,
     the same mechanism the fp16 grad scaler uses), so the step never waits for the host; reading the
-    flag back every step cost 10% of a compiled GPU step. With fp16 the grad scaler skips it, and the flag
-    counts it all the same (`SkippedSteps`), so a run whose fp16 loss stays non-finite stops like any other.
+    flag back every step cost 10% of a compiled GPU step. With fp16 the grad scaler skips such a step and halves
+    its scale, which is how it finds its scale from 2**16; the flag marks only overflows that leave the scale at 1 or
+    less, where fp16 gradients overflow unscaled, so that a run whose fp16 loss stays non-finite stops like any other
+    (after ~16 halvings and then `max_bad_steps` in a row) and the scaler's search never does.
     """
     total = torch.zeros((), device=runtime.device)
     for i, batch in enumerate(batches):
@@ -98,8 +100,7 @@ def train_step(
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), clip_norm if clip_norm > 0 else math.inf)
     is_bad = ~torch.isfinite(grad_norm) if check_finite else None
-    # fp16's grad scaler found the same non-finite values in unscale_: it skips that update itself (and lowers its
-    # scale), so there the flag only counts the step
+    # fp16's grad scaler found the same non-finite values in unscale_: it skips that update itself
     skip_here = is_bad is not None and not scaler.is_enabled()
     skip_on_device = skip_here and optimizer.defaults.get("fused", False)
     if skip_here and not skip_on_device and bool(is_bad):  # other optimizers: the host decides
@@ -112,6 +113,8 @@ def train_step(
     optimizer.found_inf = cast(torch.Tensor, is_bad).float() if skip_on_device else None  # type: ignore[attr-defined]
     scaler.step(optimizer)
     scaler.update()
+    if is_bad is not None and scaler.is_enabled():  # the scale after this step's update (a device tensor: no sync)
+        is_bad = is_bad & (cast(torch.Tensor, scaler._get_scale_async()) <= 1.0)
     optimizer.found_inf = None  # type: ignore[attr-defined]
     optimizer.zero_grad(set_to_none=True)
     return total, is_bad

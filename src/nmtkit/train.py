@@ -156,10 +156,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     state = resume_state(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens), digests)
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
-        if state.step and (aside := set_aside_later_saves(run_dir, state.step)) is not None:
-            log.warning("resume: last.pt is step %d, and the saves after it (%s) are from training this run goes back on;"
-                        " moved to %s, out of keep-N rotation and `nmtkit average`", state.step,
-                        ", ".join(p.name for p in sorted(aside.iterdir())), aside)
+        if (aside := set_aside_later_saves(run_dir, state.step)) is not None:
+            names = ", ".join(p.name for p in sorted(aside.iterdir()))
+            where = f"last.pt is step {state.step}, and the saves after it" if state.step else "no last.pt, and the step files"
+            log.warning("%s (%s) are from training this run does not go on from; moved to %s, out of keep-N rotation"
+                        " and `nmtkit average`", where, names, aside)
     # The training computation (model + fused loss) is one module, which DDP wraps when
     # distributed; evaluation and checkpoints use the plain model.
     objective: nn.Module = TrainingObjective(model, tc.label_smoothing, runtime.dtype, compile=tc.compile)
@@ -216,11 +217,12 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         m = teacher_forced_metrics(model, valid_ds, max(tc.max_tokens, cfg.model.max_positions), runtime)  # as evaluate's
         valid_loss = m.loss
         is_best = m.loss < state.best_valid_loss
-        scheduled = state.step % tc.eval_every == 0
         if is_best:
             state.best_valid_loss = m.loss
-        if scheduled:
-            state.evals_without_improvement = 0 if is_best else state.evals_without_improvement + 1
+        if state.step % tc.eval_every == 0:  # patience compares scheduled evaluations only, among themselves
+            improved = m.loss < state.best_scheduled_loss
+            state.best_scheduled_loss = min(state.best_scheduled_loss, m.loss)
+            state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
         log.info("step %d | valid loss %.4f | ppl %.2f | acc %.3f%s", state.step, m.loss, m.perplexity, m.token_accuracy, " | best" if is_best else "")
         metrics.write(step=state.step, epoch=state.epoch + 1, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
         return is_best

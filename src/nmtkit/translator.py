@@ -68,9 +68,13 @@ class Translator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "fp32") -> Translator:
         """Load from a run directory (its best checkpoint) or a checkpoint file."""
-        runtime = choose_runtime(device, precision)
         file = resolve_checkpoint(path)
-        state = load_checkpoint(file)
+        return cls.from_state(load_checkpoint(file), file, device, precision)
+
+    @classmethod
+    def from_state(cls, state: dict, file: Path, device: str = "auto", precision: str = "fp32") -> Translator:
+        """From a checkpoint already loaded (`load_checkpoint(file)`), so that two models of one read agree."""
+        runtime = choose_runtime(device, precision)
         try:
             cfg = config_from_tree(state["config"], source=str(file))
             tokenizer = tokenizer_from_state(state)

@@ -292,6 +292,41 @@ def test_a_stop_and_resume_use_up_no_patience(corpus: dict, tmp_path: Path) -> N
     assert resumed.state.step == straight.state.step == 12
 
 
+def test_patience_compares_scheduled_evaluations_only_so_a_stops_better_loss_changes_nothing(corpus: dict, tmp_path: Path, monkeypatch) -> None:
+    """Validation losses scripted per evaluation, eval_every 3, patience 1. Straight: 5.0 (step 3), 4.9 (6: better),
+    4.95 (9: stop). Interrupted at 4, whose evaluation gives 4.8: that makes best.pt, but step 6's 4.9 must still
+    count as better than step 3's 5.0, or the resumed run would stop at 6."""
+    from types import SimpleNamespace
+
+    import nmtkit.train as train_module
+
+    def scripted(losses: list[float]):
+        it = iter(losses)
+        return lambda *args, **kwargs: SimpleNamespace(loss=(x := next(it)), perplexity=2.0 ** x, token_accuracy=0.5)
+
+    schedule = {"eval_every": 3, "patience": 1, "max_steps": 12, "save_every": 12}
+    monkeypatch.setattr(train_module, "teacher_forced_metrics", scripted([5.0, 4.9, 4.95, 4.95]))
+    straight = train(tiny_config(corpus, tmp_path / "straight", train=schedule))
+    monkeypatch.setattr(train_module, "teacher_forced_metrics", scripted([5.0, 4.8, 4.9, 4.95, 4.95]))
+    train(tiny_config(corpus, tmp_path / "resumed", train={**schedule, "max_steps": 4}))
+    resumed = train(tiny_config(corpus, tmp_path / "resumed", train=schedule))
+    assert straight.state.step == resumed.state.step == 9 and "train.patience" in resumed.stop_reason
+    assert resumed.state.best_valid_loss == 4.8 and resumed.state.best_scheduled_loss == 4.9
+
+
+def test_a_run_without_last_pt_sets_the_step_files_it_finds_aside(corpus: dict, tmp_path: Path) -> None:
+    """A run directory with an earlier run's step files but no last.pt starts afresh: left in place, the old files
+    (newest by number) made rotation delete each new save."""
+    run = tmp_path / "run"
+    schedule = {"save_every": 2, "eval_every": 2, "keep_checkpoints": 2}
+    train(tiny_config(corpus, run, train={**schedule, "max_steps": 8}))
+    directory = run / "checkpoints"
+    (directory / "last.pt").unlink()
+    train(tiny_config(corpus, run, train={**schedule, "max_steps": 4}))
+    assert [n for n, _ in step_files(directory)] == [2, 4]
+    assert sorted(p.name for p in (directory / "after-step-000000").iterdir()) == ["step-000006.pt", "step-000008.pt"]
+
+
 def test_a_checkpoint_without_training_state_as_last_pt_is_refused_naming_init_from(corpus: dict, tmp_path: Path) -> None:
     """`nmtkit average`'s output linked as last.pt: weights only, so there is nothing to resume."""
     from nmtkit.average import average_checkpoints
