@@ -116,6 +116,16 @@ def test_run_info_names_python_m_nmtkit_as_typed(tmp_path: Path, monkeypatch) ->
     assert read_jsonl(tmp_path / "run.jsonl")[0]["command"] == ["python -m nmtkit", "train"]
 
 
+def test_run_info_of_a_checkout_script_records_a_command_that_reruns(tmp_path: Path, monkeypatch) -> None:
+    """scripts/train.py adds "train" itself: its arguments are recorded as `nmtkit` takes them, not as `train.py train`."""
+    from nmtkit.config import Config
+    from nmtkit.runinfo import write_run_info
+
+    monkeypatch.setattr(sys, "argv", ["scripts/train.py", "--config", "c.yaml"])
+    write_run_info(tmp_path, Config(), ["train", "--config", "c.yaml"], "cpu")
+    assert read_jsonl(tmp_path / "run.jsonl")[0]["command"] == ["nmtkit", "train", "--config", "c.yaml"]
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_commit_is_nmtkits_own_not_that_of_a_project_it_is_installed_in(tmp_path: Path, monkeypatch) -> None:
     """nmtkit installed into a .venv inside someone's repository must not record that repository's commit."""
@@ -694,6 +704,42 @@ def test_benchmark_takes_device_and_precision_from_the_config_unless_flags_say_o
     assert main(["benchmark", "--config", str(config), "--json"]) == 0
     assert main(["benchmark", "--config", str(config), "--json", "--precision", "bf16", "--device", "auto"]) == 0
     assert [(s.device, s.precision) for s in asked] == [("cpu", "fp32"), ("auto", "bf16")]
+
+
+def test_benchmark_decodes_in_the_configs_batch_size_and_top_k_unless_the_flag_says_otherwise(corpus: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from nmtkit import benchmark
+
+    asked = []
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda cfg, settings, checkpoint: asked.append(settings) or {})
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", decode={"batch_size": 8, "top_k": 4})
+    assert main(["benchmark", "--config", str(config), "--json"]) == 0
+    assert main(["benchmark", "--config", str(config), "--json", "--batch-size", "64"]) == 0
+    assert [(s.batch_size, s.top_k) for s in asked] == [(8, 4), (64, 4)]
+
+
+def test_benchmark_decodes_a_checkpoints_own_weights_after_its_training_steps(trained_run: Path, corpus: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """--checkpoint is for decoding trained weights (--eos stops where the model stops): the timed training steps
+    must not have changed them first."""
+    import torch
+
+    from nmtkit import benchmark
+    from nmtkit.checkpoint import load_checkpoint, resolve_checkpoint
+
+    decoded = []
+    monkeypatch.setattr(benchmark, "benchmark_decoding", lambda model, *a, **k: decoded.append({n: t.clone() for n, t in model.state_dict().items()}) or {})
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run")
+    argv = ["benchmark", "--config", str(config), "--device", "cpu", "--precision", "fp32", "--steps", "2", "--repeats", "1",
+            "--checkpoint", str(trained_run), "--json"]
+    assert main(argv) == 0
+    saved = load_checkpoint(resolve_checkpoint(trained_run))["model"]
+    assert all(torch.equal(decoded[0][name], saved[name]) for name in saved)
+
+
+def test_benchmark_of_a_checkpoint_shorter_than_the_data_is_a_config_error(trained_run: Path, corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", corpus, tmp_path / "run", data={"max_len": 200}, train={"max_tokens": 1024})
+    assert main(["benchmark", "--config", str(config), "--device", "cpu", "--steps", "1", "--checkpoint", str(trained_run)]) == 2
+    err = capsys.readouterr().err
+    assert "model.max_positions=128 is shorter than the config's data.max_len + 1 = 201" in err and "Traceback" not in err
 
 
 def test_unknown_cpu_matmul_backend_exits_2_naming_the_variable(corpus: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:

@@ -117,6 +117,12 @@ def test_an_integer_beyond_floats_range_is_a_config_error_not_a_crash() -> None:
     assert "train.max_minutes" in only_problem({"train": {"max_minutes": 10**320}})
 
 
+def test_max_tokens_of_max_len_plus_one_fits_the_longest_pair() -> None:
+    """A pair's counted width is its longer side plus one (EOS or BOS)."""
+    assert config_from_tree({"train": {"max_tokens": 65}, "data": {"max_len": 64}}).train.max_tokens == 65
+    assert "data.max_len + 1 = 65" in only_problem({"train": {"max_tokens": 64}, "data": {"max_len": 64}})
+
+
 def test_integers_are_accepted_as_floats() -> None:
     assert config_from_tree({"train": {"lr": 1}}).train.lr == 1.0
 

@@ -417,6 +417,22 @@ def test_second_encode_of_same_data_and_tokenizer_is_a_cache_hit(tmp_path: Path,
     assert other_tok.calls > 0
 
 
+def test_a_target_file_replaced_at_the_same_modification_time_is_encoded_again(tmp_path: Path, cache: Path) -> None:
+    """`datasets` fingerprints a line-aligned pair by path and time; the encoding must follow the target file's
+    content (`cp -p`, `rsync -a` and `tar x` keep the time)."""
+    (tmp_path / "t.en").write_text("ab\n", encoding="utf-8")
+    target = tmp_path / "t.zh"
+    target.write_text("甲乙\n", encoding="utf-8")
+    first, _ = encode_split(load_split(cfg_for(tmp_path / "t.{lang}"), "train", cache), CharTokenizer(), DataConfig(), "train")
+    times = (target.stat().st_atime_ns, target.stat().st_mtime_ns)
+    replacement = tmp_path / "new.zh"
+    replacement.write_text("丙丁\n", encoding="utf-8")
+    os.replace(replacement, target)
+    os.utime(target, ns=times)
+    again, _ = encode_split(load_split(cfg_for(tmp_path / "t.{lang}"), "train", cache), CharTokenizer(), DataConfig(), "train")
+    assert again[0]["tgt_ids"] == CharTokenizer().encode_tgt(["丙丁"])[0] != first[0]["tgt_ids"]
+
+
 def test_text_pair_encoding_is_cached_too(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "train.en").write_text("one\ntwo\n", encoding="utf-8")
     (tmp_path / "train.zh").write_text("一\n二\n", encoding="utf-8")

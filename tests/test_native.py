@@ -235,4 +235,59 @@ def test_the_chunk_kernel_refuses_a_target_outside_the_vocabulary() -> None:
     logits = torch.randn(3, 10)
     with pytest.raises(IndexError, match="target id 10 out of range for 10 logits"):
         native_kernels().chunk_loss(logits, torch.tensor([1, 10, -1]), 0.1)
+    # -1 marks padding; another negative id is a bad label, which F.cross_entropy refuses too (not a row left out)
+    with pytest.raises(IndexError, match="target id -2 out of range for 10 logits"):
+        native_kernels().chunk_loss(logits, torch.tensor([1, -2, -1]), 0.1)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    ("folder_mode", "library_mode", "why"),
+    [
+        (0o777, 0o755, "where other users can replace it"),
+        (0o755, 0o757, "can be written by every user"),
+        (0o1777, 0o755, ""),
+        (0o775, 0o775, ""),
+    ],
+    ids=["world-writable folder", "world-writable library", "sticky folder", "umask 002"],
+)
+def test_a_library_another_user_could_have_written_is_not_loaded(
+    cache: Path, folder_mode: int, library_mode: int, why: str, caplog
+) -> None:
+    """Its name is predictable (a digest of the source, the flags and the CPU): where everyone can write, anyone could
+    have put a library of their own under it. A sticky folder, such as /tmp, lets nobody replace another's file; group
+    write is what a umask of 002 gives every folder."""
+    path = native.build()
+    os.chmod(path, library_mode)
+    os.chmod(cache, folder_mode)
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        loaded = native.kernels()
+    assert (loaded is None) == bool(why)
+    if why:
+        assert why in caplog.text and "set NMTKIT_CACHE to a folder of your own" in caplog.text
+
+
+@needs_compiler
+def test_a_library_of_another_user_is_not_loaded(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    path = native.build()
+    real_uid = os.getuid()
+    monkeypatch.setattr(native.os, "getuid", lambda: real_uid + 4242)  # as if another user had built it
+    if real_uid == 0:  # root's libraries are trusted by everyone: be another user, and the library someone else's
+        os.chown(path, 4243, -1)
+    with caplog.at_level(logging.INFO, logger="nmtkit.native"):
+        assert native.kernels() is None
+    assert "belongs to another user" in caplog.text
+
+
+@needs_compiler
+def test_a_relative_kernel_cache_is_built_into_and_loaded_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes looks a bare file name up in the system's library folders, not the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NMTKIT_CACHE", ".")
+    monkeypatch.delenv("NMTKIT_NATIVE", raising=False)
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is not None
+    finally:
+        native.kernels.cache_clear()
 

@@ -28,7 +28,7 @@ from torch import nn
 from . import native
 from .allocator import allocator_in_use
 from .batching import Batch, read_batch
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 from .cpu_matmul import mm_nn
 from .data import DataError, load_split
 from .decode import GreedyOutput, greedy_decode
@@ -56,6 +56,7 @@ class BenchmarkSettings:
     repeats: int = 3
     n_sentences: int = 512
     batch_size: int = 64
+    top_k: int = 5  # alternatives per token in the runs with the per-token log
     new_tokens: int = 48
     stop_at_eos: bool = False
     decode: bool = True
@@ -208,7 +209,7 @@ def benchmark_decoding(
     plain: list[tuple[float, int]] = []
     logged: list[tuple[float, int]] = []
     for i in range(s.repeats):  # alternating, each first in turn, so that a machine slowing down weighs on both alike
-        for top_k in (0, 5) if i % 2 == 0 else (5, 0):
+        for top_k in (0, s.top_k) if i % 2 == 0 else (s.top_k, 0):
             (logged if top_k else plain).append(run(top_k))
     t_plain = statistics.median(t for t, _ in plain)
     t_logged = statistics.median(t for t, _ in logged)
@@ -241,6 +242,11 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
     if checkpoint:  # trained weights, so that --eos stops where a real model stops
         loaded = Translator.from_checkpoint(checkpoint, "cpu", "fp32")
         model, tokenizer, cfg.model = loaded.model, loaded.tokenizer, loaded.cfg.model
+        if s.train and cfg.data.max_len + 1 > cfg.model.max_positions:
+            raise ConfigError([
+                f"--checkpoint {checkpoint}: its model.max_positions={cfg.model.max_positions} is shorter than the config's"
+                f" data.max_len + 1 = {cfg.data.max_len + 1}; lower data.max_len with --set, or add --no-train"
+            ])
     else:
         model = build_model(cfg, tokenizer, cfg.train.attention_kernel)
     model = model.to(runtime.device)
@@ -264,7 +270,10 @@ def run_benchmark(cfg: Config, s: BenchmarkSettings, checkpoint: str | None = No
             index += plan
             epoch += 1
         batches = [read_batch(train_ds, i).to(runtime.device) for i in index[:needed]]
-        result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, model, s))
+        # the training steps change the weights: decoding a checkpoint's (`--checkpoint`) takes a copy for them
+        trained = copy.deepcopy(model) if checkpoint and s.decode else model
+        result.update(benchmark_training(cfg, runtime, batches, tokenizer.tgt_vocab_size, trained, s))
+        del trained
     if s.decode:
         test_raw = load_split(cfg.data, "test", cache_dir)
         texts = list(test_raw.select(range(min(s.n_sentences, len(test_raw))))["src"])

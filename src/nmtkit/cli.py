@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--eos", action="store_true", help="decoding stops at EOS (default: exactly 48 new tokens)")
     p.add_argument("--checkpoint", help="decode with these trained weights (useful with --eos)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="decoding batch size")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="decoding batch size (default: decode.batch_size of the config, 64 in the bench configs)")
     p.add_argument("--sentences", type=_positive_int, default=512, help="test sentences to decode")
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding measurement")
@@ -383,7 +383,7 @@ def cmd_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     settings = BenchmarkSettings(
         device=args.device or cfg.train.device, precision=args.precision or cfg.train.precision,
         timed_steps=args.steps, repeats=args.repeats,
-        n_sentences=args.sentences, batch_size=args.batch_size, stop_at_eos=args.eos,
+        n_sentences=args.sentences, batch_size=args.batch_size or cfg.decode.batch_size, top_k=cfg.decode.top_k, stop_at_eos=args.eos,
         train=not args.no_train, decode=not args.no_decode, profile=args.profile,
     )
     result = run_benchmark(cfg, settings, args.checkpoint)

@@ -297,10 +297,10 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("train.schedule: 'cosine' decays to train.min_lr at train.max_steps; set train.max_steps > 0")
     if cfg.data.src_lang == cfg.data.tgt_lang:
         problems.append(f"data.tgt_lang: {cfg.data.tgt_lang!r} equals data.src_lang; use two different language keys")
-    if cfg.train.max_tokens < cfg.data.max_len + 2:
+    if cfg.train.max_tokens < cfg.data.max_len + 1:
         problems.append(
-            f"train.max_tokens: {cfg.train.max_tokens} is smaller than data.max_len + 2 = {cfg.data.max_len + 2};"
-            " the longest kept sentence would not fit in a batch"
+            f"train.max_tokens: {cfg.train.max_tokens} is smaller than data.max_len + 1 = {cfg.data.max_len + 1} (EOS or"
+            " BOS included); the longest kept sentence would not fit in a batch"
         )
 
 

@@ -71,7 +71,10 @@ def encode_split(
     are removed, and the result holds the four encoded columns only; without (evaluation) every pair stays
     and the result also has `ds`'s `src`/`tgt` text, for references.
     """
-    fingerprint = _hash(ds._fingerprint, tokenizer.fingerprint, _ENCODE_VERSION)
+    # `datasets` fingerprints a local file by its path and modification time alone; the names of its Arrow files hold
+    # each file's whole identity (data.py's `_file_cache`), so a target file of a line-aligned pair replaced at the
+    # same time (`cp -p`, `rsync -a`) is encoded again, not served from the old encoding
+    fingerprint = _hash(ds._fingerprint, *(f["filename"] for f in ds.cache_files), tokenizer.fingerprint, _ENCODE_VERSION)
     features = datasets.Features()
     for side in ("src", "tgt"):
         features[f"{side}_ids"] = datasets.List(datasets.Value("int32"))

@@ -31,6 +31,7 @@ import platform
 import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -50,10 +51,11 @@ class NativeBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """Absolute: ctypes looks a bare file name (NMTKIT_CACHE=. gives one) up in the system's library folders."""
     if os.environ.get("NMTKIT_CACHE"):
-        return Path(os.environ["NMTKIT_CACHE"])
+        return Path(os.environ["NMTKIT_CACHE"]).absolute()
     if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "nmtkit"
+        return Path(os.environ["XDG_CACHE_HOME"]).absolute() / "nmtkit"
     try:
         return Path.home() / ".cache" / "nmtkit"
     except RuntimeError as e:  # no HOME and no passwd entry (some containers, `env -i`)
@@ -126,6 +128,22 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
             if os.path.exists(leftover):
                 os.unlink(leftover)
     return target
+
+
+def _untrusted(library: Path) -> str:
+    """Why a user other than this one, root or the file's group could have written `library` (or could replace it), or
+    "" where none could: the file must be this user's or root's and not writable by all, and its folder not writable
+    by all unless sticky (in a sticky folder such as /tmp, nobody can rename or delete another's file). Group write is
+    allowed: a umask of 002 (user private groups, Ubuntu's default) makes every folder group-writable."""
+    me = {os.getuid(), 0}
+    st, folder = library.stat(), library.parent.stat()
+    if st.st_uid not in me:
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & stat.S_IWOTH:
+        return "can be written by every user"
+    if folder.st_uid not in me or (folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX):
+        return f"lies in {library.parent}, where other users can replace it"
+    return ""
 
 
 def _digest_file(library: Path) -> Path:
@@ -268,6 +286,8 @@ class ChunkLoss:
         _expect(targets, (n,), torch.int64)
         if n and int(targets.max()) >= V:  # the kernel would read past the row
             raise IndexError(f"target id {int(targets.max())} out of range for {V} logits")
+        if n and int(targets.min()) < -1:  # -1 marks a padded row; any other negative id is a bad label, not padding
+            raise IndexError(f"target id {int(targets.min())} out of range for {V} logits")
         args = [logits.data_ptr(), n, V, targets.data_ptr(), smoothing, logits.data_ptr()]
         if logits.dtype == torch.float32:
             return float(self._f32(*args))
@@ -316,6 +336,9 @@ def _load() -> ctypes.CDLL:
     path = build()
     if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
         raise NativeBuildError(f"cannot read {path}; set NMTKIT_CACHE to a folder of your own")
+    if why := _untrusted(path):  # its name is predictable: in a folder others write to, anyone could put one there
+        raise NativeBuildError(f"{path} {why}; nmtkit loads only libraries that no other user can have written:"
+                               " set NMTKIT_CACHE to a folder of your own")
     if not _is_intact(path):  # damaged, or built before libraries had digests: build it again
         try:
             path = build(rebuild=True)

@@ -63,7 +63,8 @@ def write_run_info(run_dir: str | Path, cfg: Config, argv: list[str] | None, run
     run_dir.mkdir(parents=True, exist_ok=True)
     write_whole(run_dir / "config.yaml", dump_config(cfg))  # a start stopped here leaves no half file
     info = {
-        "command": [_program(), *(sys.argv[1:] if argv is None else argv)],
+        # argv given: the command's own arguments, as `nmtkit` takes them (scripts/train.py adds "train" itself)
+        "command": [_program(), *sys.argv[1:]] if argv is None else ["nmtkit", *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
         "runtime": runtime_reason,
