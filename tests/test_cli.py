@@ -444,6 +444,34 @@ def test_translate_reference_scores_hold_together(trained_run: Path, capsys) -> 
     assert tokens[0]["greedy_match"] == (tokens[0]["id"] == record["tokens"][0]["id"])
 
 
+def test_the_python_api_refuses_arguments_it_cannot_honour(trained_run: Path) -> None:
+    from nmtkit.device import DeviceError
+    from nmtkit.translator import Translator
+
+    translator = Translator.from_checkpoint(trained_run, "cpu", "fp32")
+    with pytest.raises(TypeError, match=r"a list of sentences, not one str; use translate\(\[text\]\)"):
+        translator.translate("Hello.")  # type: ignore[arg-type]  # a str would be one sentence per character
+    with pytest.raises(ValueError, match="top_k=0: alternatives per token must be at least 1"):
+        translator.translate(["Hello."], top_k=0)
+    with pytest.raises(ValueError, match="length_penalty=nan: expected a finite number"):
+        translator.translate(["Hello."], beam_size=2, length_penalty=float("nan"))
+    # any other device string used to run on the CPU without a word
+    with pytest.raises(DeviceError, match="device 'cuda:0': expected 'auto', 'cpu' or 'cuda'; to pick one GPU, set CUDA_VISIBLE_DEVICES"):
+        Translator.from_checkpoint(trained_run, "cuda:0", "fp32")
+    with pytest.raises(DeviceError, match="precision 'int8': expected 'auto', 'fp32', 'bf16', 'fp16'"):
+        Translator.from_checkpoint(trained_run, "cpu", "int8")
+
+
+def test_the_html_page_of_text_with_undecodable_bytes_is_written_with_replacement_characters(trained_run: Path, tmp_path: Path) -> None:
+    """The API translates such text (decoding drops the surrogates that stand for the bytes); the page shows U+FFFD."""
+    from nmtkit.html_view import write_html
+    from nmtkit.translator import Translator
+
+    line = b"I like caf\xe9s.".decode("utf-8", "surrogateescape")
+    write_html(tmp_path / "page.html", Translator.from_checkpoint(trained_run, "cpu", "fp32").translate([line]))
+    assert "caf\ufffds." in (tmp_path / "page.html").read_text(encoding="utf-8")
+
+
 def test_budget_forced_eos_reports_the_probability_of_eos(trained_run: Path) -> None:
     from nmtkit.translator import Translator
 

@@ -24,3 +24,13 @@ def test_a_cpu_runtime_flushes_denormal_floats_to_zero() -> None:
     if before == 0.0:
         pytest.skip("this CPU or torch build already flushes denormals")
     assert after == 0.0, f"a denormal survived a CPU runtime: {after}"
+
+
+def test_combining_marks_and_zero_width_characters_take_no_terminal_column() -> None:
+    """Hindi's vowel signs, Thai's tone marks and a zero-width joiner sit on the character before them: counted as a
+    column each, they pushed the token table's later columns out of line."""
+    from nmtkit.show import display_width
+
+    # नमस्ते: four consonants, a virama and a vowel sign (marks); कि's vowel sign is a spacing mark (a column)
+    assert [display_width(t) for t in ("नमस्ते", "ที่", "कि", "猫", "x", "a\u200db")] == [4, 1, 2, 2, 1, 2]
+

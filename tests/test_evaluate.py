@@ -118,7 +118,7 @@ def test_bleu_segments_chinese_japanese_and_korean_under_their_two_and_three_let
     """Tatoeba names Mandarin `cmn`: scored with 13a, a Chinese sentence would be one unsegmented word."""
     from nmtkit.evaluate import bleu_tokenizer
 
-    for code in ("zh", "zh-Hans", "zh_CN", "cmn", "zho", "yue", "CMN"):
+    for code in ("zh", "zh-Hans", "zh_CN", "cmn", "zho", "yue", "CMN", "lzh", "gan", "hsn", "cjy", "cdo", "czh", "cpx", "mnp"):
         assert bleu_tokenizer(code) == "zh", code
     assert [bleu_tokenizer(c) for c in ("ja", "jpn", "ko", "kor", "en", "deu", "fr")] == ["ja-mecab"] * 2 + ["ko-mecab"] * 2 + ["13a"] * 3
 

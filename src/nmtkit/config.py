@@ -143,7 +143,7 @@ class TrainConfig:
 @dataclass
 class DecodeConfig:
     batch_size: int = field(default=64, metadata=_check(min=1))
-    max_len_a: float = field(default=1.5, metadata=_check(min=0.0))  # max new tokens = a * src_len + b
+    max_len_a: float = field(default=1.5, metadata=_check(min=0.0))  # max new tokens = a * src_len + b (src_len: pieces + EOS)
     max_len_b: int = field(default=10, metadata=_check(min=1))
     top_k: int = field(default=5, metadata=_check(min=1))
     workers: int = field(default=0, metadata=_check(min=0))  # batches decoded at once on CPU (0 = one per thread, up to 8)

@@ -71,6 +71,11 @@ def for_inference(model: Transformer, runtime: Runtime) -> Transformer:
 
 def choose_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve `auto` for device and precision, or fail clearly when a request can't be met."""
+    if device not in ("auto", "cpu", "cuda"):  # the Python API takes any string; anything else was taken for the CPU
+        hint = "; to pick one GPU, set CUDA_VISIBLE_DEVICES" if device.lower().startswith(("cuda", "gpu")) else ""
+        raise DeviceError(f"device {device!r}: expected 'auto', 'cpu' or 'cuda'{hint}")
+    if precision not in ("auto", *DTYPES):
+        raise DeviceError(f"precision {precision!r}: expected 'auto', {', '.join(repr(p) for p in DTYPES)}")
     reasons = []
     if device == "auto":
         if torch.cuda.is_available():

@@ -91,7 +91,10 @@ def bleu_tokenizer(tgt_lang: str) -> str:
     """sacrebleu's tokenizer for the target language (an ISO 639-1 or -3 code, with or without a region or script):
     Chinese, Japanese and Korean need their own, others use 13a."""
     lang = tgt_lang.lower().split("-")[0].split("_")[0]
-    chinese, japanese, korean = ("zh", "zho", "chi", "cmn", "yue", "wuu", "nan", "hak"), ("ja", "jpn"), ("ko", "kor")
+    # Chinese under its ISO 639 codes: the macrolanguage, Mandarin, and the other varieties written without spaces
+    # (Cantonese, Wu, Min Nan, Hakka, Literary Chinese, Gan, Xiang, Jin, Min Dong, Min Zhong, Pu-Xian, Min Bei)
+    chinese = ("zh", "zho", "chi", "cmn", "yue", "wuu", "nan", "hak", "lzh", "gan", "hsn", "cjy", "cdo", "czh", "cpx", "mnp")
+    japanese, korean = ("ja", "jpn"), ("ko", "kor")
     return "zh" if lang in chinese else "ja-mecab" if lang in japanese else "ko-mecab" if lang in korean else "13a"
 
 

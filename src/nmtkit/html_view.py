@@ -9,11 +9,13 @@ through `html.escape`, because tokens are model output and may hold `<`, `&` or 
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 
 from .records import Hypothesis, ReferenceScore, TokenStep, Translation
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, or an undecodable byte under surrogateescape
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.05em; margin-bottom: .3em; } h3 { font-size: .9em; color: #555; margin: .4em 0; }
@@ -100,5 +102,7 @@ def write_html(path: str | Path, results: list[Translation], title: str = "nmtki
     """Write the page to `path` (UTF-8), creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(results, title), encoding="utf-8")
+    # the Python API translates text holding lone surrogates (undecodable input bytes under surrogateescape, which
+    # decoding drops), which UTF-8 cannot hold: the page shows U+FFFD for them
+    path.write_text(_SURROGATE.sub("\ufffd", render_html(results, title)), encoding="utf-8")
     return path

@@ -9,8 +9,9 @@ from .records import Translation
 
 
 def display_width(text: str) -> int:
-    """Terminal columns: CJK characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    """Terminal columns: CJK characters take two, combining marks (Hindi's vowel signs, Thai's tone marks) and
+    zero-width format characters none."""
+    return sum(0 if unicodedata.category(ch) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def pad(text: str, width: int) -> str:

@@ -142,8 +142,14 @@ class Translator:
         hypothesis, and with nbest > 1 also `nbest`, that many hypotheses best first. length_penalty is beam
         search's exponent alpha: hypotheses rank by summed ln p / length**alpha.
         """
+        if isinstance(texts, str):  # a str is a sequence too: one "sentence" per character
+            raise TypeError("texts: a list of sentences, not one str; use translate([text])")
         if references is not None and len(references) != len(texts):
             raise ValueError(f"{len(texts)} sources but {len(references)} references")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k}: alternatives per token must be at least 1 (None: decode.top_k of the run)")
+        if not math.isfinite(length_penalty):
+            raise ValueError(f"length_penalty={length_penalty}: expected a finite number")
         check_beam_settings(beam_size, nbest, self.tokenizer.tgt_vocab_size)
         k = min(top_k or self.cfg.decode.top_k, self.tokenizer.tgt_vocab_size)
 
