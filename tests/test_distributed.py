@@ -207,8 +207,12 @@ def test_a_run_directory_that_cannot_be_created_stops_every_rank_with_the_error(
     (tmp_path / "a file").write_text("")
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "a file" / "run")
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
-    with killed_if_hanging(proc):
-        out, _ = proc.communicate(timeout=120)
+    with killed_if_hanging(proc) as ranks:
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # the spin this test is for: the workers go too, not torchrun alone
+            ranks.update(workers(proc.pid))
+            raise
     assert proc.returncode != 0
     assert "nmtkit train: error: cannot create the run directory" in out  # rank 0
     assert "nmtkit train: error: rank 0 could not take the lock" in out  # rank 1
@@ -235,3 +239,19 @@ def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_loc
     # each rank exits with its message, not in a broken collective (torchrun still prints its own summary of the exits)
     assert not re.search(THROUGH_NMTKIT, out) and "Connection closed" not in out  # no traceback through nmtkit (torchrun prints its own)
     assert (tmp_path / "run" / "train.log").read_text() == "the live run's log\n"  # the refused job wrote nothing there
+
+
+@needs_proc
+def test_an_epoch_with_fewer_batches_than_one_step_takes_is_an_error_not_a_silent_spin(corpus: dict, tmp_path: Path) -> None:
+    """28 batches an epoch, 2 processes x accum_steps 15 = 30 a step: every epoch would be skipped as too short."""
+    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run", accum_steps=15)
+    proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
+    with killed_if_hanging(proc) as ranks:
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # the spin this test is for: the workers go too, not torchrun alone
+            ranks.update(workers(proc.pid))
+            raise
+    assert proc.returncode != 0
+    assert "fewer than one step takes (train.accum_steps=15 on each of 2 processes)" in out
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 _NOT_SCALARS = {"step", "epoch", "resumed"}
 
@@ -19,8 +19,9 @@ class TensorBoardMissingError(RuntimeError):
     """train.tensorboard is on but the tensorboard package is not installed."""
 
 
-def open_tensorboard(log_dir: Path) -> Any:
-    """A SummaryWriter for `log_dir`, or a clear error naming the setting and the package to install."""
+def open_tensorboard(log_dir: Path, purge_step: int | None = None) -> Any:
+    """A SummaryWriter for `log_dir`, or a clear error naming the setting and the package to install. `purge_step`:
+    TensorBoard hides what earlier writers logged at that step and after (a resumed run logs those steps again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch raises ImportError itself when the tensorboard package is absent
@@ -28,7 +29,7 @@ def open_tensorboard(log_dir: Path) -> Any:
             "train.tensorboard is true but the tensorboard package is not installed; "
             "run `pip install tensorboard` (in a clone of nmtkit: `pip install -e '.[tensorboard]'`), or set train.tensorboard: false"
         ) from e
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def scalar_tag(key: str) -> str:
@@ -42,7 +43,17 @@ def scalar_tag(key: str) -> str:
 class MetricsLog:
     def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = path
+        self.tensorboard_dir = tensorboard_dir
         self.writer = open_tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
+
+    def resumed_at(self, step: int) -> None:
+        """Mark a resume (or a restart over earlier records): what was logged after `step` is redone. metrics.jsonl
+        gets a record that `nmtkit plot` cuts at; TensorBoard a writer that purges those steps, which it would
+        otherwise draw twice."""
+        self.write(step=step, resumed=True)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = open_tensorboard(cast(Path, self.tensorboard_dir), purge_step=step + 1)
 
     def write(self, **record: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -103,6 +103,8 @@ def resume_state(
         )
     diffs = config_differences(saved["config"], cfg.to_dict())
     started_from = saved["config"].get("train", {}).get("init_from", "")
+    if started_from and not cfg.train.init_from:  # the run's provenance stays in its config and later saves
+        cfg.train.init_from = started_from
     if cfg.train.init_from and cfg.train.init_from != started_from:
         log.warning("train.init_from %r is not used: %s resumes from its own checkpoint (%s)", cfg.train.init_from, run_dir,
                     f"which started from {started_from!r}" if started_from else "which started from scratch")

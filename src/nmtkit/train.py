@@ -209,7 +209,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
 
     nonfinite = SkippedSteps(state, tc.max_bad_steps, checkpoint_dir(run_dir) / "last.pt")
 
-    def validate() -> bool:
+    def validate(epoch: int) -> bool:
         """Validation loss (rank 0); returns True when it is the best so far. Only the evaluations of the schedule
         (every train.eval_every steps) count for train.patience: the one at a stop (Ctrl-C, a time or step limit)
         would otherwise use up a unit of patience at every preemption of a resumed job."""
@@ -224,7 +224,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             state.best_scheduled_loss = min(state.best_scheduled_loss, m.loss)
             state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
         log.info("step %d | valid loss %.4f | ppl %.2f | acc %.3f%s", state.step, m.loss, m.perplexity, m.token_accuracy, " | best" if is_best else "")
-        metrics.write(step=state.step, epoch=state.epoch + 1, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
+        metrics.write(step=state.step, epoch=epoch, valid_loss=m.loss, valid_ppl=m.perplexity, valid_acc=m.token_accuracy, tokens_seen=state.tokens_seen, elapsed_s=round(time.time() - t_start, 2))
         return is_best
 
     # ---------------------------------------------------------------- the loop
@@ -239,13 +239,19 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
         log.warning("%s holds the records of an earlier run but no last.pt: this run starts afresh, its metrics follow a"
                     " mark in metrics.jsonl, and its saves replace the earlier ones of the same steps", run_dir)
     if (state.step or earlier_records) and dist.is_main:  # resumed (or restarted): what was logged after this step is
-        metrics.write(step=state.step, resumed=True)  # redone, and `nmtkit plot` drops it
+        metrics.resumed_at(state.step)  # redone, and `nmtkit plot` and TensorBoard drop it
     if stop_reason:
         limit = stop_reason.startswith("reached train.")  # max_steps, max_epochs or max_minutes
         log.info("no step to train: %s%s", stop_reason, " (raise it with --set to continue)" if limit else "")
     while not stop_reason:
         batches = epoch_batches(tc, src_lens, tgt_lens, state.epoch)
         n_usable = len(batches) if not dist.is_distributed else len(batches) - len(batches) % per_step
+        if n_usable == 0:  # every rank alike: the loop would only count epochs, training nothing
+            raise ConfigError([
+                f"train: an epoch of data.train makes {len(batches)} batch(es), fewer than one step takes"
+                f" (train.accum_steps={tc.accum_steps} on each of {dist.world_size} processes); lower train.accum_steps"
+                " or train.max_tokens, or run fewer processes"
+            ])
         # A resume under another batch plan or number of processes can land between two steps (distributed ranks
         # then need whole steps, or one would get no batch) or past this epoch's last usable batch.
         if dist.is_distributed:
@@ -284,6 +290,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             state.step += 1
+            epoch_of_step = state.epoch + 1  # 1-based, for the log: the step that ends an epoch belongs to it
             state.batch_in_epoch = start + len(step_batches)
             if state.batch_in_epoch >= n_usable:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -313,10 +320,10 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 tok_s = (window_tokens - tokens_before_t0) / max(1e-9, now - window_t0)
                 bar.set_postfix(loss=shown, lr=f"{lr:.1e}", tok_s=f"{tok_s / 1e3:.1f}k")
                 skipped = f" | skipped {state.skipped_steps}" if state.skipped_steps else ""
-                log.info("step %d | loss %s | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, shown, lr, tok_s / 1e3, state.epoch + 1, state.elapsed_s, skipped)
+                log.info("step %d | loss %s | lr %.1e | tok/s %.1fk | epoch %d | %.0fs%s", state.step, shown, lr, tok_s / 1e3, epoch_of_step, state.elapsed_s, skipped)
                 if dist.is_main:
                     metrics.write(
-                        step=state.step, epoch=state.epoch + 1, **({"train_loss": train_loss} if train_loss is not None else {}), lr=lr,
+                        step=state.step, epoch=epoch_of_step, **({"train_loss": train_loss} if train_loss is not None else {}), lr=lr,
                         tgt_tokens_per_s=tok_s, tokens_seen=state.tokens_seen, elapsed_s=round(state.elapsed_s, 2),
                         skipped_steps=state.skipped_steps, oom_skipped=state.oom_skipped,
                     )
@@ -325,7 +332,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
 
             is_best = False
             if is_due:  # ranks agree on due steps, so they all take this exchange
-                is_best = validate() if dist.is_main else False
+                is_best = validate(epoch_of_step) if dist.is_main else False
                 stop_reason = agreed(stop_reason or should_stop())  # rank 0's evaluation decides patience
             if state.step % tc.save_every == 0 or is_due:  # every rank: the steps a save can follow (is_best and a
                 # stop come with is_due)

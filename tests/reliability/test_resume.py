@@ -327,6 +327,41 @@ def test_a_run_without_last_pt_sets_the_step_files_it_finds_aside(corpus: dict, 
     assert sorted(p.name for p in (directory / "after-step-000000").iterdir()) == ["step-000006.pt", "step-000008.pt"]
 
 
+def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(corpus: dict, tmp_path: Path) -> None:
+    """After `ln -f step-6 last.pt`, steps 9 and 12 are logged twice; TensorBoard keeps the second run's only."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    schedule = {"max_steps": 12, "save_every": 3, "eval_every": 6, "log_every": 3, "tensorboard": True}
+    train(tiny_config(corpus, run, train=schedule))
+    (run / "checkpoints" / "last.pt").unlink()
+    os.link(run / "checkpoints" / "step-000006.pt", run / "checkpoints" / "last.pt")
+    train(tiny_config(corpus, run, train={**schedule, "lr": 1e-3}))
+    events = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [3, 6, 9, 12]
+    assert [e.value for e in events.Scalars("train/loss")][2:] == pytest.approx(list(logged(run, "train_loss").values())[2:])
+
+
+def test_the_step_that_ends_an_epoch_is_logged_in_that_epoch(corpus: dict, tmp_path: Path) -> None:
+    """28 batches an epoch: step 28 ends the first, and its log line and records say epoch 1, not 2."""
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, train={"max_steps": 0, "max_epochs": 1, "log_every": 7, "eval_every": 28, "save_every": 28}))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["epoch"]) for r in records if r["step"] == 28} == {(28, 1)}
+
+
+def test_a_fine_tuned_run_resumed_without_init_from_keeps_where_it_started(corpus: dict, tmp_path: Path, caplog) -> None:
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    train(tiny_config(corpus, base, train={"max_steps": 3}))
+    train(tiny_config(corpus, tuned, train={"max_steps": 3, "init_from": str(base)}))
+    train(tiny_config(corpus, tuned, train={"max_steps": 4}))  # resumed without the setting
+    assert load_checkpoint(tuned / "checkpoints" / "last.pt")["config"]["train"]["init_from"] == str(base)
+    with caplog.at_level("WARNING", logger="nmtkit"):
+        train(tiny_config(corpus, tuned, train={"max_steps": 5, "init_from": str(base)}))
+    assert "started from scratch" not in caplog.text and "is not used" not in caplog.text
+
+
 def test_a_checkpoint_without_training_state_as_last_pt_is_refused_naming_init_from(corpus: dict, tmp_path: Path) -> None:
     """`nmtkit average`'s output linked as last.pt: weights only, so there is nothing to resume."""
     from nmtkit.average import average_checkpoints
