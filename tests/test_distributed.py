@@ -149,6 +149,18 @@ def killed_if_hanging(proc: subprocess.Popen) -> Iterator[dict[int, int]]:
             proc.wait()
 
 
+def output_or_kill(proc: subprocess.Popen, timeout: int = 120) -> str:
+    """The run's output once it ends; a run still going after `timeout` (the hang a test is there to catch) is killed
+    with its workers, not torchrun alone."""
+    with killed_if_hanging(proc) as ranks:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ranks.update(workers(proc.pid))
+            raise
+    return out
+
+
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through Linux /proc")
 
 
@@ -207,12 +219,7 @@ def test_a_run_directory_that_cannot_be_created_stops_every_rank_with_the_error(
     (tmp_path / "a file").write_text("")
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "a file" / "run")
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
-    with killed_if_hanging(proc) as ranks:
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:  # the spin this test is for: the workers go too, not torchrun alone
-            ranks.update(workers(proc.pid))
-            raise
+    out = output_or_kill(proc)
     assert proc.returncode != 0
     assert "nmtkit train: error: cannot create the run directory" in out  # rank 0
     assert "nmtkit train: error: rank 0 could not take the lock" in out  # rank 1
@@ -228,8 +235,7 @@ def test_a_run_directory_locked_by_another_process_stops_every_rank_with_the_loc
         (tmp_path / "run" / "train.log").write_text("the live run's log\n")
         config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run")
         proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
-        with killed_if_hanging(proc):
-            out, _ = proc.communicate(timeout=120)
+        out = output_or_kill(proc)
     finally:
         holder.kill()
         holder.wait()
@@ -246,12 +252,7 @@ def test_an_epoch_with_fewer_batches_than_one_step_takes_is_an_error_not_a_silen
     """28 batches an epoch, 2 processes x accum_steps 15 = 30 a step: every epoch would be skipped as too short."""
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "run", accum_steps=15)
     proc = torchrun("--nproc_per_node=2", f"--master_port={free_port()}", "-m", "nmtkit", "train", "--config", str(config))
-    with killed_if_hanging(proc) as ranks:
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:  # the spin this test is for: the workers go too, not torchrun alone
-            ranks.update(workers(proc.pid))
-            raise
+    out = output_or_kill(proc)
     assert proc.returncode != 0
     assert "fewer than one step takes (train.accum_steps=15 on each of 2 processes)" in out
 
