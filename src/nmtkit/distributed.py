@@ -7,9 +7,11 @@ helper here is a no-op, so the training loop reads the same either way.
 from __future__ import annotations
 
 import gc
+import io
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,18 @@ class Dist:
         t = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` in rank order, on every rank, or [obj] in one process. `obj` travels through the host
+        group as `torch.save` bytes and comes back through `torch.load(weights_only=True)`: tensors and plain values
+        only (all_gather_object's own pickling of tensors fails to load them back in torch 2.13)."""
+        if not self.is_distributed:
+            return [obj]
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, buffer.getvalue(), group=self.host_group)
+        return [torch.load(io.BytesIO(b), weights_only=True) for b in out]
 
     def barrier(self) -> None:
         if self.is_distributed:

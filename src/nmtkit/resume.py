@@ -87,7 +87,8 @@ def follow_batch_plan(saved_train: dict[str, Any], tc: TrainConfig, state: Train
 
 def resume_state(
     run_dir: Path, cfg: Config, tokenizer: Tokenizer, model: Transformer, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, lengths: tuple[np.ndarray, np.ndarray], digests: tuple[str, str],
+    scaler: torch.amp.GradScaler, lengths: tuple[np.ndarray, np.ndarray], digests: tuple[str, str], rank: int = 0,
+    world_size: int = 1,
 ) -> TrainState:
     """Restore everything from last.pt when the run directory has one; refuse a changed config (weight sections),
     follow a changed batch plan (`follow_batch_plan`) or changed data (`follow_data`)."""
@@ -122,7 +123,10 @@ def resume_state(
         log.warning("resume: %s since the checkpoint; AdamW goes on with the config's values (its moments are kept)", "; ".join(changed))
     if saved["scaler"]:  # empty from a run without the fp16 grad scaler: one that now has it starts it afresh
         scaler.load_state_dict(saved["scaler"])
-    restore_rng_states(saved["rng"])
+    # each rank its own random states where the save has them for this many ranks; else rank 0's (another number of
+    # processes, or a save from before they were kept)
+    by_rank = saved.get("rng_by_rank")
+    restore_rng_states(by_rank[rank] if isinstance(by_rank, list) and len(by_rank) == world_size else saved["rng"])
     known = {f.name for f in fields(TrainState)}
     if unknown := sorted(set(saved["train_state"]) - known):  # written by a newer nmtkit
         log.warning("resume: %s records %s, which this version of nmtkit does not know; left out", last, ", ".join(unknown))

@@ -153,7 +153,7 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     optimizer = make_optimizer(model, cfg, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.use_grad_scaler)
     digests = (content_digest(train_ds, ("src_len", "tgt_len")), content_digest(valid_ds, ("src_ids", "tgt_ids")))
-    state = resume_state(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens), digests)
+    state = resume_state(run_dir, cfg, tokenizer, model, optimizer, scaler, (src_lens, tgt_lens), digests, dist.rank, dist.world_size)
     if dist.is_main:
         write_run_info(run_dir, cfg, argv, runtime.reason)  # after the resume checks: a refused resume changes nothing
         if (aside := set_aside_later_saves(run_dir, state.step)) is not None:
@@ -167,7 +167,9 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
     if dist.is_distributed:
         objective = nn.parallel.DistributedDataParallel(objective)
 
-    def checkpoint_state() -> dict[str, Any]:
+    def checkpoint_state(rank_rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a save holds; `rank_rngs`: every rank's random states, so that each rank of a resumed distributed run
+        goes on with its own dropout stream (rank 0's alone gave every rank the same masks after a resume)."""
         return {
             "config": cfg.to_dict(),
             "tokenizer": {"src": tokenizer.src_proto, "tgt": tokenizer.tgt_proto},
@@ -175,7 +177,8 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "train_state": asdict(state),
-            "rng": rng_states(),
+            "rng": rank_rngs[0],
+            "rng_by_rank": rank_rngs,
             "step": state.step,
         }
 
@@ -337,8 +340,9 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
             if state.step % tc.save_every == 0 or is_due:  # every rank: the steps a save can follow (is_best and a
                 # stop come with is_due)
                 state.window_loss, state.window_tokens = dist.sum(window_loss.clone()).item(), window_tokens  # not in place
+                rank_rngs = dist.gather(rng_states())
             if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
-                save_checkpoint(run_dir, checkpoint_state(), state.step, is_best=is_best, keep=tc.keep_checkpoints)
+                save_checkpoint(run_dir, checkpoint_state(rank_rngs), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:
                 break
 
