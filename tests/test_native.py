@@ -244,16 +244,14 @@ def test_the_chunk_kernel_refuses_a_target_outside_the_vocabulary() -> None:
 @pytest.mark.parametrize(
     ("folder_mode", "library_mode", "why"),
     [
-        (0o777, 0o755, "where other users can replace it"),
+        (0o777, 0o755, "where every user can replace it"),
         (0o755, 0o757, "can be written by every user"),
         (0o1777, 0o755, ""),
         (0o775, 0o775, ""),
     ],
     ids=["world-writable folder", "world-writable library", "sticky folder", "umask 002"],
 )
-def test_a_library_another_user_could_have_written_is_not_loaded(
-    cache: Path, folder_mode: int, library_mode: int, why: str, caplog
-) -> None:
+def test_a_library_anyone_could_have_written_is_not_loaded(cache: Path, folder_mode: int, library_mode: int, why: str, caplog) -> None:
     """Its name is predictable (a digest of the source, the flags and the CPU): where everyone can write, anyone could
     have put a library of their own under it. A sticky folder, such as /tmp, lets nobody replace another's file; group
     write is what a umask of 002 gives every folder."""
@@ -268,15 +266,22 @@ def test_a_library_another_user_could_have_written_is_not_loaded(
 
 
 @needs_compiler
-def test_a_library_of_another_user_is_not_loaded(cache: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+@pytest.mark.parametrize(("folder_mode", "loads"), [(0o1777, False), (0o755, True)], ids=["sticky /tmp-like folder", "own folder"])
+def test_another_users_library_loads_only_from_a_folder_not_everyone_writes_to(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, folder_mode: int, loads: bool, caplog
+) -> None:
+    """In /tmp anyone can put a file under the predictable name. In a folder only its owner or group write to (a team
+    cache, or a network mount that shows this user's files under another uid) the file is whoever wrote it there."""
     path = native.build()
+    os.chmod(cache, folder_mode)
     real_uid = os.getuid()
     monkeypatch.setattr(native.os, "getuid", lambda: real_uid + 4242)  # as if another user had built it
     if real_uid == 0:  # root's libraries are trusted by everyone: be another user, and the library someone else's
         os.chown(path, 4243, -1)
     with caplog.at_level(logging.INFO, logger="nmtkit.native"):
-        assert native.kernels() is None
-    assert "belongs to another user" in caplog.text
+        assert (native.kernels() is not None) == loads
+    if not loads:
+        assert "belongs to another user" in caplog.text
 
 
 @needs_compiler

@@ -131,18 +131,19 @@ def build(source: Path = SOURCE, directory: Path | None = None, rebuild: bool = 
 
 
 def _untrusted(library: Path) -> str:
-    """Why a user other than this one, root or the file's group could have written `library` (or could replace it), or
-    "" where none could: the file must be this user's or root's and not writable by all, and its folder not writable
-    by all unless sticky (in a sticky folder such as /tmp, nobody can rename or delete another's file). Group write is
-    allowed: a umask of 002 (user private groups, Ubuntu's default) makes every folder group-writable."""
-    me = {os.getuid(), 0}
+    """Why anyone at all could have written `library` (or could replace it), or "" where only those with write access
+    to the cache folder the user chose could: the file must not be writable by all, nor its folder unless sticky, and
+    in a folder everyone may write to (sticky, such as /tmp) it must be this user's or root's. A folder that only its
+    owner or group may write to is trusted whoever wrote the file: a team cache, or a network mount that shows this
+    user's files under another uid (NFS with root_squash, sshfs, CIFS)."""
     st, folder = library.stat(), library.parent.stat()
-    if st.st_uid not in me:
-        return f"belongs to another user (uid {st.st_uid})"
     if st.st_mode & stat.S_IWOTH:
         return "can be written by every user"
-    if folder.st_uid not in me or (folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX):
-        return f"lies in {library.parent}, where other users can replace it"
+    if folder.st_mode & stat.S_IWOTH:
+        if not folder.st_mode & stat.S_ISVTX:
+            return f"lies in {library.parent}, where every user can replace it"
+        if st.st_uid not in (os.getuid(), 0):
+            return f"belongs to another user (uid {st.st_uid}) in {library.parent}, where every user can put files"
     return ""
 
 
@@ -336,9 +337,10 @@ def _load() -> ctypes.CDLL:
     path = build()
     if not os.access(path, os.R_OK):  # another user's library that we may not read: leave it be
         raise NativeBuildError(f"cannot read {path}; set NMTKIT_CACHE to a folder of your own")
-    if why := _untrusted(path):  # its name is predictable: in a folder others write to, anyone could put one there
-        raise NativeBuildError(f"{path} {why}; nmtkit loads only libraries that no other user can have written:"
-                               " set NMTKIT_CACHE to a folder of your own")
+    if why := _untrusted(path):  # its name is predictable: in a folder everyone writes to, anyone could put one there
+        message = f"{path} {why}; nmtkit loads only libraries that not every user can have written: set NMTKIT_CACHE to a folder of your own"
+        log.warning("%s (decoding and the loss use torch ops, which are slower)", message)
+        raise NativeBuildError(message)
     if not _is_intact(path):  # damaged, or built before libraries had digests: build it again
         try:
             path = build(rebuild=True)
