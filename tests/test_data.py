@@ -261,22 +261,25 @@ def test_tsv_row_with_extra_field_names_line_and_counts(tmp_path: Path, cache: P
         load_split(cfg_for(path), "train", cache)
 
 
-def test_rows_that_all_have_a_field_more_than_the_header_are_refused_not_shifted(tmp_path: Path, cache: Path) -> None:
-    """A scored corpus under a header that names the languages only: pandas would take the first field for an index
-    and read zh -> score. Refused at every start, the cached tables of the first included."""
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        # a scored corpus under a header that names the languages only: pandas would take the first field for an
+        # index and read zh -> score
+        ("en\tzh\nhello\t你好\t0.9\nbye\t再见\t0.8\n", r"line 2: 3 fields, the header has 2; check for a stray tab"),
+        # `bye<TAB>0.8` under `en zh score` leaves the score empty, not a language: it would read as the pair bye -> 0.8
+        ("en\tzh\tscore\nhello\t你好\t0.9\nbye\t0.8\n", r"line 3: 2 fields, the header has 3; check for a missing tab"),
+    ],
+    ids=["every row a field more", "a row a field short in another column"],
+)
+def test_rows_that_do_not_match_the_header_are_refused_at_every_start_not_read_shifted(
+    tmp_path: Path, cache: Path, text: str, refusal: str
+) -> None:
+    """Refused at the second start too: the first start's cached tables of the cut rows are not served."""
     path = tmp_path / "train.tsv"
-    path.write_text("en\tzh\nhello\t你好\t0.9\nbye\t再见\t0.8\n", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     for _ in range(2):
-        with pytest.raises(DataError, match=r"train\.tsv, line 2: 3 fields, the header has 2; check for a stray tab"):
-            load_split(cfg_for(path), "train", cache)
-
-
-def test_a_row_one_field_short_in_a_column_besides_the_languages_is_refused(tmp_path: Path, cache: Path) -> None:
-    """`bye<TAB>0.8` under `en zh score` leaves the score empty, not a language: it would read as the pair bye -> 0.8."""
-    path = tmp_path / "train.tsv"
-    path.write_text("en\tzh\tscore\nhello\t你好\t0.9\nbye\t0.8\n", encoding="utf-8")
-    for _ in range(2):
-        with pytest.raises(DataError, match=r"train\.tsv, line 3: 2 fields, the header has 3; check for a missing tab"):
+        with pytest.raises(DataError, match=r"train\.tsv, " + refusal):
             load_split(cfg_for(path), "train", cache)
 
 

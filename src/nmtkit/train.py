@@ -338,11 +338,11 @@ def _train(cfg: Config, argv: list[str] | None, runtime: Runtime, dist: Dist, st
                 is_best = validate(epoch_of_step) if dist.is_main else False
                 stop_reason = agreed(stop_reason or should_stop())  # rank 0's evaluation decides patience
             if state.step % tc.save_every == 0 or is_due:  # every rank: the steps a save can follow (is_best and a
-                # stop come with is_due)
+                # stop come with is_due), whose exchanges all ranks take part in
                 state.window_loss, state.window_tokens = dist.sum(window_loss.clone()).item(), window_tokens  # not in place
                 rank_rngs = dist.gather(rng_states())
-            if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
-                save_checkpoint(run_dir, checkpoint_state(rank_rngs), state.step, is_best=is_best, keep=tc.keep_checkpoints)
+                if dist.is_main and (state.step % tc.save_every == 0 or is_best or stop_reason):
+                    save_checkpoint(run_dir, checkpoint_state(rank_rngs), state.step, is_best=is_best, keep=tc.keep_checkpoints)
             if stop_reason or state.batch_in_epoch == 0:
                 break
 
